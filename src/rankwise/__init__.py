@@ -1,0 +1,37 @@
+"""rankwise: low-rank and structured adaptation and compression of neural networks.
+
+    import rankwise as rw
+    model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
+"""
+
+from .adapters import DoRAConfig, LoRAConfig
+from .core.adapted import Adapted
+from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .core.config import AdapterConfig
+from .core.inject import adapt, disabled, merge, unmerge, unwrap
+from .core.registry import make_config, methods, register
+from .core.summary import Summary, summary
+from .version import __version__
+
+__all__ = [
+    "Adapted",
+    "AdapterConfig",
+    "CheckpointError",
+    "DoRAConfig",
+    "LoRAConfig",
+    "Summary",
+    "__version__",
+    "adapt",
+    "adapter_state_dict",
+    "disabled",
+    "load_adapter",
+    "make_config",
+    "merge",
+    "methods",
+    "read_adapter_config",
+    "register",
+    "save_adapter",
+    "summary",
+    "unmerge",
+    "unwrap",
+]

@@ -1,0 +1,81 @@
+"""DoRA: the adapted weight as a trainable magnitude times a unit-norm direction ``W0 + s B A``.
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024,
+https://arxiv.org/abs/2402.09353.
+
+    V = W0 + s B A,   n = ||V||_row (detached),   W' = diag(m / n) V
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.delta import Reparam
+from ..core.registry import register
+from .lora import LoRAConfig, LowRank
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA's hyperparameters: LoRA's, for the direction update. The DoRA paper uses r = 32,
+    α = 64, dropout 0.05 and a slightly lower learning rate than LoRA."""
+
+
+@register("dora", DoRAConfig)
+class DoRA(LowRank, Reparam):
+    """DoRA: magnitude × direction, the direction updated by LoRA; ≈ LoRA's quality, sometimes better."""
+
+    supported_bases = frozenset({"linear", "conv1d"})
+
+    def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
+        super().__init__(w0, config)
+        # m = ||W0||_row, so W' = W0 at init (B = 0).
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0.float(), dim=1).to(w0.dtype))
+        self._merge_norm: Tensor | None = None
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, config: DoRAConfig) -> int:
+        return super().num_params(in_features, out_features, config) + out_features
+
+    def direction_norm(self, w0: Tensor) -> Tensor:
+        """``||W0 + s B A||_row`` in fp32, detached (paper §4.3), without forming the (out, in) sum.
+
+        ``||v_i||² = ||w0_i||² + 2s·⟨b_i, A w0_iᵀ⟩ + s²·b_i (A Aᵀ) b_iᵀ``: the cross terms cost
+        one (out, in) × (in, rank) product and no full-size temporary, so nothing of size
+        out × in stays alive for backward.
+        """
+        with torch.no_grad():
+            w0, A, B = w0.float(), self.A.float(), self.B.float()
+            s = self.scale
+            squared = (
+                torch.linalg.vector_norm(w0, dim=1).square()
+                + 2 * s * (B * (w0 @ A.t())).sum(1)
+                + s * s * ((B @ (A @ A.t())) * B).sum(1)
+            )
+            return squared.clamp_min(0).sqrt()
+
+    def forward(self, x: Tensor, w0: Tensor) -> Tensor:
+        w0 = w0.to(x.dtype)
+        gain = (self.magnitude / self.direction_norm(w0)).to(x.dtype)  # (out,)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            return gain * (F.linear(x, w0) + self.lowrank(x))
+        # With dropout, the whole DoRA branch sees the dropped input while the base term keeps the
+        # clean one (PEFT's convention): x W0ᵀ + (g − 1)·(x̃ W0ᵀ) + g · s·lora(x̃).
+        dropped = self.dropout(x)
+        return F.linear(x, w0) + (gain - 1) * F.linear(dropped, w0) + gain * self.lowrank(dropped)
+
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        direction = w0 + self.lowrank_weight().to(w0.dtype)
+        norm = torch.linalg.vector_norm(direction.float(), dim=1).to(w0.dtype)
+        self._merge_norm = norm  # kept so that unmerge can invert the row scaling
+        return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
+
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        if self._merge_norm is None:
+            raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
+        gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
+        return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)

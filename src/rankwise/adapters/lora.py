@@ -1,0 +1,100 @@
+"""LoRA: a frozen weight plus a trainable rank-r product ``s · B A``.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", https://arxiv.org/abs/2106.09685;
+rsLoRA scaling from Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
+https://arxiv.org/abs/2312.03732.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import AdapterConfig, check_range
+from ..core.delta import Adapter, Delta
+from ..core.registry import register
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA's hyperparameters.
+
+    Args:
+        rank: r, the inner dimension of ``B A``; r >= 1.
+        alpha: α; the branch is scaled by ``α / r`` (``α / √r`` with ``rslora``); α > 0.
+        dropout: dropout probability on the adapter branch's input only; in [0, 1).
+        rslora: use the rank-stabilized scale ``α / √r``, so the update does not shrink as r grows.
+        init: how ``A`` starts (``B`` is zero, so step 0 is the base model): ``"kaiming"`` is
+            ``U(−1/√in, 1/√in)`` (PEFT's default, kaiming-uniform with a = √5); ``"gaussian"`` is
+            ``N(0, (1/r)²)`` (PEFT's "gaussian").
+    """
+
+    rank: int = 8  # LoRA paper and PEFT default
+    alpha: float = 16.0  # α = 2r, common practice (DoRA paper); PEFT's default is α = r
+    dropout: float = 0.0  # PEFT default; the LoRA paper uses 0.05–0.1 on GPT-2
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "rank", 1)
+        check_range(self, "alpha", 0, low_open=True)
+        check_range(self, "dropout", 0, 1, high_open=True)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LowRank(Adapter):
+    """The factors ``A`` (rank, in) and ``B`` (out, rank) and the branch ``s · B A x``.
+
+    Shared by LoRA and the methods that build on its direction update (DoRA, BoRA).
+    """
+
+    def __init__(self, w0: Tensor, config: LoRAConfig) -> None:
+        super().__init__(w0, config)
+        self.A = nn.Parameter(torch.empty(config.rank, self.in_features, dtype=w0.dtype, device=w0.device))
+        self.B = nn.Parameter(torch.zeros(self.out_features, config.rank, dtype=w0.dtype, device=w0.device))
+        if config.init == "kaiming":
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.A, -bound, bound)
+        else:
+            nn.init.normal_(self.A, std=1 / config.rank)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, config: LoRAConfig) -> int:
+        return config.rank * (in_features + out_features)
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """``(A, B, s)`` with ``ΔW = s · B A``: how optimizers such as LoRA-Pro find the factors."""
+        return self.A, self.B, self.scale
+
+    def lowrank(self, x: Tensor) -> Tensor:
+        """``s · x Aᵀ Bᵀ`` for x of shape (..., in); the scale is applied on the rank side, the
+        narrowest tensor."""
+        return F.linear(F.linear(x, self.A) * self.scale, self.B)
+
+    def lowrank_weight(self) -> Tensor:
+        return self.scale * (self.B @ self.A)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.A.shape[0]}, scale={self.scale:g}"
+
+
+@register("lora", LoRAConfig)
+class LoRA(LowRank, Delta):
+    """LoRA (and rsLoRA): ΔW = s · B A, rank r; the reference low-rank adapter."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lowrank(self.dropout(x))
+
+    def delta_weight(self) -> Tensor:
+        return self.lowrank_weight()

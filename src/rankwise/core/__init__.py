@@ -1,0 +1,1 @@
+"""The machinery every method plugs into; it names no method."""

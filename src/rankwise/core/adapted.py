@@ -1,0 +1,96 @@
+"""``Adapted``: the one wrapper around a base layer and its adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import geometry
+from .config import AdapterConfig
+from .delta import Adapter, Delta
+from .geometry import BaseKind
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Adapted(nn.Module):
+    """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
+
+    The only place that merges, unmerges and maps layouts; the adapter supplies the mathematics.
+
+    Args:
+        base: the layer being adapted; its parameters are frozen by :func:`rankwise.adapt`.
+        delta: the method's module, built for this layer.
+        kind: the base's layout, from :func:`rankwise.core.geometry.base_kind`.
+        config: the config given to :func:`rankwise.adapt`; ``delta.config`` may differ from it
+            where a rank allocator resized this layer.
+    """
+
+    def __init__(self, base: nn.Module, delta: Adapter, kind: BaseKind, config: AdapterConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = delta
+        self.kind = kind
+        self.config = config
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, so code that reads ``layer.weight`` (dtype, device) still works."""
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled:
+            return self.base(x)
+        adapter_dtype = self.adapter_dtype
+        features = geometry.to_features(x, self.base, self.kind).to(adapter_dtype)
+        if isinstance(self.delta, Delta):
+            return self.base(x) + geometry.from_features(self.delta(features), x, self.base, self.kind).to(x.dtype)
+        w0 = geometry.weight_matrix(self.base, self.kind)
+        y = geometry.add_bias(self.delta(features, w0).to(x.dtype), self.base)
+        return geometry.from_features(y, x, self.base, self.kind)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(self.delta.parameters()).dtype
+
+    def merged_weight(self) -> Tensor:
+        """The weight a merge would write, as an (out, in) matrix in the base's dtype.
+
+        Raises:
+            ValueError: if it holds a NaN or an infinity (the model is not touched).
+        """
+        if not self.delta.mergeable:
+            raise TypeError(f"{self.config.method} has no merged form (its forward is not linear in x)")
+        w0 = geometry.weight_matrix(self.base, self.kind)
+        with torch.no_grad():
+            merged = self.delta.merged_weight(_compute_precision(w0))
+        return _checked(merged, w0.dtype, "merge")
+
+    def restored_weight(self) -> Tensor:
+        """The base weight an unmerge would write back. Raises ``ValueError`` if non-finite."""
+        w = geometry.weight_matrix(self.base, self.kind)
+        with torch.no_grad():
+            restored = self.delta.restore_weight(_compute_precision(w))
+        return _checked(restored, w.dtype, "unmerge")
+
+    def write_weight(self, matrix: Tensor, *, merged: bool) -> None:
+        geometry.write_weight(self.base, self.kind, matrix)
+        self.merged = merged
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}, merged={self.merged}"
+
+
+def _compute_precision(w: Tensor) -> Tensor:
+    # Merging in half precision loses the small ΔW against a large W0; compute in fp32 instead.
+    return w.float() if w.dtype in _LOW_PRECISION else w
+
+
+def _checked(matrix: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    matrix = matrix.to(dtype)
+    if not torch.isfinite(matrix).all():
+        bad = (~torch.isfinite(matrix)).sum().item()
+        raise ValueError(f"{what} refused: the new weight would hold {bad} non-finite values")
+    return matrix

@@ -1,0 +1,122 @@
+"""The base of every method's config: target selection, validation, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Fields every method shares.
+
+    Args:
+        targets: which layers to adapt. Each entry is a module name matched against the end of
+            module paths at a dot boundary (``"q_proj"``, ``"attn.c_attn"``), a regular expression
+            matched against the whole path when prefixed with ``"re:"``
+            (``"re:.*layers\\.[0-3]\\..*proj"``), or ``"all-linear"``: every ``nn.Linear`` and
+            transformers ``Conv1D`` except the model's output embedding and the ``trainable``
+            modules. A single string is accepted and stored as a one-element tuple.
+        trainable: names (matched like ``targets``) of modules left trainable in full and saved
+            with the adapter, such as a new classifier head (PEFT's ``modules_to_save``).
+    """
+
+    method: ClassVar[str] = ""  # set by the registry
+
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    trainable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "trainable"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            _check_type(type(self).__name__, field.name, getattr(self, field.name), hints[field.name])
+        if not self.targets:
+            raise ValueError(f"{type(self).__name__}: targets must name at least one module, got ()")
+        for name in ("targets", "trainable"):
+            for entry in getattr(self, name):
+                if not entry:
+                    raise ValueError(f"{type(self).__name__}: {name} contains an empty name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples become lists)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: for keys this config does not have (all of them are named), or a bad value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; allowed: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {
+            k: tuple(v) if isinstance(v, list) and _is_tuple_type(hints[k]) else v for k, v in data.items()
+        }
+        return cls(**kwargs)
+
+
+def check_range(config: AdapterConfig, name: str, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming the field unless ``low <= value <= high`` (bounds optional)."""
+    value = getattr(config, name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{type(config).__name__}: {name}={value!r} is outside {allowed}")
+
+
+def _is_tuple_type(hint: Any) -> bool:
+    return typing.get_origin(hint) is tuple or any(
+        typing.get_origin(h) is tuple for h in typing.get_args(hint)
+    )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, h) for v, h in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:  # an int is a fine float; a bool is not a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
+    if not _matches(value, hint):
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else hint
+        raise ValueError(f"{owner}: {name}={value!r} is not allowed; expected {allowed}")

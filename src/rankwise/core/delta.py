@@ -1,0 +1,89 @@
+"""The two shapes an adapter's mathematics can take.
+
+* :class:`Delta` is additive: ``y = base(x) + delta(x)`` with an explicit ``ΔW`` (LoRA, C3A, ...).
+* :class:`Reparam` re-parameterizes the weight: ``W' = f(W0, θ)`` (DoRA, BoRA), and computes the
+  whole output itself from the frozen ``W0``.
+
+Both see the base layer as ``y = x W0ᵀ + b`` with ``W0`` of shape (out_features, in_features) and
+``x`` of shape (..., in_features); :mod:`rankwise.core.geometry` maps Conv1D and Conv2d onto that.
+A method supplies the mathematics only: :class:`~rankwise.core.adapted.Adapted` owns freezing,
+merging, the merged flag and layouts.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .geometry import BaseKind
+
+
+class Adapter(nn.Module, abc.ABC):
+    """What every method module declares.
+
+    Subclasses are built as ``cls(w0, config)``: ``w0`` is the frozen base weight as an
+    (out_features, in_features) matrix, passed so that a method can read its shape or derive its
+    initialization from it (DoRA's magnitude, LoLDU's factors). A module must not keep ``w0``.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]]  # set by the registry
+    supported_bases: ClassVar[frozenset[BaseKind]] = frozenset({"linear", "conv1d", "conv2d"})
+    identity_at_init: ClassVar[bool] = True  # step 0 reproduces the base model exactly
+    mergeable: ClassVar[bool] = True  # has an explicit merged weight
+    spatial_conv: ClassVar[bool] = True  # accepts k × k convolutions, not only 1 × 1 ("conv2d" bases)
+
+    def __init__(self, w0: Tensor, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.out_features, self.in_features = w0.shape
+
+    @classmethod
+    @abc.abstractmethod
+    def num_params(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
+        """Trainable parameters of this method on an (out_features, in_features) layer."""
+        ...
+
+    @abc.abstractmethod
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        """The adapted weight ``W'`` as an (out, in) matrix, given the base weight ``w0``."""
+        ...
+
+    @abc.abstractmethod
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        """Inverse of :meth:`merged_weight`: the base weight back from the merged one."""
+        ...
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Delta(Adapter):
+    """An additive adapter: ``y = x W0ᵀ + b + delta(x)`` and ``W' = W0 + ΔW``."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """The factored path: ``x ΔWᵀ`` for x of shape (..., in_features), without forming ΔW."""
+        ...
+
+    @abc.abstractmethod
+    def delta_weight(self) -> Tensor:
+        """The explicit ``ΔW``, shape (out_features, in_features)."""
+        ...
+
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        return w0 + self.delta_weight().to(w0.dtype)
+
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        return merged - self.delta_weight().to(merged.dtype)
+
+
+class Reparam(Adapter):
+    """A re-parameterized weight ``W' = f(W0, θ)``; the module computes the whole output."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, w0: Tensor) -> Tensor:
+        """``x W'ᵀ`` without the bias, for x of shape (..., in_features) and ``w0`` (out, in)."""
+        ...

@@ -1,0 +1,115 @@
+"""How each supported base layer's weight maps to an (out_features, in_features) matrix.
+
+Methods are written once for ``y = x W0ᵀ + b`` with ``W0`` of shape (out, in). This file maps the
+three supported bases onto that form:
+
+* ``linear``: ``nn.Linear``, weight (out, in).
+* ``conv1d``: transformers ``Conv1D`` (GPT-2), weight stored transposed, (in, out).
+* ``conv2d``: ``nn.Conv2d`` with ``groups=1``, weight (out, in, kh, kw) flattened to
+  (out, in·kh·kw); the layer's input is seen as its patches (``F.unfold``), so any method that
+  works on a Linear works on a convolution. A 1 × 1 convolution with stride 1 and no padding is a
+  Linear over channels and skips the unfold.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BaseKind = Literal["linear", "conv1d", "conv2d"]
+
+
+def _conv1d_type() -> type | None:
+    # A model holding a transformers Conv1D has imported transformers already, so rankwise never
+    # imports it (an optional dependency that takes seconds to import).
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def base_kind(module: nn.Module) -> BaseKind | None:
+    """The kind of a supported base layer, or ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def check_supported(module: nn.Module, path: str) -> BaseKind:
+    """The base kind of ``module``; ``TypeError`` for a layer no adapter can wrap."""
+    kind = base_kind(module)
+    if kind is None:
+        raise TypeError(
+            f"'{path}' is a {type(module).__name__}; rankwise adapts nn.Linear, transformers Conv1D "
+            "and nn.Conv2d"
+        )
+    if kind == "conv2d":
+        if module.groups != 1:
+            raise TypeError(f"'{path}': Conv2d with groups={module.groups} is not supported (groups must be 1)")
+        if module.padding_mode != "zeros":
+            raise TypeError(f"'{path}': Conv2d with padding_mode={module.padding_mode!r} is not supported")
+        if isinstance(module.padding, str):
+            raise TypeError(f"'{path}': Conv2d with padding={module.padding!r} is not supported; use integers")
+    return kind
+
+
+def weight_matrix(base: nn.Module, kind: BaseKind) -> Tensor:
+    """The base weight as an (out_features, in_features) view, sharing storage with the layer."""
+    if kind == "conv1d":
+        return base.weight.t()
+    if kind == "conv2d":
+        return base.weight.flatten(1)
+    return base.weight
+
+
+def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
+    """Copy an (out, in) matrix into the layer's weight, in its own layout and dtype."""
+    with torch.no_grad():
+        if kind == "conv1d":
+            base.weight.copy_(matrix.t())
+        else:
+            base.weight.copy_(matrix.view_as(base.weight))
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+
+
+def to_features(x: Tensor, base: nn.Module, kind: BaseKind) -> Tensor:
+    """The layer input as rows of features: (..., in_features)."""
+    if kind != "conv2d":
+        return x
+    if _is_pointwise(base):
+        return x.movedim(1, -1)  # (batch, h, w, channels)
+    patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)
+    return patches.transpose(1, 2)  # (batch, positions, in·kh·kw)
+
+
+def from_features(y: Tensor, x: Tensor, base: nn.Module, kind: BaseKind) -> Tensor:
+    """Inverse of :func:`to_features` for the output: (..., out_features) to the layer's layout."""
+    if kind != "conv2d":
+        return y
+    if _is_pointwise(base):
+        return y.movedim(-1, 1)
+    height, width = _conv_output_size(x, base)
+    return y.transpose(1, 2).reshape(y.shape[0], -1, height, width)
+
+
+def _conv_output_size(x: Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    sizes = []
+    for dim in (0, 1):
+        span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+        sizes.append((x.shape[2 + dim] + 2 * conv.padding[dim] - span) // conv.stride[dim] + 1)
+    return sizes[0], sizes[1]
+
+
+def add_bias(y: Tensor, base: nn.Module) -> Tensor:
+    """Add the layer's bias to a features-last output."""
+    return y if base.bias is None else y + base.bias

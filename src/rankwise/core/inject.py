@@ -1,0 +1,250 @@
+"""Select target layers, wrap them, freeze the rest; and the way back (merge, unwrap)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import geometry, registry
+from .adapted import Adapted
+from .config import ALL_LINEAR, AdapterConfig
+
+_EXAMPLES = 12  # module names shown when a target matches nothing
+
+
+def adapted_modules(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
+    """Every ``Adapted`` layer of ``model`` with its path."""
+    for path, module in model.named_modules():
+        if isinstance(module, Adapted):
+            yield path, module
+
+
+def matches(path: str, pattern: str) -> bool:
+    """Whether a module path is selected by one ``targets``/``trainable`` entry."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return path == pattern or path.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Paths of the layers ``config.targets`` selects, in module order.
+
+    Raises:
+        ValueError: a target matches no module, or a matched layer is already adapted.
+        TypeError: a matched module is not a layer the method supports.
+    """
+    method = registry.for_config(config)
+    modules = dict(_outer_modules(model))
+    selected: set[str] = set()
+    for pattern in config.targets:
+        if pattern == ALL_LINEAR:
+            selected |= _all_linear(model, modules, config)
+            continue
+        hits = {path for path in modules if matches(path, pattern)}
+        if not hits:
+            raise ValueError(f"target {pattern!r} matches no module; some module names: {_examples(modules)}")
+        selected |= hits
+    if not selected:
+        raise ValueError(f"targets {config.targets} select no layer; some module names: {_examples(modules)}")
+    for path in selected:
+        module = modules[path]
+        if isinstance(module, Adapted):
+            raise ValueError(f"'{path}' is already adapted ({module.config.method}); unwrap the model first")
+        kind = geometry.check_supported(module, path)
+        if kind not in method.module_class.supported_bases:
+            raise TypeError(
+                f"{method.name} does not support {type(module).__name__} ('{path}'); "
+                f"it supports {sorted(method.module_class.supported_bases)}"
+            )
+        if kind == "conv2d" and module.kernel_size != (1, 1) and not method.module_class.spatial_conv:
+            raise TypeError(f"{method.name} supports only 1 x 1 convolutions; '{path}' has kernel {module.kernel_size}")
+    overlap = sorted(selected & set(_trainable_paths(modules, config)))
+    if overlap:
+        raise ValueError(f"{overlap} are both targets and trainable modules; choose one")
+    return [path for path in modules if path in selected]
+
+
+def build(model: nn.Module, path: str, config: AdapterConfig, module_config: AdapterConfig | None = None) -> Adapted:
+    """An ``Adapted`` around the layer at ``path``, not yet installed. The model is not changed.
+
+    Args:
+        module_config: this layer's own config where it differs from ``config`` (a rank allocator's
+            per-layer rank); defaults to ``config``.
+    """
+    base = model.get_submodule(path)
+    kind = geometry.check_supported(base, path)
+    method = registry.for_config(config)
+    weight = geometry.weight_matrix(base, kind)
+    adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    try:
+        delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{method.name} on '{path}': {error}") from error
+    return Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config)
+
+
+def install(model: nn.Module, wrappers: dict[str, Adapted], config: AdapterConfig) -> nn.Module:
+    """Put the wrappers in place, freeze every other parameter, unfreeze ``config.trainable``."""
+    modules = dict(_outer_modules(model))
+    trainable = _trainable_paths(modules, config)
+    missing = [pattern for pattern in config.trainable if not any(matches(p, pattern) for p in modules if p)]
+    if missing:
+        raise ValueError(f"trainable modules {missing} match no module; some module names: {_examples(modules)}")
+    if any(isinstance(m, Adapted) for m in modules.values()):
+        raise ValueError("the model already has rankwise adapters; unwrap it before adapting again")
+    model.requires_grad_(False)
+    for path in trainable:
+        modules[path].requires_grad_(True)
+    for path, wrapper in wrappers.items():
+        model = replace_module(model, path, wrapper)
+    return model
+
+
+def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap each layer ``config.targets`` selects with the method of ``config``, in place.
+
+    Every other parameter is frozen, except the modules named in ``config.trainable``.
+
+    Args:
+        model: any ``nn.Module``; a transformers model works as is.
+        config: the method's config (its type selects the method).
+
+    Returns:
+        The same model object, adapted (a new ``Adapted`` only when ``model`` itself is the target).
+
+    Raises:
+        ValueError: a target or trainable name matches nothing, a layer is already adapted, or a
+            layer's shape does not fit the method (the message names the layer).
+        TypeError: ``config`` is not a method config, or a target layer is of a type the method
+            does not support.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"adapt() needs a method config such as LoRAConfig, got {type(config).__name__}")
+    if any(True for _ in adapted_modules(model)):
+        raise ValueError("the model already has rankwise adapters; unwrap it before adapting again")
+    paths = find_targets(model, config)
+    wrappers = {path: build(model, path, config) for path in paths}
+    return install(model, wrappers, config)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight; forward then costs what the base model costs.
+
+    All merged weights are computed and checked before any is written, so a merge that would
+    write a NaN or an infinity raises ``ValueError`` and leaves the whole model untouched.
+    """
+    return _set_merged(model, True)
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`: restore every base weight (within the dtype's rounding)."""
+    return _set_merged(model, False)
+
+
+def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove the wrappers: the plain model back, with its original module types and keys.
+
+    Args:
+        merge: fold the adapters into the weights first; ``False`` drops them, restoring the base
+            weights if they were merged.
+
+    Parameters stay frozen as :func:`adapt` left them; call ``requires_grad_(True)`` to train them.
+    """
+    _set_merged(model, merge)
+    for path, layer in list(adapted_modules(model)):
+        model = replace_module(model, path, layer.base)
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model behaves as its base model (e.g. a DPO reference pass).
+
+    Raises:
+        ValueError: if the adapters are merged (the base weights are not there to run).
+    """
+    layers = [layer for _, layer in adapted_modules(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot disable merged adapters; call rankwise.unmerge(model) first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.disabled = state
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path``; returns the model (``new`` itself when ``path`` is the root)."""
+    if not path:
+        return new
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, new)
+    return model
+
+
+def module_overrides(layer: Adapted) -> dict[str, object]:
+    """The fields where this layer's own config differs from the one given to ``adapt``."""
+    own, shared = layer.delta.config, layer.config
+    return {
+        f.name: value
+        for f in dataclasses.fields(own)
+        if (value := getattr(own, f.name)) != getattr(shared, f.name)
+    }
+
+
+def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
+    # Two passes: check every new weight first, write only when all are finite.
+    layers = [(path, layer) for path, layer in adapted_modules(model) if layer.merged != merged]
+    compute = Adapted.merged_weight if merged else Adapted.restored_weight
+    for path, layer in layers:
+        try:
+            compute(layer)
+        except ValueError as error:
+            raise ValueError(f"'{path}': {error}; no weight was changed") from error
+    for _, layer in layers:
+        layer.write_weight(compute(layer), merged=merged)
+    return model
+
+
+def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, not descending into ``Adapted`` wrappers (their base is not a target)."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, Adapted):
+            inside.append(path + "." if path else "")
+        yield path, module
+
+
+def _all_linear(model: nn.Module, modules: dict[str, nn.Module], config: AdapterConfig) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = set(_trainable_paths(modules, config))
+    return {
+        path
+        for path, module in modules.items()
+        if geometry.base_kind(module) in ("linear", "conv1d") and module is not head and path not in excluded
+    }
+
+
+def trainable_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Paths of the modules ``config.trainable`` selects (outermost matches only)."""
+    return _trainable_paths(dict(_outer_modules(model)), config)
+
+
+def _trainable_paths(modules: dict[str, nn.Module], config: AdapterConfig) -> list[str]:
+    hits = [path for path in modules if path and any(matches(path, p) for p in config.trainable)]
+    return [path for path in hits if not any(path.startswith(outer + ".") for outer in hits)]
+
+
+def _examples(modules: dict[str, nn.Module]) -> list[str]:
+    names = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if path and geometry.base_kind(m)})
+    return names[:_EXAMPLES] or sorted(p for p in modules if p)[:_EXAMPLES]

@@ -1,0 +1,64 @@
+"""``summary(model)``: trainable and total parameters, and one row per adapted layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .inject import adapted_modules
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    path: str
+    method: str
+    base: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    params: int
+    merged: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What an adapted model trains. ``str()`` gives a table."""
+
+    trainable: int
+    total: int
+    layers: tuple[LayerRow, ...]
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        header = ("layer", "method", "base", "out x in", "params", "merged")
+        rows = [
+            (r.path or "<root>", r.method, r.base, f"{r.shape[0]} x {r.shape[1]}", f"{r.params:,}", str(r.merged))
+            for r in self.layers
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.append(f"trainable: {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.4f}%)")
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Count parameters (shared ones once) and list the adapted layers."""
+    params = {id(p): p for p in model.parameters()}.values()
+    rows = tuple(
+        LayerRow(
+            path=path,
+            method=layer.config.method,
+            base=layer.kind,
+            shape=(layer.delta.out_features, layer.delta.in_features),
+            params=sum(p.numel() for p in layer.delta.parameters() if p.requires_grad),
+            merged=layer.merged,
+        )
+        for path, layer in adapted_modules(model)
+    )
+    return Summary(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        layers=rows,
+    )
