@@ -4,7 +4,8 @@
     model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
 """
 
-from .adapters import DoRAConfig, LoRAConfig
+from . import adapters, allocate, compress, optim
+from .adapters import *  # noqa: F403  (every method config, e.g. rw.LoRAConfig)
 from .core.adapted import Adapted
 from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .core.config import AdapterConfig
@@ -14,11 +15,10 @@ from .core.summary import Summary, summary
 from .version import __version__
 
 __all__ = [
+    *adapters.__all__,
     "Adapted",
     "AdapterConfig",
     "CheckpointError",
-    "DoRAConfig",
-    "LoRAConfig",
     "Summary",
     "__version__",
     "adapt",

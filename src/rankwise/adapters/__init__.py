@@ -1,6 +1,9 @@
-"""The adapter methods; importing a method's file registers it."""
+"""The adapter methods; importing a method's file registers it (registration order = listing order)."""
 
-from .dora import DoRA, DoRAConfig
 from .lora import LoRA, LoRAConfig
+from .dora import DoRA, DoRAConfig
 
-__all__ = ["DoRA", "DoRAConfig", "LoRA", "LoRAConfig"]
+__all__ = [
+    "LoRA", "LoRAConfig",
+    "DoRA", "DoRAConfig",
+]

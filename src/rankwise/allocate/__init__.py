@@ -1,0 +1,1 @@
+"""Rank allocation during fine-tuning."""

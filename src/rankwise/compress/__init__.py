@@ -1,0 +1,1 @@
+"""Low-rank compression and low-rank training: layers are replaced, not adapted."""
