@@ -9,6 +9,7 @@ https://arxiv.org/abs/2402.09353.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from .lora import LoRAConfig, LowRank
 class DoRAConfig(LoRAConfig):
     """DoRA's hyperparameters: LoRA's, for the direction update. The DoRA paper uses r = 32,
     α = 64, dropout 0.05 and a slightly lower learning rate than LoRA."""
+
+    recommended_lr: ClassVar[float] = 2e-4  # DoRA paper, LLaMA-7B commonsense (LoRA used 3e-4 there)
 
 
 @register("dora", DoRAConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ class LoRAConfig(AdapterConfig):
             ``U(−1/√in, 1/√in)`` (PEFT's default, kaiming-uniform with a = √5); ``"gaussian"`` is
             ``N(0, (1/r)²)`` (PEFT's "gaussian").
     """
+
+    size_knob: ClassVar[str | None] = "rank"
+    recommended_lr: ClassVar[float] = 5e-4  # LoRA paper, RoBERTa-base on GLUE (Table 9): 4e-4 to 5e-4
 
     rank: int = 8  # LoRA paper and PEFT default
     alpha: float = 16.0  # α = 2r, common practice (DoRA paper); PEFT's default is α = r

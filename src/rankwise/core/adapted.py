@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import geometry
 from .config import AdapterConfig
-from .delta import Adapter, Delta
+from .delta import Adapter, Delta, OutputAdapter
 from .geometry import BaseKind
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -44,6 +44,11 @@ class Adapted(nn.Module):
         if self.merged or self.disabled:
             return self.base(x)
         adapter_dtype = self.adapter_dtype
+        if isinstance(self.delta, OutputAdapter):
+            h = self.base(x)
+            channels_last = h.movedim(1, -1) if self.kind == "conv2d" else h
+            y = self.delta(channels_last.to(adapter_dtype)).to(x.dtype)
+            return y.movedim(-1, 1) if self.kind == "conv2d" else y
         features = geometry.to_features(x, self.base, self.kind).to(adapter_dtype)
         if isinstance(self.delta, Delta):
             return self.base(x) + geometry.from_features(self.delta(features), x, self.base, self.kind).to(x.dtype)

@@ -27,6 +27,11 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""  # set by the registry
+    # The integer field that sets the method's size (``"rank"``, ``"block_size"``), which the
+    # benchmark turns to match a parameter budget; ``None`` when the size is fixed by the layer.
+    size_knob: ClassVar[str | None] = None
+    # The learning rate the method's paper recommends (the benchmark's starting point).
+    recommended_lr: ClassVar[float] = 1e-3
 
     targets: tuple[str, ...] = (ALL_LINEAR,)
     trainable: tuple[str, ...] = ()

@@ -3,6 +3,8 @@
 * :class:`Delta` is additive: ``y = base(x) + delta(x)`` with an explicit ``ΔW`` (LoRA, C3A, ...).
 * :class:`Reparam` re-parameterizes the weight: ``W' = f(W0, θ)`` (DoRA, BoRA), and computes the
   whole output itself from the frozen ``W0``.
+* :class:`OutputAdapter` transforms the layer's output, ``y = g(base(x))`` (SURM's adapter form,
+  ``h + σ(M h) + β``); it is not linear in x, so it has no merged weight.
 
 Both see the base layer as ``y = x W0ᵀ + b`` with ``W0`` of shape (out_features, in_features) and
 ``x`` of shape (..., in_features); :mod:`rankwise.core.geometry` maps Conv1D and Conv2d onto that.
@@ -86,4 +88,15 @@ class Reparam(Adapter):
     @abc.abstractmethod
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
         """``x W'ᵀ`` without the bias, for x of shape (..., in_features) and ``w0`` (out, in)."""
+        ...
+
+
+class OutputAdapter(Adapter):
+    """A function of the base layer's output: ``y = g(base(x))``, applied to (..., out_features)."""
+
+    mergeable = False
+
+    @abc.abstractmethod
+    def forward(self, h: Tensor) -> Tensor:
+        """The adapted output for the base output ``h`` of shape (..., out_features)."""
         ...
