@@ -1,0 +1,161 @@
+"""Bad input: each case raises the documented error, with a message naming the problem, and leaves
+the model and the files on disk exactly as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.core.inject import adapted_modules
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, width)
+        self.norm = nn.LayerNorm(width)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.proj(x)))
+
+
+def _fresh(width: int = 16) -> Net:
+    torch.manual_seed(0)
+    return Net(width)
+
+
+def _adapted() -> Net:
+    model = rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets=("proj", "head")))
+    nn.init.normal_(model.proj.delta.B)
+    return model
+
+
+@dataclass
+class Case:
+    id: str
+    model: Callable[[], nn.Module]  # the model the call may touch
+    call: Callable[[nn.Module, Path], object]  # (model, checkpoint folder) -> raises
+    error: type[Exception]
+    match: str
+    corrupt: Callable[[Path], None] | None = None  # damage applied to the checkpoint first
+
+
+def _edit_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def corrupt(folder: Path) -> None:
+        path = folder / "adapter_config.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))
+
+    return corrupt
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / "adapter.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _flip_byte(folder: Path) -> None:
+    path = folder / "adapter.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _rename_tensor(folder: Path) -> None:
+    """A consistent checkpoint (checksum updated) whose tensor names do not fit the model."""
+    tensors = safetensors.torch.load_file(folder / "adapter.safetensors")
+    tensors["proj.delta.C"] = tensors.pop("proj.delta.B")
+    data = safetensors.torch.save(tensors)
+    (folder / "adapter.safetensors").write_bytes(data)
+    _edit_json(lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))(folder)
+
+
+def _poison(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.head.delta.B.fill_(float("inf"))
+
+
+CASES = [
+    Case("unknown target", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj")), ValueError, "'q_proj' matches no module.*proj"),
+    Case("adapt twice", _adapted, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj")), ValueError, "already"),
+    Case("rank 0", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(rank=0, targets="proj")), ValueError, "rank=0"),
+    Case("rank of wrong type", _fresh, lambda m, f: rw.LoRAConfig(rank="8"), ValueError, "rank='8'"),
+    Case("dropout 1", _fresh, lambda m, f: rw.LoRAConfig(dropout=1.0), ValueError, "dropout=1.0"),
+    Case("init unknown", _fresh, lambda m, f: rw.LoRAConfig(init="orthogonal"), ValueError, "init='orthogonal'"),
+    Case("empty targets", _fresh, lambda m, f: rw.LoRAConfig(targets=()), ValueError, "targets"),
+    Case("not a config", _fresh, lambda m, f: rw.adapt(m, {"rank": 8}), TypeError, "LoRAConfig"),
+    Case("unsupported base", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="norm")), TypeError, "'norm' is a LayerNorm"),
+    Case("method without that base", _fresh, lambda m, f: rw.adapt(m, rw.DoRAConfig(targets="conv")), TypeError, "dora does not support Conv2d.*'conv'"),
+    Case("trainable matches nothing", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj", trainable="classifier")), ValueError, "classifier"),
+    Case("target also trainable", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="head", trainable="head")), ValueError, "both targets and trainable"),
+    Case("unknown method name", _fresh, lambda m, f: rw.make_config("lorra"), ValueError, "unknown method 'lorra'"),
+    Case("non-finite merge", lambda: (m := _adapted(), _poison(m))[0], lambda m, f: rw.merge(m), ValueError, "'head'.*non-finite"),
+    Case("disable a merged model", lambda: rw.merge(_adapted()), lambda m, f: rw.disabled(m).__enter__(), ValueError, "unmerge"),
+    Case("save without adapters", _fresh, lambda m, f: rw.save_adapter(m, f), ValueError, "no rankwise adapters"),
+    Case("load into an adapted model", _adapted, lambda m, f: rw.load_adapter(m, f), ValueError, "already has rankwise adapters"),
+    Case("missing config file", _fresh, lambda m, f: rw.load_adapter(m, f / "elsewhere"), rw.CheckpointError, "adapter_config.json does not exist"),
+    Case("config file not JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "not valid JSON",
+         corrupt=lambda f: (f / "adapter_config.json").write_text("{rank: 8")),
+    Case("unknown config key in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "unknown config keys \\['ranks'\\]",
+         corrupt=_edit_json(lambda meta: meta["config"].update(ranks=4))),
+    Case("unknown method in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "unknown method 'lorax'",
+         corrupt=_edit_json(lambda meta: meta.update(method="lorax"))),
+    Case("bad value in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "rank=-3",
+         corrupt=_edit_json(lambda meta: meta["config"].update(rank=-3))),
+    Case("shape mismatch on load", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "(?s)mis-shaped keys.*proj.delta.A: file \\(2, 8\\), model \\(4, 8\\)",
+         corrupt=_edit_json(lambda meta: meta["config"].update(rank=4))),
+    Case("another architecture", lambda: nn.Sequential(nn.Linear(8, 16)), lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "layer 'proj' is not in the model"),
+    Case("same names, other widths", lambda: _fresh(width=32), lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "'proj' is 8 -> 32, the checkpoint expects 8 -> 16"),
+    Case("truncated tensors", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "truncated or corrupted", corrupt=_truncate),
+    Case("corrupted tensors", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "truncated or corrupted", corrupt=_flip_byte),
+    Case("missing and unexpected keys", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError,
+         "(?s)missing keys: \\['proj.delta.B'\\].*unexpected keys: \\['proj.delta.C'\\]", corrupt=_rename_tensor),
+    Case("missing tensor file", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "adapter.safetensors does not exist",
+         corrupt=lambda f: (f / "adapter.safetensors").unlink()),
+    Case("not a rankwise file", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "lacks the fields",
+         corrupt=lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA"}')),
+]
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_raises_and_changes_nothing(case: Case, tmp_path: Path) -> None:
+    folder = tmp_path / "adapter"
+    rw.save_adapter(_adapted(), folder)
+    if case.corrupt:
+        case.corrupt(folder)
+    files = _files(folder)
+    model = case.model()
+    state = _snapshot(model)
+    modules = [type(m) for m in model.modules()]
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+
+    with pytest.raises(case.error, match=case.match):
+        case.call(model, folder)
+
+    assert [type(m) for m in model.modules()] == modules
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    after = _snapshot(model)
+    assert after.keys() == state.keys()
+    for key in state:
+        assert torch.equal(after[key], state[key]), key
+    assert _files(folder) == files
