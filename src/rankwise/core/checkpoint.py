@@ -86,8 +86,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / TENSORS_FILE, tensors)
-    _atomic_write(folder / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(folder / TENSORS_FILE, tensors)
+    atomic_write(folder / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return folder
 
 
@@ -229,7 +229,7 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
