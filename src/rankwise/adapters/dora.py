@@ -37,7 +37,7 @@ class DoRA(LowRank, Reparam):
     def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
         super().__init__(w0, config)
         # m = ||W0||_row, so W' = W0 at init (B = 0).
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0.float(), dim=1).to(w0.dtype))
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=_norm_dtype(w0)).to(w0.dtype))
         self._merge_norm: Tensor | None = None
 
     @classmethod
@@ -52,7 +52,8 @@ class DoRA(LowRank, Reparam):
         out × in stays alive for backward.
         """
         with torch.no_grad():
-            w0, A, B = w0.float(), self.A.float(), self.B.float()
+            dtype = _norm_dtype(w0)
+            w0, A, B = w0.to(dtype), self.A.to(dtype), self.B.to(dtype)
             s = self.scale
             squared = (
                 torch.linalg.vector_norm(w0, dim=1).square()
@@ -73,7 +74,7 @@ class DoRA(LowRank, Reparam):
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         direction = w0 + self.lowrank_weight().to(w0.dtype)
-        norm = torch.linalg.vector_norm(direction.float(), dim=1).to(w0.dtype)
+        norm = torch.linalg.vector_norm(direction, dim=1, dtype=_norm_dtype(direction)).to(w0.dtype)
         self._merge_norm = norm  # kept so that unmerge can invert the row scaling
         return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
 
@@ -82,3 +83,8 @@ class DoRA(LowRank, Reparam):
             raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
         gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    # Norms in at least fp32: half-precision sums of squares lose the small update against W0.
+    return torch.promote_types(t.dtype, torch.float32)

@@ -1,0 +1,60 @@
+"""DDP (gloo, CPU, two processes): the adapter weights equal a one-process run on the same global
+batches."""
+
+from __future__ import annotations
+
+import os
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import rankwise as rw
+
+STEPS = 5
+GLOBAL_BATCH = 8
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 2))
+    return rw.adapt(model, rw.DoRAConfig(rank=2, targets=("0", "2")))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator))
+            for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, batches, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    share = GLOBAL_BATCH // world
+    for x, y in batches:
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return rw.adapter_state_dict(model.module if world > 1 else model)
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = nn.parallel.DistributedDataParallel(_model())
+    state = _train(model, _batches(), rank, world)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_ddp_matches_one_process(tmp_path) -> None:
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    single = _train(_model(), _batches())
+    ranks = [safetensors.torch.load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    for key in single:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], single[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(single["0.delta.B"], torch.zeros_like(single["0.delta.B"]))  # it did train
