@@ -63,7 +63,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     no half-written file under the final names.
     """
     layers = list(adapted_modules(model))
-    state = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model).items()}
+    state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model).items()}
     config = _shared_config(layers)
     tensors = safetensors.torch.save(state)
     meta = {
@@ -219,6 +219,12 @@ def _shared_config(layers: list[tuple[str, Adapted]]) -> AdapterConfig:
     configs = {layer.config for _, layer in layers}
     assert len(configs) == 1, "adapt() installs one config per model"
     return configs.pop()
+
+
+def _full(tensor: Tensor) -> Tensor:
+    # A tensor sharded by FSDP2 (a DTensor) is gathered: a collective, so under FSDP every rank
+    # calls save_adapter; all of them write the same bytes, each through its own temporary file.
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _key(*parts: str) -> str:
