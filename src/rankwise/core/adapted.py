@@ -51,7 +51,10 @@ class Adapted(nn.Module):
             return y.movedim(-1, 1) if self.kind == "conv2d" else y
         features = geometry.to_features(x, self.base, self.kind).to(adapter_dtype)
         if isinstance(self.delta, Delta):
-            return self.base(x) + geometry.from_features(self.delta(features), x, self.base, self.kind).to(x.dtype)
+            y = self.base(x)
+            if self.kind != "conv2d" and y.dtype == adapter_dtype:
+                return self.delta.add_to(y, features)
+            return y + geometry.from_features(self.delta(features), x, self.base, self.kind).to(y.dtype)
         w0 = geometry.weight_matrix(self.base, self.kind)
         y = geometry.add_bias(self.delta(features, w0).to(x.dtype), self.base)
         return geometry.from_features(y, x, self.base, self.kind)

@@ -70,6 +70,10 @@ class Delta(Adapter):
         """The factored path: ``x ΔWᵀ`` for x of shape (..., in_features), without forming ΔW."""
         ...
 
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y + x ΔWᵀ`` for the base output ``y``; a method may fuse the sum into its last matmul."""
+        return y + self(x)
+
     @abc.abstractmethod
     def delta_weight(self) -> Tensor:
         """The explicit ``ΔW``, shape (out_features, in_features)."""
