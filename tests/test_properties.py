@@ -22,8 +22,8 @@ def _build(name: str, in_features: int, out_features: int, size: int, dtype: tor
     torch.manual_seed(seed)
     method = registry.get(name)
     knob = method.config_class.size_knob
-    config = rw.make_config(name, targets="0", **({knob: size} if knob else {}))
     try:
+        config = rw.make_config(name, targets="0", **({knob: size} if knob else {}))
         return rw.adapt(nn.Sequential(nn.Linear(in_features, out_features).to(dtype)), config)
     except ValueError:
         assume(False)  # the shape does not fit this method's size (e.g. a block size must divide it)

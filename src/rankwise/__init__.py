@@ -11,6 +11,7 @@ from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, 
 from .core.config import AdapterConfig
 from .core.inject import adapt, disabled, merge, unmerge, unwrap
 from .core.registry import make_config, methods, register
+from .core.steps import step, step_with
 from .core.summary import Summary, summary
 from .version import __version__
 
@@ -31,6 +32,8 @@ __all__ = [
     "read_adapter_config",
     "register",
     "save_adapter",
+    "step",
+    "step_with",
     "summary",
     "unmerge",
     "unwrap",

@@ -5,6 +5,11 @@ from .dora import DoRA, DoRAConfig
 from .bone import Bone, BoneConfig
 from .bat import Bat, BatConfig
 from .loldu import LoLDU, LoLDUConfig
+from .singlora import SingLoRA, SingLoRAConfig
+from .gralora import GraLoRA, GraLoRAConfig
+from .bora import BoRA, BoRAConfig
+from .c3a import C3A, C3AConfig
+from .surm import SURM, SURMAdapter, SURMAdapterConfig, SURMConfig
 
 __all__ = [
     "LoRA", "LoRAConfig",
@@ -12,4 +17,9 @@ __all__ = [
     "Bone", "BoneConfig",
     "Bat", "BatConfig",
     "LoLDU", "LoLDUConfig",
+    "SingLoRA", "SingLoRAConfig",
+    "GraLoRA", "GraLoRAConfig",
+    "BoRA", "BoRAConfig",
+    "C3A", "C3AConfig",
+    "SURM", "SURMConfig", "SURMAdapter", "SURMAdapterConfig",
 ]

@@ -100,6 +100,12 @@ class OutputAdapter(Adapter):
 
     mergeable = False
 
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__} has no merged weight: its forward is not linear in x")
+
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        raise TypeError(f"{type(self).__name__} has no merged weight: its forward is not linear in x")
+
     @abc.abstractmethod
     def forward(self, h: Tensor) -> Tensor:
         """The adapted output for the base output ``h`` of shape (..., out_features)."""

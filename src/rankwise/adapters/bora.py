@@ -1,0 +1,107 @@
+"""BoRA: DoRA's magnitude along both dimensions, one per output unit and one per input feature.
+
+Wang, Fan, Bao, Jiang, Song, "BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation",
+https://arxiv.org/abs/2412.06441.
+
+    V = W0 + s B A,   a = m_r / ||V||_row,   H = diag(a) V,   c = m_c / ||H||_col
+    W' = diag(a) V diag(c),   y = a ⊙ ((x ⊙ c) W0ᵀ + s ((x ⊙ c) Aᵀ) Bᵀ) + b
+
+Row step first, then the column step (so the column norms of W' are exactly m_c); both norms
+detached in backward by default, as DoRA does (DoRA paper §4.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.delta import Reparam
+from ..core.registry import register
+from .dora import DoRAConfig, _norm_dtype
+from .lora import LowRank
+
+# Floor under every norm: a zero row or column of V gives a zero gain instead of a NaN.
+_EPS = 1e-12
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoRAConfig(DoRAConfig):
+    """BoRA's hyperparameters: DoRA's (LoRA's fields for the direction update), plus:
+
+    Args:
+        detach_norms: treat ``||V||_row`` and ``||H||_col`` as constants in backward (DoRA's
+            memory-saving convention, the default); ``False`` back-propagates through them (an
+            ablation: the full-size V is then kept for backward).
+    """
+
+    size_knob: ClassVar[str | None] = "rank"
+    # The paper's value was not retrieved; DoRA's (LLaMA-7B commonsense), per the spec.
+    recommended_lr: ClassVar[float] = 2e-4
+
+    detach_norms: bool = True  # the spec's recommendation (DoRA's convention)
+
+
+@register("bora", BoRAConfig)
+class BoRA(LowRank, Reparam):
+    """BoRA: row and column magnitudes around a LoRA-updated direction; ≥ DoRA by small margins."""
+
+    def __init__(self, w0: Tensor, config: BoRAConfig) -> None:
+        super().__init__(w0, config)
+        dtype = _norm_dtype(w0)
+        # m_r = ||W0||_row and m_c = ||W0||_col (a = 1 at init), so W' = W0 at step 0 (B = 0).
+        self.row_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=dtype).to(w0.dtype))
+        self.column_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=0, dtype=dtype).to(w0.dtype))
+        self.detach_norms = config.detach_norms
+        self._merge_gains: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, config: BoRAConfig) -> int:
+        return config.rank * (in_features + out_features) + in_features + out_features
+
+    def gains(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, c)``, shapes (out,) and (in,), with ``W' = diag(a) V diag(c)``; norms in fp32 at least.
+
+        The column norm of ``H = diag(a) V`` needs ``Σ_i a_i² V_ij²``; its W0 part alone needs an
+        (out, in) temporary since ``a`` changes every step, so DoRA's expansion saves nothing
+        here. We form V once instead: both norms are then exact (no cancellation between expanded
+        terms), and with detached norms V is built under ``no_grad`` and freed before the matmul,
+        so nothing of size out × in is kept for backward.
+        """
+        dtype = _norm_dtype(w0)
+        exact = torch.is_grad_enabled() and not self.detach_norms
+        with torch.set_grad_enabled(exact):
+            v = torch.addmm(w0.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=self.scale)  # (out, in)
+            row_norm = torch.linalg.vector_norm(v, dim=1).clamp_min(_EPS)
+            row_gain = (self.row_magnitude.to(dtype) / row_norm).unsqueeze(1)
+            # In place when nothing is recorded: one full-size temporary instead of two.
+            h = v * row_gain if exact else v.mul_(row_gain)
+            column_norm = torch.linalg.vector_norm(h, dim=0).clamp_min(_EPS)
+        return self.row_magnitude / row_norm.to(w0.dtype), self.column_magnitude / column_norm.to(w0.dtype)
+
+    def forward(self, x: Tensor, w0: Tensor) -> Tensor:
+        w0 = w0.to(x.dtype)
+        row_gain, column_gain = self.gains(w0)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            scaled = x * column_gain  # (..., in)
+            return row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
+        # With dropout, the base term keeps the clean input and the rest of W' − W0 sees the
+        # dropped one, as DoRA (PEFT's convention): x W0ᵀ + x̃ (W' − W0)ᵀ.
+        dropped = self.dropout(x)
+        scaled = dropped * column_gain
+        return F.linear(x - dropped, w0) + row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
+
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        row_gain, column_gain = self.gains(w0)
+        self._merge_gains = (row_gain, column_gain)  # kept so that unmerge can invert both scalings
+        direction = w0 + self.lowrank_weight().to(w0.dtype)
+        return row_gain.unsqueeze(1) * direction * column_gain
+
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        if self._merge_gains is None:
+            raise ValueError("BoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
+        row_gain, column_gain = (g.to(merged.dtype) for g in self._merge_gains)
+        return merged / column_gain / row_gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)

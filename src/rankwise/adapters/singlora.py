@@ -1,0 +1,129 @@
+"""SingLoRA: one matrix ``A`` and the symmetric update ``s · u(t) · A Aᵀ``, ramped in over T steps.
+
+Bensaïd, Rotstein, Velich, Bensaïd, Kimmel, "SingLoRA: Low Rank Adaptation Using a Single Matrix",
+https://arxiv.org/abs/2507.05566.
+
+    D = max(in, out),  A ∈ R^{D × r},  A_in = A[:in],  A_out = A[:out]
+    ΔW(t) = s · u(t) · A_out A_inᵀ,   u(t) = min(t / T, 1),   s = α / r
+
+t is the number of optimizer steps taken, advanced by :func:`rankwise.step` or the hook
+:func:`rankwise.step_with` installs (see :mod:`rankwise.core.steps`), never by forward calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import AdapterConfig, check_range
+from ..core.delta import Delta
+from ..core.registry import register
+from ..core.steps import Stepped
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingLoRAConfig(AdapterConfig):
+    """SingLoRA's hyperparameters.
+
+    Args:
+        rank: r, the columns of ``A``; r >= 1.
+        alpha: α; the update is scaled by ``α / r``; α > 0.
+        ramp_steps: T, the optimizer steps over which ``u(t)`` rises from 0 to 1; T >= 1. Set it
+            to about 10% of the run's optimizer steps.
+        dropout: dropout probability on the adapter branch's input only; in [0, 1).
+    """
+
+    size_knob: ClassVar[str | None] = "rank"
+    # kyegomez/SingLoRA's example, said to follow the paper (unverified; the paper's value was not
+    # retrieved). The spec recommends sweeping LoRA's grid as well.
+    recommended_lr: ClassVar[float] = 1e-3
+
+    rank: int = 8  # kyegomez/SingLoRA and peft-singlora examples
+    alpha: float = 8.0  # α = r (spec's recommendation), so s = 1
+    ramp_steps: int = 1000  # peft-singlora default; the spec recommends ~10% of the optimizer steps
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "rank", 1)
+        check_range(self, "alpha", 0, low_open=True)
+        check_range(self, "ramp_steps", 1)
+        check_range(self, "dropout", 0, 1, high_open=True)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@register("singlora", SingLoRAConfig)
+class SingLoRA(Delta, Stepped):
+    """SingLoRA: ΔW = s·u(t)·A_out A_inᵀ from one matrix A; half of LoRA's parameters at equal rank.
+
+    On a square layer ΔW is positive semi-definite (times the sign of s): SingLoRA cannot express
+    antisymmetric or indefinite updates. That is the method, not a defect. The model changes only
+    once the step count advances: register :func:`rankwise.step_with` on the optimizer.
+    """
+
+    def __init__(self, w0: Tensor, config: SingLoRAConfig) -> None:
+        super().__init__(w0, config)
+        size = max(self.in_features, self.out_features)
+        # LoRA's A distribution on the input side, U(−1/√in, 1/√in), so that x A_in has LoRA's
+        # scale. (peft-singlora draws with fan-in r, which makes ‖A Aᵀ‖ grow like D / r.)
+        bound = 1 / math.sqrt(self.in_features)
+        self.A = nn.Parameter(torch.empty(size, config.rank, dtype=w0.dtype, device=w0.device).uniform_(-bound, bound))
+        # t: persistent, so a checkpoint resumes the ramp where it was.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=w0.device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.scale
+        self.ramp_steps = config.ramp_steps
+        self._merged_ramp: Tensor | None = None
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, config: SingLoRAConfig) -> int:
+        return config.rank * max(in_features, out_features)
+
+    def advance(self) -> None:
+        with torch.no_grad():
+            self.step.add_(1)
+
+    def ramp(self) -> Tensor:
+        """``u(t) = min(t / T, 1)`` as a 0-dim tensor of A's dtype (a tensor, so compiled graphs
+        read the current step instead of baking it in)."""
+        return (self.step.to(self.A.dtype) / self.ramp_steps).clamp(max=1)
+
+    def _hidden(self, x: Tensor) -> Tensor:
+        """``s · u(t) · x A_in``, shape (..., rank): the scale goes on the narrowest tensor."""
+        return torch.matmul(self.dropout(x), self.A[: self.in_features]) * (self.scale * self.ramp())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self._hidden(x), self.A[: self.out_features])
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        # One addmm instead of a matmul and a full-size add, as LoRA does.
+        hidden = self._hidden(x).reshape(-1, self.A.shape[1])  # (tokens, rank)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden, self.A[: self.out_features].t())
+        return out.view(y.shape)
+
+    def _delta_weight(self, ramp: Tensor) -> Tensor:
+        return (self.scale * ramp) * (self.A[: self.out_features] @ self.A[: self.in_features].t())
+
+    def delta_weight(self) -> Tensor:
+        return self._delta_weight(self.ramp())
+
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        # Unmerge must subtract the ΔW that merge added, even if steps were counted in between.
+        self._merged_ramp = self.ramp()
+        return w0 + self._delta_weight(self._merged_ramp).to(w0.dtype)
+
+    def restore_weight(self, merged: Tensor) -> Tensor:
+        if self._merged_ramp is None:
+            raise ValueError("SingLoRA cannot unmerge a weight it did not merge (the merge-time u(t) is unknown)")
+        return merged - self._delta_weight(self._merged_ramp).to(merged.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"
