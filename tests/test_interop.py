@@ -1,8 +1,12 @@
-"""PEFT's format both ways, checked against the installed PEFT."""
+"""PEFT's format both ways, checked against the installed PEFT: rankwise -> to_peft -> PEFT and
+PEFT -> save_pretrained -> from_peft give equal outputs for every method the table maps, and what
+does not map is refused before anything is written or changed."""
 
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
 
 import peft
 import pytest
@@ -26,9 +30,27 @@ class Classifier(nn.Module):
 
 
 def _gpt2() -> nn.Module:
+    """Conv1D layers: c_attn 16 -> 48, attn.c_proj 16 -> 16, c_fc 16 -> 64, mlp.c_proj 64 -> 16."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _mlp() -> nn.Module:
+    """gcd(in, out) is 8, 8 and 16; 24 and 40 are not multiples of 6 (a partial MiSS shard)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16), nn.GELU(), nn.Linear(16, 16)).eval()
+
+
+def _run(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=inputs).logits if inputs.dtype == torch.long else model(inputs)
+
+
+def _inputs(build: Callable[[], nn.Module]) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, 50, (2, 8)) if build is _gpt2 else torch.randn(3, 5, 24)
 
 
 def _randomize(model: nn.Module) -> None:
@@ -38,20 +60,77 @@ def _randomize(model: nn.Module) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
+def _randomize_peft(model: nn.Module) -> None:
+    """PEFT leaves exactly the adapter (and modules_to_save) trainable; several methods start at zero."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def _assert_equal_and_adapted(theirs: torch.Tensor, ours: torch.Tensor, base: torch.Tensor) -> None:
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-3  # the adapter does change the outputs
+
+
 @pytest.mark.parametrize(
-    "config",
-    [rw.LoRAConfig(rank=4, targets=("c_attn", "c_fc")), rw.LoRAConfig(rank=4, rslora=True, targets="c_attn"),
-     rw.DoRAConfig(rank=2, targets=("c_attn", "mlp.c_proj"))],
-    ids=["lora", "rslora", "dora"],
+    ("build", "config"),
+    [
+        (_gpt2, rw.LoRAConfig(rank=4, targets=("c_attn", "c_fc"))),
+        (_gpt2, rw.LoRAConfig(rank=4, rslora=True, targets="c_attn")),
+        (_gpt2, rw.DoRAConfig(rank=2, targets=("c_attn", "mlp.c_proj"))),
+        (_gpt2, rw.GraLoRAConfig(rank=4, alpha=6.0, k=2, targets=("c_attn", "c_fc"))),
+        (_mlp, rw.GraLoRAConfig(rank=4, k=2, hybrid_rank=2, dropout=0.1, targets=("0", "2"))),
+        (_mlp, rw.C3AConfig(targets=("0", "2", "4"))),  # block_size=None: 8, 8, 16
+        (_mlp, rw.C3AConfig(block_size=8, init="xavier_uniform", targets=("0", "2"))),
+        (_mlp, rw.BoneConfig(rank=6, targets=("0", "2"))),
+        (_mlp, rw.BatConfig(rank=8, targets=("0", "2", "4"))),
+    ],
+    ids=["lora", "rslora", "dora", "gralora-conv1d", "gralora-hybrid", "c3a-gcd", "c3a", "bone", "bat"],
 )
-def test_to_peft_loads_in_peft_with_equal_outputs(config, tmp_path) -> None:
-    ours = rw.adapt(_gpt2(), config)
+def test_to_peft_loads_in_peft_with_equal_outputs(build, config, tmp_path) -> None:
+    ours = rw.adapt(build(), config).eval()  # the new adapter modules start in training mode
     _randomize(ours)
     rw.interop.to_peft(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_gpt2(), tmp_path)
-    ids = torch.randint(0, 50, (2, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
+    x = _inputs(build)
+    _assert_equal_and_adapted(_run(theirs, x), _run(ours, x), _run(build(), x))
+
+
+def test_c3a_per_layer_gcd_becomes_a_block_size_and_a_pattern(tmp_path) -> None:
+    ours = rw.adapt(_mlp(), rw.C3AConfig(targets=("0", "2", "4")))
+    rw.interop.to_peft(ours, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (written["block_size"], written["block_size_pattern"]) == (8, {"4": 16})
+    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path)
+    assert theirs.base_model.model[4].block_size["default"] == 16
+
+
+@pytest.mark.parametrize(
+    ("build", "peft_config"),
+    [
+        (_gpt2, peft.LoraConfig(r=2, use_dora=True, target_modules=["c_attn"])),
+        (_gpt2, peft.GraloraConfig(r=4, alpha=6, gralora_k=2, hybrid_r=2, target_modules=["c_attn", "mlp.c_proj"])),
+        (_mlp, peft.GraloraConfig(r=4, gralora_k=4, gralora_dropout=0.1, target_modules=["2", "4"])),
+        (_mlp, peft.C3AConfig(block_size=8, block_size_pattern={"4": 16}, target_modules=["0", "2", "4"])),
+        (_mlp, peft.MissConfig(r=6, miss_dropout=0.1, target_modules=["0", "2"])),
+        (_mlp, peft.MissConfig(r=8, init_weights="bat", target_modules=["0", "2", "4"])),
+    ],
+    ids=["dora", "gralora-conv1d", "gralora", "c3a", "miss", "bat"],
+)
+def test_from_peft_equals_peft_and_goes_back_unchanged(build, peft_config, tmp_path) -> None:
+    reference = peft.get_peft_model(build(), peft_config)
+    _randomize_peft(reference)
+    reference.eval()
+    reference.save_pretrained(tmp_path / "peft")
+    x = _inputs(build)
+
+    ours = rw.interop.from_peft(build(), tmp_path / "peft")
+    _assert_equal_and_adapted(_run(reference, x), _run(ours.eval(), x), _run(build(), x))
+
+    rw.interop.to_peft(ours, tmp_path / "back")
+    again = peft.PeftModel.from_pretrained(build(), tmp_path / "back")
+    torch.testing.assert_close(_run(again, x), _run(reference, x), rtol=1e-5, atol=1e-5)
 
 
 def test_round_trip_with_head_convolution_and_a_rank_pattern(tmp_path) -> None:
@@ -78,12 +157,74 @@ def test_round_trip_with_head_convolution_and_a_rank_pattern(tmp_path) -> None:
     torch.testing.assert_close(again(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_from_peft_refuses_what_it_does_not_model_and_leaves_the_model_alone(tmp_path) -> None:
+def _nested() -> nn.Module:
+    """Paths '0' and '1.0': PEFT's target name '0' selects both."""
     torch.manual_seed(0)
-    base = Classifier()
-    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0"], bias="all")).save_pretrained(tmp_path)
+    return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+
+
+def test_to_peft_selects_only_the_adapted_layers(tmp_path) -> None:
+    ours = rw.adapt(_nested(), rw.LoRAConfig(rank=2, targets="re:0"))
+    _randomize(ours)
+    rw.interop.to_peft(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "0"
+    theirs = peft.PeftModel.from_pretrained(_nested(), tmp_path)
+    assert isinstance(theirs.base_model.model[1][0], nn.Linear)  # not wrapped by PEFT
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(_run(theirs, x), _run(ours, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_pattern_peft_cannot_write_back_is_refused(tmp_path) -> None:
+    # PEFT's key '^0' gives rank 2 to '0' only; written back as '0' it would also reach '1.0'.
+    reference = peft.get_peft_model(_nested(), peft.LoraConfig(r=4, rank_pattern={"^0": 2}, target_modules=["0"]))
+    reference.save_pretrained(tmp_path / "peft")
+    ours = rw.interop.from_peft(_nested(), tmp_path / "peft")
+    assert (ours[0].delta.A.shape[0], ours[1][0].delta.A.shape[0]) == (2, 4)
+    with pytest.raises(ValueError, match=r"rank_pattern \{'0': 2\} cannot give \['1.0'\] their own rank"):
+        rw.interop.to_peft(ours, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize(
+    ("build", "config", "message"),
+    [
+        (_gpt2, rw.C3AConfig(block_size=16, targets="c_attn"), r"C3A does not support Conv1D \('transformer.h.0"),
+        (_gpt2, rw.BoneConfig(rank=4, targets="c_fc"), "PEFT's MISS does not support Conv1D"),
+        (_gpt2, rw.BatConfig(rank=4, targets="c_fc"), "PEFT's MISS does not support Conv1D"),
+        (lambda: nn.Sequential(nn.Conv2d(4, 8, 1)), rw.GraLoRAConfig(rank=2, targets="0"),
+         "GRALORA does not support Conv2d"),
+        (_mlp, rw.LoLDUConfig(rank=2, targets="0"),
+         r"PEFT export supports \['lora', 'dora', 'c3a', 'gralora', 'bone', 'bat'\], not 'loldu'"),
+    ],
+    ids=["c3a-conv1d", "bone-conv1d", "bat-conv1d", "gralora-conv2d", "loldu"],
+)
+def test_to_peft_refuses_what_peft_cannot_express_and_writes_nothing(build, config, message, tmp_path) -> None:
+    ours = rw.adapt(build(), config)
+    with pytest.raises(ValueError, match=message):
+        rw.interop.to_peft(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("peft_config", "message"),
+    [
+        (peft.LoraConfig(r=2, target_modules=["0"], bias="all"), "'bias': 'all'"),
+        (peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"), "'init_lora_weights': 'pissa'"),
+        (peft.C3AConfig(block_size=8, target_modules=["0"], bias="c3a_only"), "'bias': 'c3a_only'"),
+        (peft.GraloraConfig(r=4, target_modules=["0"], bias="all"), "'bias': 'all'"),
+        (peft.MissConfig(r=4, target_modules=["0", "2"], exclude_modules=["2"]), r"'exclude_modules': \['2'\]"),
+        (peft.MissConfig(r=4, target_modules=["0"], init_weights="mini", mini_r=4),
+         "PEFT MISS with {'init_weights': 'mini'} has no rankwise form"),
+        (peft.IA3Config(target_modules=["0"], feedforward_modules=[]),
+         r"PEFT type 'IA3' is not supported; rankwise reads \['C3A'"),
+    ],
+    ids=["lora-bias", "pissa", "c3a-bias", "gralora-bias", "miss-exclude", "miss-mini", "ia3"],
+)
+def test_from_peft_refuses_what_it_does_not_model_and_leaves_the_model_alone(peft_config, message, tmp_path) -> None:
+    base = _mlp()
+    peft.get_peft_model(copy.deepcopy(base), peft_config).save_pretrained(tmp_path)
     before = copy.deepcopy(base.state_dict())
-    with pytest.raises(rw.CheckpointError, match="'bias': 'all'"):
+    with pytest.raises(rw.CheckpointError, match=message):
         rw.interop.from_peft(base, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert not list(adapted_modules(base))
@@ -96,3 +237,12 @@ def test_from_peft_names_tensors_that_do_not_fit(tmp_path) -> None:
     other.encoder = nn.Sequential(nn.Linear(8, 32))
     with pytest.raises(rw.CheckpointError, match="mis-shaped keys.*encoder.0.lora_B"):
         rw.interop.from_peft(other, tmp_path)
+
+
+def test_from_peft_names_a_block_size_the_layer_does_not_allow(tmp_path) -> None:
+    peft.get_peft_model(_mlp(), peft.C3AConfig(block_size=8, target_modules=["0"])).save_pretrained(tmp_path)
+    other = nn.Sequential(nn.Linear(24, 36))
+    message = r"c3a on '0': block_size=8 must divide in_features=24 and out_features=36"
+    with pytest.raises(rw.CheckpointError, match=message):
+        rw.interop.from_peft(other, tmp_path)
+    assert not list(adapted_modules(other))

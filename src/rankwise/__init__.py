@@ -38,3 +38,12 @@ __all__ = [
     "unmerge",
     "unwrap",
 ]
+
+
+def __getattr__(name: str):
+    # rw.integrations imports transformers, which takes seconds: loaded on first use only.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module 'rankwise' has no attribute {name!r}")

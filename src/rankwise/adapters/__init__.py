@@ -10,6 +10,10 @@ from .gralora import GraLoRA, GraLoRAConfig
 from .bora import BoRA, BoRAConfig
 from .c3a import C3A, C3AConfig
 from .surm import SURM, SURMAdapter, SURMAdapterConfig, SURMConfig
+from .adalora import AdaLoRA, AdaLoRAConfig
+from .elalora import ElaLoRA, ElaLoRAConfig
+from .ard_lora import ARDLoRA, ARDLoRAConfig
+from .gora import GoRA, GoRAConfig
 
 __all__ = [
     "LoRA", "LoRAConfig",
@@ -22,4 +26,8 @@ __all__ = [
     "BoRA", "BoRAConfig",
     "C3A", "C3AConfig",
     "SURM", "SURMConfig", "SURMAdapter", "SURMAdapterConfig",
+    "AdaLoRA", "AdaLoRAConfig",
+    "ElaLoRA", "ElaLoRAConfig",
+    "ARDLoRA", "ARDLoRAConfig",
+    "GoRA", "GoRAConfig",
 ]

@@ -85,7 +85,8 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
         delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{method.name} on '{path}': {error}") from error
-    return Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config)
+    wrapper = Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config)
+    return wrapper.train(base.training)  # a model adapted in eval mode stays in eval mode
 
 
 def install(model: nn.Module, wrappers: dict[str, Adapted], config: AdapterConfig) -> nn.Module:

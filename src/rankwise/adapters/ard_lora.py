@@ -1,0 +1,144 @@
+"""ARD-LoRA-style adapter: LoRA per head group, each group's rank set by a learnable scale α.
+
+Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
+Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. Only the
+abstract was available: the gate below is our reconstruction ("ARD-LoRA-style"), from the spec's
+recommended form.
+
+    r_g = r0 · α_g,   gate_i(α_g) = clamp(r0 α_g − i, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
+    ΔW_g = s · B_g diag(gate(α_g)) A_g,   s = lora_alpha / r0 (constant)
+
+A group is one head: with ``head_side="out"`` (q, k, v projections) head h owns rows
+``h·d : (h+1)·d`` of ΔW and A_g sees the whole input; with ``"in"`` (the output projection) it owns
+columns. ``heads=1`` is one group per matrix (MLPs). The penalties that drive α and the budget are
+in ``rankwise.allocate.ARDLoRA``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core.config import AdapterConfig, check_range
+from ..core.delta import Delta
+from ..core.registry import register
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARDLoRAConfig(AdapterConfig):
+    """ARD-LoRA-style hyperparameters (our reconstruction; the paper's values were not available).
+
+    Args:
+        rank: r0, the rank every group starts at (α = 1); r0 >= 1.
+        max_scale: α_max, the largest α; the rank of a group stays within [0, r0 · α_max]; > 0.
+        alpha: lora_alpha; the branch is scaled by ``alpha / r0`` whatever the ranks become; > 0.
+        dropout: dropout probability on the adapter branch's input only; in [0, 1).
+        heads: groups per layer, each with its own α (the layer's attention heads); >= 1 and must
+            divide the split side. Set per layer by the allocator (``ARDLoRA(heads=...)``).
+        head_side: which side the heads split: ``"out"`` (rows; q/k/v) or ``"in"`` (columns; o).
+        slots: R, the rank components allocated per group; ``None`` means ``ceil(r0 · max_scale)``.
+            The allocator lowers it at the end of training to the largest rank a group uses.
+    """
+
+    size_knob: ClassVar[str | None] = "rank"
+    recommended_lr: ClassVar[float] = 5e-4  # no published value; LoRA's (RoBERTa-base GLUE)
+
+    rank: int = 8  # r0, the spec's recommended start (the LoRA default)
+    max_scale: float = 2.0  # α_max, the spec's recommended start (R = 16 at r0 = 8)
+    alpha: float = 16.0  # as LoRAConfig: α = 2 r0
+    dropout: float = 0.0
+    heads: int = 1
+    head_side: Literal["out", "in"] = "out"
+    slots: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "rank", 1)
+        check_range(self, "max_scale", 0, low_open=True)
+        check_range(self, "alpha", 0, low_open=True)
+        check_range(self, "dropout", 0, 1, high_open=True)
+        check_range(self, "heads", 1)
+        if self.slots is not None:
+            check_range(self, "slots", 0)
+
+    @property
+    def num_slots(self) -> int:
+        return math.ceil(self.rank * self.max_scale) if self.slots is None else self.slots
+
+
+@register("ard_lora", ARDLoRAConfig)
+class ARDLoRA(Delta):
+    """ARD-LoRA-style: LoRA per head, each head's rank r0·α learned through a gate (our reconstruction)."""
+
+    def __init__(self, w0: Tensor, config: ARDLoRAConfig) -> None:
+        super().__init__(w0, config)
+        heads, side = config.heads, config.head_side
+        split = self.out_features if side == "out" else self.in_features
+        if split % heads:
+            raise ValueError(f"heads={heads} must divide {side}_features={split}")
+        self.group_in = self.in_features // heads if side == "in" else self.in_features
+        self.group_out = self.out_features // heads if side == "out" else self.out_features
+        slots = config.num_slots
+        kwargs = {"dtype": w0.dtype, "device": w0.device}
+        bound = 1 / math.sqrt(self.group_in)  # kaiming-uniform (a = √5), as LoRA's A
+        self.A = nn.Parameter(torch.empty(heads, slots, self.group_in, **kwargs).uniform_(-bound, bound))
+        self.B = nn.Parameter(torch.zeros(heads, self.group_out, slots, **kwargs))
+        self.rank_scale = nn.Parameter(torch.ones(heads, **kwargs))  # α per group
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale = config.alpha / config.rank
+
+    @classmethod
+    def num_params(cls, in_features: int, out_features: int, config: ARDLoRAConfig) -> int:
+        heads = config.heads
+        if config.head_side == "out":  # each head's A sees the whole input
+            per_slot = heads * in_features + out_features
+        else:  # each head's B writes the whole output
+            per_slot = in_features + heads * out_features
+        return config.num_slots * per_slot + heads
+
+    def gates(self) -> Tensor:
+        """``clamp(r0 α_g − i, 0, 1)``, shape (heads, slots): ⌊r0α⌋ slots on, one fractional."""
+        slot = torch.arange(self.A.shape[1], dtype=self.rank_scale.dtype, device=self.rank_scale.device)
+        return (self.config.rank * self.rank_scale.unsqueeze(1) - slot).clamp(0, 1)
+
+    def effective_rank(self) -> Tensor:
+        """``Σ_i gate_i = clamp(r0 α_g, 0, slots)`` per group, shape (heads,)."""
+        return (self.config.rank * self.rank_scale).clamp(0, self.A.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(x)
+        gates = self.gates() * self.scale  # (heads, slots)
+        if self.config.head_side == "out":
+            hidden = torch.einsum("...i,hri->...hr", x, self.A) * gates  # (..., heads, slots)
+            return torch.einsum("...hr,hor->...ho", hidden, self.B).flatten(-2)
+        grouped = x.unflatten(-1, (self.config.heads, self.group_in))  # (..., heads, group_in)
+        hidden = torch.einsum("...hi,hri->...hr", grouped, self.A) * gates
+        return torch.einsum("...hr,hor->...o", hidden, self.B)
+
+    def delta_weight(self) -> Tensor:
+        blocks = torch.einsum("hor,hr,hri->hoi", self.B, self.gates() * self.scale, self.A)  # (heads, out_g, in_g)
+        if self.config.head_side == "out":
+            return blocks.reshape(self.out_features, self.in_features)
+        return blocks.permute(1, 0, 2).reshape(self.out_features, self.in_features)
+
+    def keep_slots(self, slots: int) -> list[tuple[nn.Parameter, nn.Parameter, int]]:
+        """Drop every slot from ``slots`` on (the gates there are 0 when ``r0 α <= slots``).
+
+        Returns:
+            ``(old, new, slot_dim)`` for A and B, for moving optimizer state.
+        """
+        old_A, old_B = self.A, self.B
+        with torch.no_grad():
+            self.A = nn.Parameter(old_A[:, :slots].clone(), requires_grad=old_A.requires_grad)
+            self.B = nn.Parameter(old_B[..., :slots].clone(), requires_grad=old_B.requires_grad)
+        self.config = dataclasses.replace(self.config, slots=slots)
+        return [(old_A, self.A, 1), (old_B, self.B, 2)]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{super().extra_repr()}, rank={c.rank}, slots={self.A.shape[1]}, heads={c.heads} ({c.head_side})"

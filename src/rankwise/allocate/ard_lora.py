@@ -1,0 +1,207 @@
+"""ARD-LoRA-style allocator: ℓ1 and total-variation penalties on the learnable rank scales α, a
+warm-up with α frozen, projection onto [0, α_max] (and an optional parameter budget).
+
+Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
+Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. The
+abstract names the meta-objective (task loss + ℓ1 sparsity + total variation); its exact form is
+our reconstruction (the spec's [rec]):
+
+    L = L_task + λ1 Σ_g |α_g| + λ_tv Σ_{m,h} Σ_l (α_{l+1,m,h} − α_{l,m,h})²
+
+where g runs over every (layer, head) group and the TV sum over layers l of the same module type m
+(paths equal up to their integer components, e.g. ``layers.*.self_attn.q_proj``), head by head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.ard_lora import ARDLoRA as ARDLoRAModule
+from ..core import geometry
+from ..core.inject import matches
+from .base import RankAllocator, check_int, check_nonnegative, from_rank_zero, migrate
+
+_BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
+
+
+class ARDLoRA(RankAllocator):
+    """ARD-LoRA-style: each (layer, head) group's rank r0·α is learned under ℓ1 and TV penalties.
+
+    α trains with the adapter (keep it in the optimizer, in a group without weight decay if the
+    optimizer has one: decay would add an ℓ2 pull on the ranks). During the warm-up α is frozen at
+    its start: while B = 0 the task gives α no gradient and ℓ1 alone would shrink every rank; its optimizer
+    state is dropped when the warm-up ends, so it starts fresh. After each later step
+    α ← clamp(α, 0, min(α_max, slots / r0)), then, with a ``budget``, onto
+    ``Σ_g r0 α_g (in_g + out_g) <= budget``. At the last step each layer keeps only the slots its
+    largest gate uses (the function does not change), so a checkpoint holds the final sizes. With a
+    budget, α starts at its projection (1 everywhere when that fits).
+
+    Build it right after :func:`rankwise.adapt` and before the optimizer when ``heads`` is given:
+    it rebuilds those layers' adapters.
+
+    Args:
+        model: a model adapted with ``ARDLoRAConfig``.
+        total_steps: T, optimizer steps in the run.
+        l1: λ1, weight of ``Σ |α|``; >= 0. 1e-3 (spec's starting point; no published value).
+        tv: λ_tv, weight of the squared differences between adjacent layers; >= 0. 1e-2 (spec).
+        warmup: T_w, steps with α frozen; default ``round(0.05 · T)`` (spec: 5%).
+        budget: the most adapter parameters the effective ranks may use,
+            ``Σ_g r0 α_g (in_g + out_g)``; ``None`` leaves it to λ1 (the achieved count is in
+            ``history``).
+        heads: ``{target name: (heads, "out" | "in")}``: layers (matched as ``targets`` are) that
+            get one α per attention head: ``"out"`` splits rows (q, k, v), ``"in"`` splits columns
+            (the output projection), e.g. ``{"q_proj": (12, "out"), "o_proj": (12, "in")}``.
+
+    Raises:
+        ValueError: a value outside its range; a ``heads`` name that matches no adapted layer or
+            a layer already trained.
+    """
+
+    module_class = ARDLoRAModule
+    unit = "parameters"
+
+    def __init__(self, model: nn.Module, *, total_steps: int, l1: float = 1e-3, tv: float = 1e-2,
+                 warmup: int | None = None, budget: int | None = None,
+                 heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None) -> None:
+        super().__init__(model, total_steps)
+        check_nonnegative("ARDLoRA", "l1", l1)
+        check_nonnegative("ARDLoRA", "tv", tv)
+        self.warmup = round(0.05 * total_steps) if warmup is None else warmup
+        check_int("ARDLoRA", "warmup", self.warmup, 0)
+        if budget is not None:
+            check_int("ARDLoRA", "budget", budget, 0)
+        self.l1, self.tv, self._budget = l1, tv, budget
+        for pattern, (count, side) in (heads or {}).items():
+            self._split_heads(pattern, count, side)
+        self.project()  # α = 1 may cost more than the budget: start (and stay, in the warm-up) within it
+        self.frozen = {path: layer.delta.rank_scale.detach().clone() for path, layer in self.layers.items()}
+        self.chains = _chains({path: layer.delta for path, layer in self.layers.items()})
+
+    def _split_heads(self, pattern: str, count: int, side: str) -> None:
+        hits = [path for path in self.layers if matches(path, pattern)]
+        if not hits:
+            raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}")
+        for path in hits:
+            layer = self.layers[path]
+            old = layer.delta
+            if old.B.abs().max() > 0:
+                raise ValueError(f"ARDLoRA: '{path}' has been trained; split heads right after rankwise.adapt")
+            config = dataclasses.replace(old.config, heads=count, head_side=side)
+            w0 = geometry.weight_matrix(layer.base, layer.kind).detach().to(old.A.dtype)
+            try:
+                layer.delta = type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype)
+            except ValueError as error:
+                raise ValueError(f"ARDLoRA on '{path}': {error}") from error
+
+    def penalty(self) -> Tensor:
+        """``λ1 Σ|α| + λ_tv Σ (α_{l+1} − α_l)²``; zero during the warm-up (α is frozen then)."""
+        if self.t < self.warmup or not self.has_penalty:
+            return super().penalty()
+        scales = {path: layer.delta.rank_scale for path, layer in self.layers.items()}
+        sparsity = sum(s.abs().sum() for s in scales.values())
+        variation = sum(
+            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in zip(chain, chain[1:])
+        )
+        return self.l1 * sparsity + self.tv * variation
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.l1 > 0 or self.tv > 0
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self.t == 0:
+            for path, layer in self.layers.items():
+                _check_in_optimizer(optimizer, layer.delta.rank_scale, path)
+        with torch.no_grad():
+            if self.t < self.warmup:
+                for path, layer in self.layers.items():
+                    layer.delta.rank_scale.copy_(self.frozen[path])  # undoes the step (and weight decay)
+                    if self.t == self.warmup - 1:
+                        optimizer.state.pop(layer.delta.rank_scale, None)
+            else:
+                self.project()
+        if self.t == self.total_steps - 1:
+            self._keep_used_slots(optimizer)
+            return True
+        return False
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """The Euclidean projection of α onto ``0 <= α_g <= min(α_max, slots / r0)`` and, with a
+        budget, ``Σ_g r0 α_g (in_g + out_g) <= budget`` (what each step after the warm-up does).
+
+        The solution is ``α = clamp(α̂ − λ·cost, 0, upper)`` with the smallest λ >= 0 that fits,
+        found by bisection, keeping the feasible end.
+        """
+        modules = [layer.delta for layer in self.layers.values()]
+        scales = torch.cat([m.rank_scale.double() for m in modules])
+        upper = torch.cat([torch.full_like(m.rank_scale, min(m.config.max_scale, m.A.shape[1] / m.config.rank),
+                                           dtype=torch.double) for m in modules])
+        projected = scales.clamp(min=0).minimum(upper)
+        if self._budget is not None:
+            cost = torch.cat([
+                torch.full_like(m.rank_scale, m.config.rank * (m.group_in + m.group_out), dtype=torch.double)
+                for m in modules
+            ])
+            if (cost * projected).sum() > self._budget:
+                low, high = 0.0, float((scales / cost).max())
+                for _ in range(_BISECTIONS):
+                    middle = (low + high) / 2
+                    if (cost * (scales - middle * cost).clamp(min=0).minimum(upper)).sum() > self._budget:
+                        low = middle
+                    else:
+                        high = middle
+                projected = (scales - high * cost).clamp(min=0).minimum(upper)
+        for module, values in zip(modules, projected.split([m.config.heads for m in modules])):
+            module.rank_scale.copy_(values.to(module.rank_scale.dtype))
+
+    def _keep_used_slots(self, optimizer: torch.optim.Optimizer) -> None:
+        used = torch.tensor([
+            math.ceil(layer.delta.effective_rank().detach().max().item()) for layer in self.layers.values()
+        ])
+        used = from_rank_zero(used.to(next(iter(self.layers.values())).delta.A.device)).cpu()
+        for layer, slots in zip(self.layers.values(), used.tolist()):
+            migrate(optimizer, layer.delta.keep_slots(slots), torch.arange(slots), 0)
+
+    def ranks(self) -> dict[str, float]:
+        """Each layer's effective rank, ``Σ_h clamp(r0 α_h, 0, slots)``."""
+        return {path: float(layer.delta.effective_rank().detach().sum()) for path, layer in self.layers.items()}
+
+    def total(self) -> float:
+        """Adapter parameters the effective ranks use, ``Σ_g (in_g + out_g) · r_g``."""
+        return sum(float(m.effective_rank().detach().sum()) * (m.group_in + m.group_out)
+                   for m in (layer.delta for layer in self.layers.values()))
+
+    @property
+    def budget(self) -> int | None:
+        return self._budget
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.frozen = state["frozen"]
+
+
+def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
+    """Layers of one type, ordered by their indices: paths equal up to their integer components,
+    with the same head layout (heads are compared one to one)."""
+    groups: dict[tuple[str, int, str], list[tuple[tuple[int, ...], str]]] = {}
+    for path, module in modules.items():
+        parts = path.split(".")
+        pattern = ".".join("*" if part.isdigit() else part for part in parts)
+        key = (pattern, module.config.heads, module.config.head_side)
+        groups.setdefault(key, []).append((tuple(int(p) for p in parts if p.isdigit()), path))
+    return [[path for _, path in sorted(members)] for members in groups.values() if len(members) > 1]
+
+
+def _check_in_optimizer(optimizer: torch.optim.Optimizer, p: nn.Parameter, path: str) -> None:
+    if not any(q is p for group in optimizer.param_groups for q in group["params"]):
+        raise ValueError(f"ARDLoRA: '{path}.delta.rank_scale' is not in the optimizer; α must train with the adapter")

@@ -1,0 +1,207 @@
+"""``to_peft`` and ``from_peft``: PEFT's files from the table in :mod:`.formats`, checked both ways.
+
+PEFT writes ``adapter_model.safetensors`` (keys ``base_model.model.<path>.<PEFT's tensor name>``)
+and ``adapter_config.json`` (``peft_type`` and that type's fields). Nothing here names a method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..core.adapted import Adapted
+from ..core.checkpoint import CheckpointError, atomic_write
+from ..core.config import AdapterConfig
+from ..core.inject import adapted_modules, build, find_targets, install, module_overrides, trainable_paths
+from .formats import _ANY_TYPE, FORMATS, PeftFormat
+
+PEFT_TENSORS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+
+
+def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write the adapter of ``model`` in PEFT's format to ``folder``; returns the folder.
+
+    Raises:
+        ValueError: the model has no adapters, its method has no PEFT form, PEFT does not support
+            one of its layers, or its layers differ in a way PEFT cannot express. Nothing is written.
+    """
+    layers = list(adapted_modules(model))
+    if not layers:
+        raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
+    config = layers[0][1].config
+    fmt = FORMATS.get(type(config))
+    if fmt is None:
+        supported = [f.config_class.method for f in FORMATS.values()]
+        raise ValueError(f"PEFT export supports {supported}, not {config.method!r}; see docs/interop.md")
+    for path, layer in layers:
+        if layer.kind not in fmt.bases:
+            raise ValueError(f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
+                             f"it supports {sorted(fmt.bases)}")
+    peft_config = {
+        "peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "target_modules": _peft_targets(model, [path for path, _ in layers]),
+        "modules_to_save": list(config.trainable) or None, "bias": "none",
+        **fmt.write(config, any(layer.kind == "conv1d" for _, layer in layers)),
+        **_write_patterns(fmt, config, layers),
+    }
+    tensors = {f"{_PREFIX}{path}.{name}": t.detach().reshape(shape)
+               for path, layer in layers for name, (t, shape) in fmt.tensors(layer).items()}
+    for path in trainable_paths(model, config):
+        for name, tensor in model.get_submodule(path).state_dict().items():
+            tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(folder / PEFT_TENSORS, safetensors.torch.save(state))
+    atomic_write(folder / PEFT_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    return folder
+
+
+def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Adapt ``model`` with the PEFT adapter in ``folder`` and load its weights.
+
+    Everything is read and checked before the model changes.
+
+    Raises:
+        CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
+            model, or tensors that do not fit the model (all listed).
+    """
+    folder = Path(folder)
+    meta = _read_json(folder / PEFT_CONFIG)
+    fmt = _format_of(meta, folder)
+    config = _config_from_peft(fmt, meta, folder)
+    try:
+        tensors = safetensors.torch.load_file(folder / PEFT_TENSORS)
+    except Exception as error:  # safetensors' own error type for a malformed file; OSError if absent
+        raise CheckpointError(f"{folder / PEFT_TENSORS} is missing or not a safetensors file: {error}") from None
+    try:
+        paths = find_targets(model, config)
+        wrappers = {path: build(model, path, config, _layer_config(fmt, config, meta, path)) for path in paths}
+    except (ValueError, TypeError, re.error) as error:
+        raise CheckpointError(f"{folder}: {error}") from None
+
+    targets = {f"{_PREFIX}{path}.{name}": pair for path, wrapper in wrappers.items()
+               for name, pair in fmt.tensors(wrapper).items()}
+    for path in trainable_paths(model, config):
+        for name, tensor in model.get_submodule(path).state_dict().items():
+            targets[f"{_PREFIX}{path}.{name}"] = (tensor, tuple(tensor.shape))
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    misshaped = sorted(k for k in set(targets) & set(tensors) if tuple(tensors[k].shape) != targets[k][1])
+    if missing or unexpected or misshaped:
+        raise CheckpointError(
+            f"{folder / PEFT_TENSORS} does not fit this model: missing keys {missing}, unexpected keys "
+            f"{unexpected}, mis-shaped keys {misshaped}"
+        )
+    model = install(model, wrappers, config)
+    with torch.no_grad():
+        for key, (target, _) in targets.items():
+            target.copy_(tensors[key].reshape(target.shape))
+    return model
+
+
+def _peft_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """The adapted paths as PEFT's ``target_modules``. PEFT, like rankwise, also selects every path
+    that ends in ``.<name>``; where that would catch a layer we did not adapt ('1.0' for '0'), a
+    regular expression (PEFT matches a string against the whole path) selects exactly ours."""
+    adapted, inside = set(paths), tuple(f"{path}." for path in paths)  # inside: a wrapper's own children
+    others = [name for name, _ in model.named_modules() if name not in adapted and not name.startswith(inside)]
+    if any(name.endswith(f".{path}") for name in others for path in paths):
+        return "|".join(re.escape(path) for path in paths)
+    return paths
+
+
+def _write_patterns(fmt: PeftFormat, config: AdapterConfig, layers: list[tuple[str, Adapted]]) -> dict[str, Any]:
+    """PEFT's default and ``{path: value}`` overrides for each per-layer field.
+
+    Raises:
+        ValueError: a layer differs in a field PEFT has no pattern for, or PEFT would resolve a
+            path to another layer's value.
+    """
+    expressible = {p.field for p in fmt.patterns}
+    for path, layer in layers:
+        other = sorted(set(module_overrides(layer)) - expressible)
+        if other:
+            raise ValueError(f"'{path}' differs from the shared config in {other}; PEFT's {fmt.peft_type} can vary "
+                             f"only {sorted(expressible)} per layer")
+    fields: dict[str, Any] = {}
+    for p in fmt.patterns:
+        values = {path: p.value(layer) for path, layer in layers}
+        default = getattr(config, p.field)
+        if default is None:  # a per-layer rule (C3A's gcd): the commonest value is the default
+            default = Counter(values.values()).most_common(1)[0][0]
+        pattern = {path: value for path, value in values.items() if value != default}
+        wrong = [path for path, value in values.items() if _resolve(pattern, path, p.key_regex, default) != value]
+        if wrong:
+            raise ValueError(f"PEFT's {p.peft_pattern} {pattern} cannot give {wrong} their own {p.field}: "
+                             f"PEFT would read another layer's key for them")
+        fields[p.peft_field], fields[p.peft_pattern] = default, pattern
+    return fields
+
+
+def _resolve(pattern: dict[str, Any], path: str, key_regex: str, default: Any = None) -> Any:
+    """PEFT's value for ``path``: the first key whose regex matches, else the exact path, else ``default``."""
+    key = next((k for k in pattern if re.match(key_regex.format(k), path)), path)
+    return pattern.get(key, default)
+
+
+def _plain(value: Any) -> Any:
+    return None if value in ({}, []) else value
+
+
+def _format_of(meta: dict[str, Any], folder: Path) -> PeftFormat:
+    peft_type = meta.get("peft_type")
+    candidates = [f for f in FORMATS.values() if f.peft_type == peft_type]
+    if not candidates:
+        known = sorted({f.peft_type for f in FORMATS.values()})
+        raise CheckpointError(f"{folder}: PEFT type {peft_type!r} is not supported; rankwise reads {known}")
+    for fmt in candidates:
+        if all(_plain(meta.get(k)) in values for k, values in fmt.variant.items()):
+            return fmt
+    found = {k: meta.get(k) for f in candidates for k in f.variant}
+    allowed = {f.config_class.method: f.variant for f in candidates}
+    raise CheckpointError(f"{folder}: PEFT {peft_type} with {found} has no rankwise form; rankwise reads {allowed}")
+
+
+def _config_from_peft(fmt: PeftFormat, meta: dict[str, Any], folder: Path) -> AdapterConfig:
+    modelled = {**_ANY_TYPE, **fmt.refused}
+    unsupported = {k: meta[k] for k, values in modelled.items() if _plain(meta.get(k, values[0])) not in values}
+    if unsupported:
+        raise CheckpointError(f"{folder}: PEFT options rankwise does not model: {unsupported}")
+    targets = meta.get("target_modules")
+    # PEFT reads a string as a regular expression matched against the whole path, a list as names.
+    targets = f"re:{targets}" if isinstance(targets, str) else tuple(targets or ())
+    try:
+        return fmt.config_class(**fmt.read(meta), targets=targets, trainable=tuple(meta.get("modules_to_save") or ()))
+    except KeyError as error:
+        raise CheckpointError(f"{folder / PEFT_CONFIG}: {fmt.peft_type} field {error} is missing") from None
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{folder / PEFT_CONFIG}: {error}") from None
+
+
+def _layer_config(fmt: PeftFormat, config: AdapterConfig, meta: dict[str, Any], path: str) -> AdapterConfig:
+    """The layer's own config: PEFT's ``*_pattern`` values for ``path``, resolved as PEFT does."""
+    changes = {}
+    for p in fmt.patterns:
+        value = _resolve(meta.get(p.peft_pattern) or {}, path, p.key_regex)
+        if value is not None:
+            changes[p.field] = p.cast(value)
+    return type(config).from_dict({**config.to_dict(), **changes}) if changes else config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
