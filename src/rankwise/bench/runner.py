@@ -1,0 +1,538 @@
+"""The benchmark runner: tasks × recipes × seeds at one trainable-parameter budget, resumable.
+
+A *recipe* is how one row of the results is trained. The default recipe of a registered method is
+its config sized to the budget (:mod:`rankwise.bench.budget`), ``rankwise.adapt`` and AdamW. Other
+recipes change the optimizer (LoRA-Pro, LoRA+), drive the adapters with a rank allocator
+(AdaLoRA, ElaLoRA, ARD-LoRA) or initialize them from data (GoRA); two references bracket every
+task: ``frozen`` (only the task head trains) and ``full`` (every parameter trains).
+
+Learning rates: each recipe starts from its config's ``recommended_lr`` (the references from
+``HEAD_LR`` and the task's ``full_lr``). With more than one ``lr_factors`` the first seed runs once
+per factor, the validation split picks the factor, and the remaining seeds run at it; the test
+split is evaluated on chosen runs only, so it never informs a choice.
+
+Every finished run is appended to ``results.csv`` at once (a learning-rate sweep when the whole
+sweep is done), so a run that is interrupted resumes where it stopped when called again with the
+same ``--out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import rankwise as rw
+
+from ..allocate import AdaLoRA, ARDLoRA, ElaLoRA, RankAllocator, gora
+from ..core import registry
+from ..core.config import AdapterConfig
+from . import report
+from .budget import Sizing, default_budget, size_to_budget
+from .tasks import METRICS, TASKS, AssetMissing, Sizes, Task
+
+HEAD_LR = 1e-3  # Adam's usual rate for a linear probe
+WEIGHT_DECAY = 0.0  # decay pulls an adapter toward the base model and DoRA's magnitude toward zero
+GRAD_CLIP = 1.0
+WARMUP = 0.1  # fraction of steps with a linear warm-up; then linear decay to zero
+GORA_BATCHES = 8  # GoRA's gradient batches; the official scripts use 32 or 64 for far longer runs
+RESULTS = "results.csv"
+SETTINGS = "settings.json"
+
+OptimizerFactory = Callable[[nn.Module, float], torch.optim.Optimizer]
+AllocatorFactory = Callable[..., RankAllocator]  # called as factory(model, total_steps=steps)
+Initializer = Callable[[nn.Module, Task, int, torch.device], None]  # (model, task, seed, device)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each trainable parameter once (tied weights are one parameter)."""
+    return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: the default recipe's optimizer."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=WEIGHT_DECAY)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one benchmark row is trained.
+
+    Args:
+        name: the row's name; a registry method's name for its default recipe.
+        summary: one line for listings.
+        method: the registry method whose config is sized to the budget and given to
+            ``rankwise.adapt``; ``None`` for a reference, which adapts nothing.
+        optimizer: builds the optimizer from the prepared model and the learning rate.
+        allocator: a rank allocator driving the adapters during training (its penalty is added to
+            the loss; its ``step`` runs after each optimizer step).
+        initialize: runs on the adapted model before the optimizer is built (GoRA's
+            gradient-driven ranks and init); its time counts as training time.
+        reference: for a reference, what trains: ``"head"`` (the task head) or ``"all"``.
+        lr_from: where the starting learning rate comes from: ``"method"`` (the config's
+            ``recommended_lr``), ``"head"`` (``HEAD_LR``) or ``"full"`` (the task's full
+            fine-tuning rate).
+    """
+
+    name: str
+    summary: str
+    method: str | None = None
+    optimizer: OptimizerFactory = adamw
+    allocator: AllocatorFactory | None = None
+    initialize: Initializer | None = None
+    reference: Literal["head", "all"] | None = None
+    lr_from: Literal["method", "head", "full"] = "method"
+    # Adjusts the budget-sized config to the task (e.g. a schedule measured in optimizer steps).
+    configure: Callable[[AdapterConfig, Task], AdapterConfig] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.method is None) == (self.reference is None):
+            raise ValueError(f"recipe {self.name!r}: give exactly one of method and reference")
+        if self.method is None and self.lr_from == "method":
+            raise ValueError(f"recipe {self.name!r}: a reference has no method to take a learning rate from")
+
+    def base_lr(self, task: Task) -> float:
+        if self.lr_from == "method":
+            return registry.get(self.method).config_class.recommended_lr
+        return HEAD_LR if self.lr_from == "head" else task.full_lr
+
+    def trains(self, task: Task) -> bool:
+        """Whether anything trains (the frozen reference of a task without a head trains nothing)."""
+        return self.reference != "head" or bool(task.head)
+
+    def prepare(self, model: nn.Module, task: Task, config: AdapterConfig | None) -> nn.Module:
+        """Adapt ``model`` (or set which parameters train, for a reference)."""
+        if self.method is not None:
+            return rw.adapt(model, config)
+        model.requires_grad_(self.reference == "all")
+        for path in task.head:
+            model.get_submodule(path).requires_grad_(True)
+        return model
+
+
+def _lora_pro(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return rw.optim.LoRAPro(model, lr=lr, weight_decay=WEIGHT_DECAY)
+
+
+def _lora_plus(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return rw.optim.LoRAPlus(model, lr=lr, weight_decay=WEIGHT_DECAY)  # B at 16 × lr, the paper's ratio
+
+
+def _gora(model: nn.Module, task: Task, seed: int, device: torch.device) -> None:
+    # GoRA's default budget is uniform LoRA at the config's rank: the budget the config was sized to.
+    generator = torch.Generator().manual_seed(seed)
+    indices = _batch_indices(task.num_examples("train"), task.sizes.batch_size, GORA_BATCHES, generator)
+    gora(model, [task.batch("train", index, device) for index in indices], loss_fn=task.loss, seed=seed)
+
+
+def _singlora_ramp(config: AdapterConfig, task: Task) -> AdapterConfig:
+    # SingLoRA's ramp u(t) defaults to 1000 steps (peft-singlora); in a run of a few dozen steps the
+    # adapter would stay near zero. The spec recommends a ramp of about 10% of the optimizer steps.
+    return dataclasses.replace(config, ramp_steps=max(1, task.sizes.steps // 10))
+
+
+def recipes() -> dict[str, Recipe]:
+    """Every benchmark row: each registered method's default recipe (the rank allocators' methods
+    with their allocator), the optimizer recipes, then the two references. Read at call time, so
+    methods registered later appear."""
+    table = {name: Recipe(name, registry.get(name).summary, method=name) for name in rw.methods()}
+    # An allocator's adapter is registered under the allocator's own name (one name everywhere);
+    # without its allocator it would be a fixed-rank adapter.
+    for name, allocator in (("adalora", AdaLoRA), ("elalora", ElaLoRA), ("ard_lora", ARDLoRA)):
+        table[name] = dataclasses.replace(table[name], allocator=allocator)
+    table["gora"] = dataclasses.replace(table["gora"], initialize=_gora)
+    table["singlora"] = dataclasses.replace(table["singlora"], configure=_singlora_ramp)
+    # LoRA-Pro makes LoRA's step approximate a full-fine-tuning AdamW step, so it starts from the
+    # full fine-tuning rate (the paper uses 2e-5 on Llama-2-7B, a full fine-tuning rate).
+    table["lora-pro"] = Recipe("lora-pro", "LoRA trained by LoRA-Pro (full-gradient approximation)",
+                               method="lora", optimizer=_lora_pro, lr_from="full")
+    table["lora-plus"] = Recipe("lora-plus", "LoRA with B's learning rate 16x A's (LoRA+)",
+                                method="lora", optimizer=_lora_plus)
+    table["frozen"] = Recipe("frozen", "reference: the pretrained model frozen, only the (linear-probed) head trains",
+                             reference="head", lr_from="head")
+    table["full"] = Recipe("full", "reference: full fine-tuning, every parameter trains", reference="all",
+                           lr_from="full")
+    return table
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named benchmark configuration.
+
+    Args:
+        tasks: tasks run when none are selected.
+        seeds: run seeds when none are selected.
+        lr_factors: multiples of each recipe's starting learning rate; more than one means a sweep
+            on the first seed, chosen on the validation split.
+        sizes: data, sequence length and steps per task (every task, so any can be selected).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    lr_factors: tuple[float, ...]
+    sizes: dict[str, Sizes] = field(hash=False)
+
+
+PRESETS: dict[str, Preset] = {
+    # All methods on one task, one seed, short tweets: README's first command and the CI smoke test.
+    "quick": Preset(
+        "quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,),
+        sizes={
+            "tweets": Sizes(train=384, val=64, test=320, length=40, steps=24, batch_size=16, probe=384),
+            "r8": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
+            "friends": Sizes(train=40, val=8, test=16, length=64, steps=10, batch_size=4, eval_batch_size=8),
+            "fashion": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
+            "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
+        },
+    ),
+    # About 75 minutes on 2 CPU cores with the 19 recipes of now (per-recipe costs measured in
+    # docs/benchmarks.md). Each run sees its training subset once (train = steps × batch_size).
+    "full": Preset(
+        "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
+        sizes={
+            "tweets": Sizes(train=384, val=128, test=512, length=40, steps=24, batch_size=16),
+            "r8": Sizes(train=320, val=128, test=512, length=48, steps=20, batch_size=16),
+            "friends": Sizes(train=40, val=12, test=24, length=64, steps=10, batch_size=4, eval_batch_size=12),
+            "fashion": Sizes(train=512, val=256, test=800, length=64, steps=32, batch_size=16),
+            "synthetic": Sizes(train=1600, val=256, test=512, length=1, steps=100, batch_size=16),
+        },
+    ),
+}
+
+FIELDS = (
+    "task", "method", "seed", "lr", "lr_factor", "selected", "status", "note", "size", "budget",
+    "adapter_params", "trainable_params", "budget_matched", "steps", "final_train_loss",
+    *(f"val_{m}" for m in METRICS), *(f"test_{m}" for m in METRICS),
+    "train_time_s", "peak_memory_mb", "memory",
+)
+
+
+@dataclass
+class Trained:
+    """One finished training run."""
+
+    model: nn.Module
+    losses: list[float]
+    seconds: float
+    peak_mb: float
+    memory: str
+    trainable: int
+    adapter: int  # trainable parameters outside the task head
+    diverged_at: int | None
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
+    """Measure the peak memory of the block; the dict gets ``mb`` and ``source`` on exit.
+
+    Sources: ``cuda-allocated`` (``torch.cuda.max_memory_allocated``); on Linux CPU
+    ``rss-hwm``, the process's resident-set high-water mark reset at the start
+    (``/proc/self/clear_refs``); elsewhere ``rss-process-peak``, the peak since the process
+    started (``resource.getrusage``), an upper bound. CPU figures are the whole process, so they
+    include the pretrained model kept for the next run, the same for every row of a task.
+    """
+    result: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif platform.system() == "Linux":
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+    yield result
+    if device.type == "cuda":
+        result.update(mb=torch.cuda.max_memory_allocated(device) / 2**20, source="cuda-allocated")
+    elif platform.system() == "Linux":
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        result.update(mb=int(status["VmHWM"].split()[0]) / 1024, source="rss-hwm")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
+        result.update(mb=peak / 2**20 if platform.system() == "Darwin" else peak / 1024, source="rss-process-peak")
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: linear warm-up, then linear decay to zero."""
+    warmup = max(1, round(WARMUP * steps))
+    return lambda step: (step + 1) / warmup if step < warmup else (steps - step) / max(1, steps - warmup)
+
+
+def _batch_indices(examples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` batches, reshuffling at each pass over the data."""
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(examples, generator=generator)])
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _count(model: nn.Module, task: Task, params: list[nn.Parameter]) -> tuple[int, int]:
+    """(trainable parameters, those outside the task head)."""
+    head = {id(p) for path in task.head for p in model.get_submodule(path).parameters()}
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) not in head)
+
+
+def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, lr: float,
+          device: torch.device) -> Trained:
+    """One run: a fresh model, prepared by ``recipe``, trained for ``task.sizes.steps`` steps."""
+    steps = task.sizes.steps
+    with peak_memory(device) as memory:
+        torch.manual_seed(seed)  # the adapter's init and dropout
+        model = recipe.prepare(task.model(), task, config).to(device)
+        task.train_mode(model)
+        losses: list[float] = []
+        diverged_at = None
+        start = time.perf_counter()
+        if recipe.initialize is not None:
+            recipe.initialize(model, task, seed, device)
+        params = trainable_parameters(model)  # after initialize: GoRA replaces the adapters
+        trainable, adapter = _count(model, task, params)
+        if params:
+            optimizer = recipe.optimizer(model, lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+            allocator = recipe.allocator(model, total_steps=steps) if recipe.allocator is not None else None
+            generator = torch.Generator().manual_seed(seed)
+            batches = _batch_indices(task.num_examples("train"), task.sizes.batch_size, steps, generator)
+            for step, index in enumerate(batches):
+                loss = task.loss(model, task.batch("train", index, device))
+                if not torch.isfinite(loss):
+                    diverged_at = step
+                    break
+                objective = loss + allocator.penalty() if allocator is not None and allocator.has_penalty else loss
+                objective.backward()
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+                optimizer.step()
+                # The allocator reads this step's gradients, so it runs before zero_grad.
+                if allocator is not None and allocator.step(optimizer):
+                    params = trainable_parameters(model)  # it replaced the resized parameters
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                rw.step(model)  # advances the per-step schedules of methods that have one (SingLoRA)
+                losses.append(loss.item())
+        seconds = time.perf_counter() - start
+    return Trained(model=model, losses=losses, seconds=seconds, peak_mb=memory["mb"], memory=memory["source"],
+                   trainable=trainable, adapter=adapter, diverged_at=diverged_at)
+
+
+def _row(task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: int, factor: float,
+         lr: float, run: Trained) -> dict[str, Any]:
+    tail = run.losses[-max(1, len(run.losses) // 10):]
+    row = dict.fromkeys(FIELDS, "")
+    row.update(
+        task=task.name, method=recipe.name, seed=seed, lr=f"{lr:.3g}" if run.trainable else "-",
+        lr_factor=f"{factor:.4g}", selected="no",
+        status="ok" if run.diverged_at is None else "diverged",
+        note="" if run.diverged_at is None else f"non-finite loss at step {run.diverged_at}",
+        size=sizing.label if sizing else "-", budget=budget, adapter_params=run.adapter,
+        trainable_params=run.trainable, budget_matched=("yes" if sizing.matched else "no") if sizing else "n/a",
+        steps=len(run.losses), final_train_loss=f"{sum(tail) / len(tail):.4f}" if tail else "",
+        train_time_s=f"{run.seconds:.2f}", peak_memory_mb=f"{run.peak_mb:.0f}", memory=run.memory,
+    )
+    return row
+
+
+def _add_metrics(row: dict[str, Any], split: str, metrics: dict[str, float]) -> None:
+    row.update({f"{split}_{name}": f"{value:.6g}" for name, value in metrics.items()})
+
+
+def _factor(factors: tuple[float, ...], row: dict[str, Any]) -> float:
+    """The factor of ``factors`` a row was run with (rows store it rounded)."""
+    return next(f for f in factors if f"{f:.4g}" == row["lr_factor"])
+
+
+def _score(task: Task, row: dict[str, Any]) -> float:
+    """Higher is better; a diverged or non-finite run ranks last."""
+    value = float(row[f"val_{task.primary}"])
+    if row["status"] != "ok" or not math.isfinite(value):
+        return -math.inf
+    return value if task.higher_is_better else -value
+
+
+class Results:
+    """``results.csv`` and ``curves.jsonl`` in a folder: rows read back for resuming, new ones
+    appended and flushed as runs finish."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / RESULTS
+        self.rows: list[dict[str, str]] = []
+        if self.path.is_file():
+            with self.path.open(newline="") as file:
+                reader = csv.DictReader(file)
+                if tuple(reader.fieldnames or ()) != FIELDS:
+                    raise ValueError(f"{self.path} has columns {reader.fieldnames}, expected {list(FIELDS)}")
+                self.rows = list(reader)
+
+    def find(self, task: str, method: str, seed: int | None = None,
+             factor: float | None = None) -> list[dict[str, str]]:
+        """The rows of ``task`` and ``method``, optionally of one seed and learning-rate factor."""
+        return [
+            row for row in self.rows
+            if row["task"] == task and row["method"] == method
+            and (seed is None or row["seed"] == str(seed))
+            and (factor is None or row["lr_factor"] == f"{factor:.4g}")
+        ]
+
+    def add(self, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> None:
+        new = not self.path.is_file()
+        with self.path.open("a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        with (self.folder / report.CURVES).open("a") as file:
+            file.writelines(json.dumps(curve) + "\n" for curve in curves)
+        self.rows.extend({k: str(v) for k, v in row.items()} for row in rows)
+
+
+def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix runs of different settings in one folder; record them for a fresh one."""
+    path = folder / SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+            raise ValueError(f"{folder} holds results made with other settings ({changed}); use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = None,
+              methods: Iterable[str] | None = None, seeds: Iterable[int] | None = None, budget: int | None = None,
+              device: str = "cpu", progress: bool = True) -> Path:
+    """Run (or resume) a benchmark and write its results, report and plots to ``out``.
+
+    Args:
+        out: the results folder; runs already in its ``results.csv`` are not run again.
+        preset: sizes, seeds and learning-rate factors.
+        tasks: task names (default: the preset's).
+        methods: recipe names (default: all of :func:`recipes`).
+        seeds: run seeds (default: the preset's).
+        budget: adapter parameters per task (default: LoRA at rank 8 on the task's targets).
+        device: where to train (``"cpu"``, ``"cuda"``).
+        progress: show a progress bar.
+
+    Returns:
+        ``out``, holding ``results.csv``, ``curves.jsonl``, ``results.md`` and PNG plots.
+
+    Raises:
+        ValueError: an unknown task or method, or ``out`` holds results of other settings.
+    """
+    table = recipes()
+    task_names = tuple(tasks or preset.tasks)
+    method_names = tuple(methods or table)
+    seed_list = tuple(preset.seeds if seeds is None else seeds)
+    unknown = [t for t in task_names if t not in preset.sizes] + [m for m in method_names if m not in table]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; tasks: {sorted(preset.sizes)}; methods: {list(table)}")
+    if not seed_list:
+        raise ValueError("give at least one seed")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_settings(folder, {
+        "preset": preset.name, "lr_factors": list(preset.lr_factors), "budget": budget,
+        "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
+    })
+    results = Results(folder)
+    per_method = _runs_per_recipe(preset.lr_factors, seed_list)
+    bar = tqdm(total=len(task_names) * len(method_names) * per_method, disable=not progress, unit="run")
+    torch_device = torch.device(device)
+    for task_name in task_names:
+        task = TASKS[task_name](preset.sizes[task_name])
+        try:
+            task.prepare()
+        except AssetMissing as missing:
+            bar.write(f"skipping task {task_name}: {missing}")
+            bar.update(len(method_names) * per_method)
+            continue
+        task_budget = budget or default_budget(task.pretrained, task.targets, task.head)
+        for name in method_names:
+            bar.set_description(f"{task_name} {name}")
+            _run_recipe(task, table[name], task_budget, seed_list, preset.lr_factors, results, torch_device, bar)
+        report.write(folder, results.rows, TASKS)
+        del task  # the next task's model replaces this one in memory
+    bar.close()
+    report.write(folder, results.rows, TASKS)
+    return folder
+
+
+def _runs_per_recipe(factors: tuple[float, ...], seeds: tuple[int, ...]) -> int:
+    """A sweep on the first seed, then one run per other seed; one run per seed without a sweep."""
+    return len(factors) + len(seeds) - 1 if len(factors) > 1 else len(seeds)
+
+
+def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...], factors: tuple[float, ...],
+                results: Results, device: torch.device, bar: Any) -> None:
+    planned = _runs_per_recipe(factors, seeds)
+    if any(row["status"] == "unsupported" for row in results.find(task.name, recipe.name)):
+        bar.update(planned)
+        return
+    sizing = None
+    if recipe.method is not None:
+        try:
+            sizing = size_to_budget(task.pretrained, recipe.method, budget, targets=task.targets, trainable=task.head)
+        except (ValueError, TypeError) as error:  # the method cannot adapt this task's layers
+            row = dict.fromkeys(FIELDS, "")
+            row.update(task=task.name, method=recipe.name, status="unsupported", note=str(error), budget=budget)
+            results.add([row], [])
+            bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")
+            bar.update(planned)
+            return
+    config = sizing.config if sizing else None
+    if config is not None and recipe.configure is not None:
+        config = recipe.configure(config, task)
+    base_lr = recipe.base_lr(task)
+
+    def run(seed: int, factor: float, splits: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Trained]:
+        lr = base_lr * factor
+        trained = train(task, recipe, config, seed, lr, device)
+        row = _row(task, recipe, sizing, budget, seed, factor, lr, trained)
+        for split in splits:
+            _add_metrics(row, split, task.evaluate(trained.model, split, device))
+        curve = {"task": task.name, "method": recipe.name, "seed": seed, "lr_factor": row["lr_factor"],
+                 "losses": trained.losses}
+        return row, curve, trained
+
+    chosen = 1.0
+    remaining = list(seeds)
+    if len(factors) > 1 and recipe.trains(task):
+        first = remaining.pop(0)
+        done = results.find(task.name, recipe.name, first)
+        if done:
+            chosen = _factor(factors, next(row for row in done if row["selected"] == "yes"))
+            bar.update(len(factors))
+        else:
+            rows, curves, best = [], [], None
+            for factor in factors:
+                row, curve, trained = run(first, factor, ("val",))
+                rows.append(row)
+                curves.append(curve)
+                if best is None or _score(task, row) > _score(task, best[0]):
+                    best = (row, trained)  # only the best model is kept: the LM's are 0.5 GB each
+                bar.update(1)
+            best_row, best_run = best
+            best_row["selected"] = "yes"
+            _add_metrics(best_row, "test", task.evaluate(best_run.model, "test", device))
+            chosen = _factor(factors, best_row)
+            results.add(rows, curves)
+    elif len(factors) > 1:
+        bar.update(len(factors) - 1)  # nothing trains, so there is no learning rate to choose
+    else:
+        chosen = factors[0]
+    for seed in remaining:
+        if not results.find(task.name, recipe.name, seed, chosen):
+            row, curve, _ = run(seed, chosen, ("test",))
+            row["selected"] = "yes"
+            results.add([row], [curve])
+        bar.update(1)

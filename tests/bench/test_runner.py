@@ -1,0 +1,259 @@
+"""The runner's machinery on the built-in synthetic task: rows, sweep, resume, skips, report files."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise as rw
+from rankwise.bench import runner
+from rankwise.bench.budget import default_budget
+from rankwise.bench.tasks import TASKS, AssetMissing, Friends, Sizes, Synthetic, Task
+
+MakePreset = Callable[..., runner.Preset]
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "results.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _by_method(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {row["method"]: row for row in rows}
+
+
+def test_one_selected_row_per_method_with_counts_metrics_report_and_plots(
+    tmp_path: Path, tiny: Sizes, make_preset: MakePreset
+) -> None:
+    runner.run_bench(tmp_path, make_preset(), methods=("lora", "frozen", "full"), progress=False)
+    rows = _by_method(_rows(tmp_path))
+    assert set(rows) == {"lora", "frozen", "full"}
+    task = Synthetic(tiny)
+    task.prepare()
+    budget = default_budget(task.pretrained, task.targets, task.head)
+    head = 32 * 4 + 4
+    assert rows["lora"]["adapter_params"] == str(budget) and rows["lora"]["budget_matched"] == "yes"
+    assert rows["lora"]["trainable_params"] == str(budget + head)
+    assert (rows["frozen"]["adapter_params"], rows["frozen"]["trainable_params"]) == ("0", str(head))
+    assert rows["full"]["adapter_params"] == str(2 * (32 * 32 + 32))
+    for row in rows.values():
+        assert (row["selected"], row["status"], row["steps"], row["seed"]) == ("yes", "ok", str(tiny.steps), "0")
+        assert 0 <= float(row["test_accuracy"]) <= 1 and 0 <= float(row["test_macro_f1"]) <= 1
+        assert row["val_accuracy"] == ""  # one learning rate: nothing to choose, no validation pass
+        assert float(row["train_time_s"]) >= 0 and float(row["peak_memory_mb"]) > 0
+    report = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in report for name in rows)
+    for plot in ("synthetic_metric_vs_params.png", "synthetic_loss.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    assert sorted(c["method"] for c in curves) == ["frozen", "full", "lora"]
+    assert all(len(c["losses"]) == tiny.steps for c in curves)
+
+
+def test_every_registered_method_and_the_special_recipes_have_a_row() -> None:
+    table = runner.recipes()
+    assert set(rw.methods()) <= set(table)
+    assert {"lora-pro", "lora-plus", "frozen", "full"} <= set(table)
+    assert table["adalora"].allocator is not None and table["gora"].initialize is not None
+
+
+def test_the_sweep_picks_the_best_validation_factor_and_later_seeds_use_it(
+    tmp_path: Path, make_preset: MakePreset
+) -> None:
+    preset = make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0))
+    runner.run_bench(tmp_path, preset, methods=("full",), progress=False)
+    rows = _rows(tmp_path)
+    sweep = [row for row in rows if row["seed"] == "0"]
+    assert sorted(row["lr_factor"] for row in sweep) == ["0.01", "1", "10"]
+    assert all(row["val_accuracy"] for row in sweep)
+    (chosen,) = [row for row in sweep if row["selected"] == "yes"]
+    assert float(chosen["val_accuracy"]) == max(float(row["val_accuracy"]) for row in sweep)
+    assert chosen["test_accuracy"] and not any(row["test_accuracy"] for row in sweep if row is not chosen)
+    (later,) = [row for row in rows if row["seed"] == "1"]
+    assert (later["lr_factor"], later["selected"]) == (chosen["lr_factor"], "yes") and later["test_accuracy"]
+
+
+def test_a_second_call_runs_only_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset
+) -> None:
+    runner.run_bench(tmp_path, make_preset(), methods=("lora", "full"), progress=False)
+    calls = []
+    train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *args, **kwargs: calls.append(args[1].name) or train(*args, **kwargs))
+    runner.run_bench(tmp_path, make_preset(), methods=("lora", "full"), seeds=(0, 1), progress=False)
+    assert sorted(calls) == ["full", "lora"]
+    rows = _rows(tmp_path)
+    runs = sorted((row["method"], row["seed"]) for row in rows)
+    assert runs == [("full", "0"), ("full", "1"), ("lora", "0"), ("lora", "1")]
+
+
+def test_an_interrupted_run_resumes_from_the_rows_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset
+) -> None:
+    train = runner.train
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_bench(tmp_path, make_preset(), methods=("lora", "frozen", "full"), progress=False)
+    assert [row["method"] for row in _rows(tmp_path)] == ["lora"]
+    monkeypatch.setattr(runner, "train", train)
+    runner.run_bench(tmp_path, make_preset(), methods=("lora", "frozen", "full"), progress=False)
+    assert [row["method"] for row in _rows(tmp_path)] == ["lora", "frozen", "full"]
+
+
+def test_results_of_other_settings_are_not_mixed(tmp_path: Path, tiny: Sizes, make_preset: MakePreset) -> None:
+    runner.run_bench(tmp_path, make_preset(), methods=("frozen",), progress=False)
+    longer = make_preset(sizes=dataclasses.replace(tiny, steps=7))
+    with pytest.raises(ValueError, match="other settings.*sizes"):
+        runner.run_bench(tmp_path, longer, methods=("frozen",), progress=False)
+
+
+def test_a_method_that_cannot_adapt_the_task_is_recorded_and_listed(
+    tmp_path: Path, fake_methods: dict[str, str], make_preset: MakePreset
+) -> None:
+    runner.run_bench(tmp_path, make_preset(), methods=(fake_methods["conv_only"],), progress=False)
+    (row,) = _rows(tmp_path)
+    assert row["status"] == "unsupported" and "does not support" in row["note"] and not row["test_accuracy"]
+    assert f"- {fake_methods['conv_only']}: " in (tmp_path / "results.md").read_text()
+
+
+def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+, tiny: Sizes) -> None:
+    class Missing(Synthetic):
+        name = "missing"
+
+        def _load(self):
+            raise AssetMissing("the data is not installed: pip install some-data")
+
+    monkeypatch.setitem(TASKS, "missing", Missing)
+    preset = runner.Preset("test", tasks=("missing",), seeds=(0,), lr_factors=(1.0,), sizes={"missing": tiny})
+    runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
+    assert "skipping task missing: the data is not installed: pip install some-data" in capsys.readouterr().out
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_marks_it_diverged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset
+) -> None:
+    class Exploding(Synthetic):
+        calls = 0
+
+        def loss(self, model, batch):
+            Exploding.calls += 1
+            loss = super().loss(model, batch)
+            return loss * float("nan") if Exploding.calls > 2 else loss
+
+    monkeypatch.setitem(TASKS, "synthetic", Exploding)
+    runner.run_bench(tmp_path, make_preset(), methods=("lora",), progress=False)
+    (row,) = _rows(tmp_path)
+    assert (row["status"], row["steps"], row["note"]) == ("diverged", "2", "non-finite loss at step 2")
+
+
+def test_training_steps_the_model_after_every_optimizer_step(monkeypatch: pytest.MonkeyPatch, tiny: Sizes) -> None:
+    task = Synthetic(tiny)
+    task.prepare()
+    stepped = []
+    monkeypatch.setattr(rw, "step", lambda model: stepped.append(model))
+    recipe = runner.recipes()["lora"]
+    config = rw.make_config("lora", rank=2, targets=task.targets, trainable=task.head)
+    trained = runner.train(task, recipe, config, 0, 1e-2, torch.device("cpu"))
+    assert len(stepped) == tiny.steps and all(model is trained.model for model in stepped)
+    assert len(trained.losses) == tiny.steps
+
+
+def test_the_frozen_reference_trains_only_the_head_and_full_trains_everything(tiny: Sizes) -> None:
+    task = Synthetic(tiny)
+    task.prepare()
+    table = runner.recipes()
+    before = task.pretrained.state_dict()
+    frozen = runner.train(task, table["frozen"], None, 0, 1e-2, torch.device("cpu")).model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], frozen[k])}
+    assert changed == {"head.weight", "head.bias"}
+    full = runner.train(task, table["full"], None, 0, 1e-2, torch.device("cpu")).model.state_dict()
+    assert all(not torch.equal(before[k], full[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["adalora", "elalora", "ard_lora", "gora", "lora-pro", "lora-plus", "singlora"])
+def test_the_special_recipes_train(name: str, tiny: Sizes) -> None:
+    task = Synthetic(dataclasses.replace(tiny, steps=12))
+    task.prepare()
+    recipe = runner.recipes()[name]
+    sizing = runner.size_to_budget(task.pretrained, recipe.method, 512, targets=task.targets, trainable=task.head)
+    trained = runner.train(task, recipe, sizing.config, 0, recipe.base_lr(task), torch.device("cpu"))
+    assert trained.diverged_at is None and len(trained.losses) == 12
+    assert trained.adapter > 0
+
+
+def test_selection_prefers_lower_perplexity_higher_accuracy_and_ranks_a_diverged_run_last() -> None:
+    def row(metric: str, value: float, status: str = "ok") -> dict[str, str]:
+        return {f"val_{metric}": str(value), "status": status}
+
+    assert runner._score(Friends, row("perplexity", 20.0)) > runner._score(Friends, row("perplexity", 30.0))
+    assert runner._score(Friends, row("perplexity", 10.0, "diverged")) < runner._score(Friends, row("perplexity", 1e6))
+    assert runner._score(Synthetic, row("accuracy", 0.9)) > runner._score(Synthetic, row("accuracy", 0.8))
+
+
+class TinyLM(Task):
+    """A task without a head, scored by perplexity: the shape of the language-model task."""
+
+    name = "tiny-lm"
+    description = "random tokens; an embedding and a linear layer"
+    metrics = ("perplexity",)
+    primary = "perplexity"
+    higher_is_better = False
+    targets = ("1",)
+    full_lr = 1e-2
+
+    def _load(self):
+        generator = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+        s = self.sizes
+        data = {split: {"ids": torch.randint(0, 10, (getattr(s, split), 6), generator=generator)}
+                for split in ("train", "val", "test")}
+        return model, data
+
+    def loss(self, model, batch):
+        logits = model(batch["ids"][:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 10), batch["ids"][:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model, split, device="cpu"):
+        model.eval()
+        losses = [self.loss(model, batch).item() for batch in self.eval_batches(split, device)]
+        return {"perplexity": float(torch.tensor(losses).mean().exp())}
+
+
+def test_without_a_head_the_frozen_row_trains_nothing_and_is_the_model_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes
+) -> None:
+    monkeypatch.setitem(TASKS, "tiny-lm", TinyLM)
+    preset = runner.Preset("test", tasks=("tiny-lm",), seeds=(0, 1), lr_factors=(0.5, 1.0, 2.0),
+                           sizes={"tiny-lm": tiny})
+    runner.run_bench(tmp_path, preset, methods=("lora", "frozen"), progress=False)
+    rows = _rows(tmp_path)
+    frozen = [row for row in rows if row["method"] == "frozen"]
+    assert [(row["seed"], row["lr_factor"], row["steps"], row["trainable_params"]) for row in frozen] == [
+        ("0", "1", "0", "0"), ("1", "1", "0", "0")]
+    task = TinyLM(tiny)
+    task.prepare()
+    before = task.evaluate(task.pretrained, "test")["perplexity"]
+    assert all(float(row["test_perplexity"]) == pytest.approx(before) for row in frozen)
+    assert len([row for row in rows if row["method"] == "lora"]) == 4
+    assert "| frozen |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "tiny-lm_metric_vs_params.png").is_file()

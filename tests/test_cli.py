@@ -1,0 +1,90 @@
+"""``rankwise list | inspect | merge | bench`` on tiny models."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+import transformers
+from torch import nn
+
+import rankwise as rw
+from rankwise import cli
+from rankwise.core import registry
+
+
+def test_list_prints_every_method_with_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == rw.methods()
+    assert all(line.endswith(registry.get(line.split()[0]).summary) for line in lines)
+
+
+def test_inspect_shows_method_config_modules_and_parameter_count(
+    tmp_path: Path, mlp: nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = rw.adapt(mlp, rw.LoRAConfig(rank=4, targets=("layers.0", "layers.2"), trainable=("head",)))
+    rw.save_adapter(model, tmp_path)
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "method: lora" in out and "  rank: 4" in out and "modules: 2" in out
+    assert "layers.0" in out and "16 -> 32" in out and "layers.2" in out and "24 -> 8" in out
+    head = 8 * 3 + 3
+    assert f"adapter parameters: {rw.summary(model).trainable - head:,}" in out
+    assert f"trainable module head: {head:,} values saved" in out
+
+
+def test_inspect_of_a_folder_without_an_adapter_fails_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert "adapter_config.json does not exist" in capsys.readouterr().err
+
+
+def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_path: Path) -> None:
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = rw.adapt(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+                     rw.LoRAConfig(rank=2, targets=("c_attn", "c_fc")))
+    for name, parameter in model.named_parameters():
+        if name.endswith("delta.B"):  # B starts at zero; give the adapter something to merge
+            nn.init.normal_(parameter, std=0.1)
+    rw.save_adapter(model, tmp_path / "adapter")
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        unchanged = base(ids).logits
+
+    assert cli.main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "merged")]) == 0
+
+    with safetensors.safe_open(tmp_path / "merged" / "model.safetensors", framework="pt") as file:
+        merged_keys = set(file.keys())
+    with safetensors.safe_open(tmp_path / "base" / "model.safetensors", framework="pt") as file:
+        assert merged_keys == set(file.keys())
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        logits = merged(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, unchanged)
+
+
+def test_bench_runs_the_quick_preset_machinery_on_the_synthetic_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = cli.main(["bench", "--preset", "quick", "--tasks", "synthetic", "--methods", "lora", "frozen",
+                       "--out", str(tmp_path), "--no-progress"])
+    assert status == 0
+    assert "## synthetic" in capsys.readouterr().out
+    with (tmp_path / "results.csv").open(newline="") as file:
+        assert [row["method"] for row in csv.DictReader(file)] == ["lora", "frozen"]
+
+
+def test_bench_refuses_an_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["bench", "--tasks", "synthetic", "--methods", "nope", "--out", str(tmp_path), "--no-progress"])
+    assert status == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
