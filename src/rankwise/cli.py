@@ -80,6 +80,9 @@ def merge(args: argparse.Namespace) -> None:
     """``rankwise merge``: fold an adapter into a transformers model folder and save the result."""
     import transformers  # an optional dependency; only this command needs it
 
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"--out {args.out} exists and is not empty; choose a new folder (nothing was written)")
+
     config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
     if not config.architectures:
         raise ValueError(f"{args.model}/config.json names no architecture; save the model with save_pretrained")
