@@ -13,7 +13,6 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.core import registry
-from rankwise.core.inject import adapted_modules
 
 # Any width, or a multiple of 8 (block and group methods need a divisible width to be exercised).
 WIDTHS = st.one_of(st.integers(1, 48), st.integers(1, 8).map(lambda n: 8 * n))

@@ -17,6 +17,7 @@ from .version import __version__
 
 __all__ = [
     *adapters.__all__,
+    "adapters", "allocate", "compress", "decompose", "interop", "models", "optim",
     "Adapted",
     "AdapterConfig",
     "CheckpointError",

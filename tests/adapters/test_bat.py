@@ -15,6 +15,8 @@ from transformers.pytorch_utils import Conv1D
 import rankwise as rw
 from rankwise.core.inject import adapted_modules
 
+from _fit import fit
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -111,12 +113,5 @@ def test_learns_a_reachable_regression_target() -> None:
     x = torch.randn(256, 16)
     w0, bias = model[0].base.weight.detach(), model[0].base.bias.detach()
     y = x @ _dense_bat(w0, 0.3 * torch.randn(4, 4, 4)).T + bias  # a weight Bat can reach
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(60):
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=2e-2)
     assert losses[-1] < 0.05 * losses[0]

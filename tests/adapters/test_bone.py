@@ -15,6 +15,8 @@ from torch import nn
 import rankwise as rw
 from rankwise.core.inject import adapted_modules
 
+from _fit import fit
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -89,13 +91,6 @@ def test_learns_a_reachable_regression_target() -> None:
     target_shard = 0.3 * torch.randn(8, 16)
     with torch.no_grad():
         y = model(x) + x.unflatten(-1, (3, 8)).sum(-2) @ target_shard
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(60):
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=2e-2)
     assert losses[-1] < 0.02 * losses[0]
     assert math.isfinite(losses[-1])

@@ -10,6 +10,8 @@ from torch import nn
 
 import rankwise as rw
 
+from _fit import fit
+
 
 def _bora(out_features: int = 12, in_features: int = 20, **config) -> tuple[nn.Module, rw.Adapted]:
     torch.manual_seed(0)
@@ -112,12 +114,5 @@ def test_learns_rescaled_rows_and_columns_plus_a_low_rank_update() -> None:
     x = torch.randn(64, 16)
     target = x @ target_weight.T + base[0].bias.detach()
     model = rw.adapt(base, rw.BoRAConfig(rank=2, alpha=4.0, targets="0"))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(60):
-        loss = (model(x) - target).square().mean()
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = fit(model, x, target, lr=0.05)
     assert losses[-1] < 0.02 * losses[0]

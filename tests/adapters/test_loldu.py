@@ -10,6 +10,8 @@ from torch import nn
 
 import rankwise as rw
 
+from _fit import fit
+
 
 def _reference(w0: torch.Tensor, rank: int, alpha: float, z: torch.Tensor, sigma: float) -> tuple:
     """``(W', P L_r, Ū_r)`` from the spec, in fp64:
@@ -108,12 +110,5 @@ def test_learns_a_reachable_regression_target() -> None:
     target_z = delta.z.detach() + torch.randn(8)
     with torch.no_grad():
         y = model(x) + x @ ((delta.L * delta.sigma * (target_z - delta.z)) @ delta.U).T
-    optimizer = torch.optim.Adam([delta.z], lr=5e-2)
-    losses = []
-    for _ in range(60):
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=5e-2, params=[delta.z])
     assert losses[-1] < 0.05 * losses[0]

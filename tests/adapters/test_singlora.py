@@ -12,6 +12,8 @@ import rankwise as rw
 from rankwise.core.inject import adapted_modules
 from rankwise.core.steps import Stepped
 
+from _fit import fit
+
 
 def _adapted(in_features: int, out_features: int, **config) -> tuple[nn.Module, rw.Adapted]:
     torch.manual_seed(0)
@@ -121,13 +123,5 @@ def test_learns_a_symmetric_update() -> None:
     x = torch.randn(64, 16)
     target = x @ target_weight.T + base[0].bias.detach()
     model = rw.adapt(base, rw.SingLoRAConfig(rank=4, alpha=4.0, ramp_steps=5, targets="0"))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    rw.step_with(optimizer, model)
-    losses = []
-    for _ in range(60):
-        loss = (model(x) - target).square().mean()
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = fit(model, x, target, lr=0.05)
     assert losses[-1] < 0.02 * losses[0]

@@ -15,6 +15,8 @@ from torch import nn
 
 import rankwise as rw
 
+from _fit import fit
+
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 
 
@@ -195,12 +197,5 @@ def test_learns_a_target_of_its_own_structure(config: rw.AdapterConfig, lr: floa
     model = rw.adapt(base, config)
     x = torch.randn(256, 16)
     y = teacher(x).detach()
-    optimizer = torch.optim.Adam(model[0].delta.parameters(), lr=lr)
-    losses = []
-    for _ in range(80):
-        loss = (model(x) - y).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=lr, steps=80, params=model[0].delta.parameters())
     assert losses[-1] < bound * losses[0]

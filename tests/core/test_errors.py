@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from rankwise.core.inject import adapted_modules
 
 
 class Net(nn.Module):
