@@ -40,6 +40,7 @@ import rankwise as rw
 from ..allocate import AdaLoRA, ARDLoRA, ElaLoRA, RankAllocator, gora
 from ..core import registry
 from ..core.config import AdapterConfig
+from ..core.inject import adapted_modules, module_overrides
 from . import report
 from .budget import Sizing, default_budget, size_to_budget
 from .tasks import METRICS, TASKS, AssetMissing, Sizes, Task
@@ -333,13 +334,22 @@ def _row(task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: i
         task=task.name, method=recipe.name, seed=seed, lr=f"{lr:.3g}" if run.trainable else "-",
         lr_factor=f"{factor:.4g}", selected="no",
         status="ok" if run.diverged_at is None else "diverged",
-        note="" if run.diverged_at is None else f"non-finite loss at step {run.diverged_at}",
+        note=_size_pattern(run.model) if run.diverged_at is None else f"non-finite loss at step {run.diverged_at}",
         size=sizing.label if sizing else "-", budget=budget, adapter_params=run.adapter,
         trainable_params=run.trainable, budget_matched=("yes" if sizing.matched else "no") if sizing else "n/a",
         steps=len(run.losses), final_train_loss=f"{sum(tail) / len(tail):.4f}" if tail else "",
         train_time_s=f"{run.seconds:.2f}", peak_memory_mb=f"{run.peak_mb:.0f}", memory=run.memory,
     )
     return row
+
+
+def _size_pattern(model: nn.Module) -> str:
+    """Each layer's final size (e.g. rank) where layers differ: what a rank allocator decided."""
+    layers = [layer for _, layer in adapted_modules(model)]
+    if not any(module_overrides(layer) for layer in layers):
+        return ""
+    knob = type(layers[0].config).size_knob
+    return f"final {knob} per layer: " + " ".join(str(getattr(layer.delta.config, knob)) for layer in layers)
 
 
 def _add_metrics(row: dict[str, Any], split: str, metrics: dict[str, float]) -> None:
