@@ -27,7 +27,7 @@ $(VENV)/.assets-installed: $(VENV)/.dev-installed
 setup: $(VENV)/.dev-installed
 
 test: $(VENV)/.dev-installed
-	OMP_NUM_THREADS=2 $(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: $(VENV)/.assets-installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset quick --out bench-out/quick
