@@ -1,9 +1,11 @@
 """Train-step and inference speed of every method against the frozen-base floor and against PEFT.
 
-Not a test. One process, cases interleaved round by round (each timed call preceded by an untimed
-one of the same case), median of the rounds,
-a fixed thread count. Ratios are to the *floor*: the same base model with every weight frozen,
-backpropagating to its input (the work any adapter must at least do). Each method's *FLOP limit*
+Not a test. One process, a fixed thread count. Each round times every method's group (rankwise,
+PEFT, merged) right after the *floor*: the same base model with every weight frozen,
+backpropagating to its input (the work any adapter must at least do). Every timed call is preceded
+by an untimed one of the same model, and every ratio is the median over rounds of a time divided
+by the floor (or by PEFT) timed moments before it in the same round, so load from other processes
+that drifts between groups or rounds cancels out of the ratios. Each method's *FLOP limit*
 is floor × (adapted FLOPs / floor FLOPs), FLOPs counted by ``torch.utils.flop_counter`` over one
 forward + backward (FFTs are not counted, so the limit is optimistic for FFT-based methods).
 Memory is what the step keeps for backward (unique storages seen by saved-tensor hooks) plus the
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,8 +68,8 @@ def _registered_cases() -> list[Case]:
              lambda t: peft.GraloraConfig(r=32, gralora_k=2, target_modules=t)),
         Case("bone r=64", "bone", lambda t: make("bone", rank=64, targets=t), lambda t: peft.MissConfig(r=64, target_modules=t)),
         Case("bat r=64", "bat", lambda t: make("bat", rank=64, targets=t), lambda t: peft.MissConfig(r=64, init_weights="bat", target_modules=t)),
-        Case("adalora r=8", "adalora", lambda t: make("adalora", rank=8, targets=t),
-             lambda t: peft.AdaLoraConfig(init_r=8, target_r=8, total_step=1000, target_modules=t)),
+        Case("adalora r=8", "adalora", lambda t: make("adalora", rank=8, targets=t),  # α = 16 on both sides
+             lambda t: peft.AdaLoraConfig(init_r=8, target_r=8, lora_alpha=16, total_step=1000, target_modules=t)),
     ] + [
         Case(f"{name} (default)", name, lambda t, name=name: make(name, targets=t))
         for name in rw.methods()
@@ -150,66 +154,108 @@ class Runner:
         return (sum(storages.values()) + 4 * trainable) / 2**20  # param, grad, two moments
 
 
-def _median_times(runners: dict[str, Runner], action: str, rounds: int) -> dict[str, float]:
+@dataclass
+class Timings:
+    """Medians over rounds: each runner's time, its time over the floor timed just before its group,
+    and rankwise over PEFT within the same round."""
+
+    seconds: dict[str, float]
+    to_floor: dict[str, float]
+    to_peft: dict[str, float]
+
+
+# Wall-clock by default. "cpu" counts only the time this process ran (one thread: its own CPU time),
+# a cross-check that other processes on a shared machine cannot inflate by taking the cores away.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed(runner: Runner, action: str, clock: Callable[[], float]) -> float:
+    # An untimed call first: switching between models leaves caches and the allocator cold, which
+    # would charge each case for its neighbour's memory traffic.
+    getattr(runner, action)()
+    start = clock()
+    getattr(runner, action)()
+    return clock() - start
+
+
+def _timings(
+    runners: dict[str, Runner], groups: list[list[str]], action: str, rounds: int, clock: Callable[[], float]
+) -> Timings:
     for runner in runners.values():  # warm-up
         getattr(runner, action)()
-    samples: dict[str, list[float]] = {key: [] for key in runners}
+    seconds: dict[str, list[float]] = {key: [] for key in runners}
+    to_floor: dict[str, list[float]] = {key: [] for key in runners}
+    to_peft: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for key, runner in runners.items():
-            # An untimed call first: switching between models leaves caches and the allocator cold,
-            # which would charge each case for its neighbour's memory traffic.
-            getattr(runner, action)()
-            start = time.perf_counter()
-            getattr(runner, action)()
-            samples[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in samples.items()}
+        for group in groups:
+            floor = _timed(runners["floor"], action, clock)
+            seconds["floor"].append(floor)
+            times = {key: _timed(runners[key], action, clock) for key in group}
+            for key, elapsed in times.items():
+                seconds[key].append(elapsed)
+                to_floor[key].append(elapsed / floor)
+                theirs = "peft:" + key.partition(":")[2]
+                if key.startswith("rw:") and theirs in times:
+                    to_peft.setdefault(key, []).append(elapsed / times[theirs])
+    return Timings(
+        {key: statistics.median(values) for key, values in seconds.items() if values},
+        {key: statistics.median(values) for key, values in to_floor.items() if values},
+        {key: statistics.median(values) for key, values in to_peft.items()},
+    )
 
 
-def run_workload(key: str, rounds: int, methods: set[str] | None) -> str:
+def run_workload(key: str, rounds: int, methods: set[str] | None, clock: Callable[[], float] = time.perf_counter) -> str:
     workload = WORKLOADS[key]
     torch.manual_seed(0)
     base = workload.build()
     base.requires_grad_(False)
     inputs = workload.make_input()
     runners = {"floor": Runner(base, inputs)}
+    groups: list[list[str]] = []  # per case: rankwise, PEFT, merged
     for case in _cases():
         if methods and case.method not in methods:
             continue
-        runners[f"rw:{case.label}"] = Runner(rw.adapt(copy.deepcopy(base), case.ours(workload.targets)), inputs)
+        group = [f"rw:{case.label}"]
+        runners[group[0]] = Runner(rw.adapt(copy.deepcopy(base), case.ours(workload.targets)), inputs)
         if peft is not None and case.theirs is not None:
-            runners[f"peft:{case.label}"] = Runner(peft.get_peft_model(copy.deepcopy(base), case.theirs(list(workload.targets))), inputs)
-        merged = rw.merge(copy.deepcopy(runners[f"rw:{case.label}"].model)) if _mergeable(case) else None
-        if merged is not None:
-            runners[f"merged:{case.label}"] = Runner(merged, inputs)
-    train = _median_times({k: r for k, r in runners.items() if not k.startswith("merged:")}, "train_step", rounds)
-    infer = _median_times(runners, "infer", rounds)
-    flops = {k: r.flops() for k, r in runners.items() if not k.startswith("merged:")}
-    memory = {k: r.memory_mb() for k, r in runners.items() if not k.startswith("merged:")}
+            group.append(f"peft:{case.label}")
+            runners[group[-1]] = Runner(peft.get_peft_model(copy.deepcopy(base), case.theirs(list(workload.targets))), inputs)
+        if _mergeable(case):
+            group.append(f"merged:{case.label}")
+            runners[group[-1]] = Runner(rw.merge(copy.deepcopy(runners[group[0]].model)), inputs)
+        groups.append(group)
+    trained = {k: r for k, r in runners.items() if not k.startswith("merged:")}
+    train = _timings(trained, [[k for k in group if k in trained] for group in groups], "train_step", rounds, clock)
+    infer = _timings(runners, groups, "infer", rounds, clock)
+    flops = {k: r.flops() for k, r in trained.items()}
+    memory = {k: r.memory_mb() for k, r in trained.items()}
 
     lines = [
         f"### {workload.name}",
         "",
-        f"Floor: train step {1e3 * train['floor']:.1f} ms, inference {1e3 * infer['floor']:.1f} ms, "
-        f"{memory['floor']:.0f} MB kept for backward.",
+        (
+            f"Floor: train step {1e3 * train.seconds['floor']:.1f} ms, inference {1e3 * infer.seconds['floor']:.1f} ms, "
+            f"{memory['floor']:.0f} MB kept for backward."
+        ),
         "",
         "| method | train ms | train / floor | FLOP limit | train / limit | infer / floor (merged) | memory MB | PEFT train / floor | rankwise / PEFT train | PEFT memory MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in _cases():
         ours = f"rw:{case.label}"
-        if ours not in train:
+        if ours not in train.seconds:
             continue
         limit = flops[ours] / flops["floor"]
-        ratio = train[ours] / train["floor"]
-        merged = f" ({infer[f'merged:{case.label}'] / infer['floor']:.2f})" if f"merged:{case.label}" in infer else ""
+        ratio = train.to_floor[ours]
+        merged = f" ({infer.to_floor[f'merged:{case.label}']:.2f})" if f"merged:{case.label}" in infer.to_floor else ""
         theirs = f"peft:{case.label}"
         peft_cols = (
-            f"{train[theirs] / train['floor']:.2f} | **{train[ours] / train[theirs]:.2f}** | {memory[theirs]:.0f}"
-            if theirs in train else "— | — | —"
+            f"{train.to_floor[theirs]:.2f} | **{train.to_peft[ours]:.2f}** | {memory[theirs]:.0f}"
+            if theirs in train.seconds else "— | — | —"
         )
         lines.append(
-            f"| {case.label} | {1e3 * train[ours]:.1f} | {ratio:.2f} | {limit:.2f} | {ratio / limit:.2f} | "
-            f"{infer[ours] / infer['floor']:.2f}{merged} | {memory[ours]:.0f} | {peft_cols} |"
+            f"| {case.label} | {1e3 * train.seconds[ours]:.1f} | {ratio:.2f} | {limit:.2f} | {ratio / limit:.2f} | "
+            f"{infer.to_floor[ours]:.2f}{merged} | {memory[ours]:.0f} | {peft_cols} |"
         )
     return "\n".join(lines)
 
@@ -220,27 +266,62 @@ def _mergeable(case: Case) -> bool:
     return registry.get(case.method).module_class.mergeable
 
 
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            model = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _write(path: str, report: str, section: str) -> None:
+    """Replace the ``section`` block of ``path`` (between its markers), so prose around it and other
+    sections survive a rerun; a file without this section gets it appended."""
+    begin, end = f"<!-- speed.py {section}: begin -->", f"<!-- speed.py {section}: end -->"
+    block = f"{begin}\n{report}{end}\n"
+    try:
+        with open(path) as file:
+            text = file.read()
+    except FileNotFoundError:
+        text = ""
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        tail = rest.partition(end)[2]
+        text = head + block + tail.removeprefix("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + block
+    with open(path, "w") as file:
+        file.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--methods", nargs="+", help="registry names to include (default: all)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall-clock, or this process's CPU time (a cross-check on a shared machine, with --threads 1)")
     parser.add_argument("--out", help="write the markdown report here as well")
+    parser.add_argument("--section", default="results", help="in --out, replace only this section's block (default: results)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    methods = set(args.methods) if args.methods else None
+    sections = [run_workload(key, args.rounds, methods, CLOCKS[args.clock]) for key in args.workloads]
     header = (
-        f"Run {datetime.date.today()} on {platform.machine()} ({platform.processor() or 'cpu'}), "
-        f"torch {torch.__version__}, PEFT {peft.__version__ if peft else '—'}, {args.threads} threads, fp32, "
-        f"median of {args.rounds} interleaved rounds.\n\nCommand: `python benchmarks/speed.py "
-        f"--rounds {args.rounds} --threads {args.threads}`\n"
+        f"Run {datetime.date.today()} on {_machine()} ({platform.machine()}), torch {torch.__version__}, "
+        f"PEFT {peft.__version__ if peft else '—'}, {args.threads} threads, fp32, {args.clock} time, medians of {args.rounds} rounds, "
+        f"each ratio paired with the floor (or PEFT) timed just before it. Load average {load:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (other processes on the machine).\n\n"
+        f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"
     )
-    sections = [run_workload(key, args.rounds, set(args.methods) if args.methods else None) for key in args.workloads]
     report = header + "\n" + "\n\n".join(sections) + "\n"
     print(report)
     if args.out:
-        with open(args.out, "w") as file:
-            file.write(report)
+        _write(args.out, report, args.section)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,24 @@ def test_delta_weight_and_forward_equal_the_dense_spec_matrix(structure, in_feat
     torch.testing.assert_close(model(x), x @ (layer.base.weight + expected).T + layer.base.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("structure", "in_features", "out_features"), [
+    (structure, *shape) for structure in ("circulant", "toeplitz", "ldr") for shape in [(8, 8), (7, 7), (6, 10)]
+])
+def test_gradients_equal_the_dense_formula(structure, in_features, out_features) -> None:
+    """The written-out FFT backward against autograd through x ΔWᵀ (ΔW from delta_weight)."""
+    config = rw.SURMConfig(structure=structure, alpha=0.7, displacement_rank=2, targets="0")
+    delta = _adapted(in_features, out_features, config)[0].delta
+    reference = copy.deepcopy(delta)
+    x = torch.randn(4, 3, in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(4, 3, out_features)
+    delta(x).backward(grad)
+    (x_ref @ reference.delta_weight().T).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(delta.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_non_square_circulant_is_a_general_rectangular_toeplitz() -> None:
     model = _adapted(4, 6, rw.SURMConfig(targets="0"))
     delta = model[0].delta
@@ -161,6 +179,20 @@ def test_adapter_equals_its_dense_formula_and_has_no_merge(structure: str) -> No
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="no merged form"):
         rw.merge(model)
+
+
+@pytest.mark.parametrize("structure", ("circulant", "toeplitz"))
+def test_adapter_gradients_equal_its_dense_formula(structure: str) -> None:
+    model = _adapted(10, 6, rw.SURMAdapterConfig(structure=structure, targets="0"))
+    delta = model[0].delta
+    a = delta.a.detach().clone().requires_grad_()
+    b = delta.b.detach().clone().requires_grad_()
+    h = model[0].base(torch.randn(4, 10)).detach()
+    matrix = {"circulant": _circulant, "toeplitz": _toeplitz}[structure]
+    delta(h).square().sum().backward()
+    (h + F.gelu(h @ matrix(b * a).T) + delta.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(delta.a.grad, a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(delta.b.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)

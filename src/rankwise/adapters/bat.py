@@ -68,16 +68,20 @@ class Bat(Reparam):
         return (out_features // config.rank) * config.rank**2
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
-        # Built once per call and used in one matmul: a factored x ΔWᵀ would need a
-        # (tokens, out/r, in) intermediate, larger than W' as soon as tokens > r.
-        return F.linear(x, self.merged_weight(w0.to(x.dtype)))
+        return self.output(x, w0, None)
+
+    def output(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor:
+        # Built once per call and used in one matmul (with the bias, one pass): a factored x ΔWᵀ
+        # would need a (tokens, out/r, in) intermediate, larger than W' as soon as tokens > r.
+        return F.linear(x, self.merged_weight(w0.to(x.dtype)), bias)
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         blocks = self._row_blocks(w0)  # (out/r, r·in/r, r): row i·r + a, column j·r + b at [i, a·(in/r) + j, b]
         D = self.D.to(w0.dtype)
         merged = torch.baddbmm(blocks, blocks, D)  # W_ij + W_ij D_i
-        # In place: baddbmm keeps its inputs, not its output, for backward.
-        merged.unflatten(1, (self.D.shape[1], -1)).add_(D.unsqueeze(2))  # + D_i, the same for every j
+        # + D_i, the same for every j. Not in place: an in-place add on this view makes autograd
+        # copy the full (out, in) gradient twice in backward (CopySlices).
+        merged = merged.unflatten(1, (self.D.shape[1], -1)) + D.unsqueeze(2)
         return merged.reshape(self.out_features, self.in_features)
 
     def restore_weight(self, merged: Tensor) -> Tensor:

@@ -64,11 +64,24 @@ class Bone(Delta):
         return config.rank * out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._shard_sum(x) @ self.D
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        # One addmm instead of a matmul and a full-size add, as LoRA does.
+        shard_sum = self._shard_sum(x)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), shard_sum.reshape(-1, shard_sum.shape[-1]), self.D)
+        return out.view(y.shape)
+
+    def _shard_sum(self, x: Tensor) -> Tensor:
+        """``x̄ = Σ_j x_j``, shape (..., rank)."""
         rank = self.D.shape[0]
+        x = self.dropout(x)
         # Zero-padding the last shard is what truncating the last block of ΔW means (delta_weight).
-        x = F.pad(self.dropout(x), (0, -self.in_features % rank))
-        shard_sum = x.unflatten(-1, (-1, rank)).sum(-2)  # (..., rank)
-        return shard_sum @ self.D
+        # Only when needed: F.pad copies the whole input even for a zero pad, and its backward
+        # copies the gradient again.
+        if self.in_features % rank:
+            x = F.pad(x, (0, -self.in_features % rank))
+        return x.unflatten(-1, (-1, rank)).sum(-2)  # (..., rank)
 
     def delta_weight(self) -> Tensor:
         rank = self.D.shape[0]

@@ -83,16 +83,21 @@ class BoRA(LowRank, Reparam):
         return self.row_magnitude / row_norm.to(w0.dtype), self.column_magnitude / column_norm.to(w0.dtype)
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
+        return self.output(x, w0, None)
+
+    def output(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor:
         w0 = w0.to(x.dtype)
         row_gain, column_gain = self.gains(w0)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            scaled = x * column_gain  # (..., in)
-            return row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
+            direction = self.direction(x * column_gain, w0)  # (..., out)
+            # The row scaling and the bias in one pass.
+            return row_gain * direction if bias is None else torch.addcmul(bias, direction, row_gain)
         # With dropout, the base term keeps the clean input and the rest of W' − W0 sees the
         # dropped one, as DoRA (PEFT's convention): x W0ᵀ + x̃ (W' − W0)ᵀ.
         dropped = self.dropout(x)
         scaled = dropped * column_gain
-        return F.linear(x - dropped, w0) + row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
+        y = F.linear(x - dropped, w0) + row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
+        return y if bias is None else y + bias
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         row_gain, column_gain = self.gains(w0)

@@ -87,17 +87,11 @@ class C3A(Delta):
         return in_features * out_features // _block_size(in_features, out_features, config)
 
     def forward(self, x: Tensor) -> Tensor:
-        b = self.block_size
         # FFTs run in at least fp32: bf16 has no FFT, fp16 only for powers of two on GPU.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        spectrum = torch.fft.rfft(x.to(dtype).unflatten(-1, (-1, b)), n=b)  # (..., p, b//2+1)
-        # The kernel's spectrum once per forward for all blocks, the 1/in scale folded into it
-        # (q·p·(b/2+1) values, fewer than the activations' in most layers).
-        kernel = torch.fft.rfft(self.kernel.to(dtype), n=b).conj() / self.in_features  # (q, p, b//2+1)
-        # One batched product over blocks per frequency: the sum over input blocks j happens in the
-        # frequency domain, so there is one inverse FFT per output block.
-        mixed = torch.einsum("...jf,ijf->...if", spectrum, kernel)  # (..., q, b//2+1)
-        return torch.fft.irfft(mixed, n=b).flatten(-2).to(x.dtype)  # (..., out)
+        rows = x.reshape(-1, self.in_features).to(dtype)
+        y = _BlockCirculant.apply(rows, self.kernel.to(dtype))  # (tokens, out)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def delta_weight(self) -> Tensor:
         b = self.block_size
@@ -108,3 +102,69 @@ class C3A(Delta):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}"
+
+
+class _BlockCirculant(torch.autograd.Function):
+    """``x ΔWᵀ`` for x of shape (tokens, in) and the kernel (q, p, b), with a written-out backward.
+
+    With ``W = rfft(w) / in`` (q, p, b//2+1), ``X_j = rfft(x_j)`` and ``G_i = rfft(g_i)`` for the
+    output gradient g:
+
+        Δy_i = irfft(Σ_j conj(W_ij) X_j)         (cross-correlation: the first-row circulant)
+        ∂x_j = irfft(Σ_i W_ij G_i)               (convolution: the transposed circulant)
+        ∂w_ij = irfft(Σ_tokens conj(G_i) X_j) / in
+
+    Why not autograd through rfft/einsum/irfft: for the kernel's gradient autograd keeps copies of
+    the input's spectrum (two tensors as large as x per layer), where this keeps x alone, as PEFT
+    does, and recomputes its spectrum in backward; rfft's backward runs a full complex FFT; and
+    einsum hands bmm (tokens, block, frequency) operands that it copies batch by batch. Here each
+    spectrum is transposed once to frequency-major (frequency, tokens, block), so every sum over
+    blocks is one contiguous bmm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:
+        _, p, b = kernel.shape
+        weight = _frequency_major(torch.fft.rfft(kernel, n=b) / x.shape[1])  # (F, q, p)
+        mixed = torch.bmm(_spectrum(x, p, b), weight.mH)  # (F, tokens, q)
+        ctx.save_for_backward(x, weight)
+        ctx.block_size = b
+        return _signal(mixed, b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        b, (frequencies, q, p) = ctx.block_size, weight.shape
+        g = _spectrum(grad, q, b)  # (F, tokens, q)
+        grad_x = _signal(torch.bmm(g, weight), b) if ctx.needs_input_grad[0] else None
+        grad_kernel = None
+        if ctx.needs_input_grad[1]:
+            # Σ_tokens conj(G) X as one real bmm over (re, im) pairs: bmm would first copy a
+            # conjugated complex operand. With G = a + ib, X = c + id: conj(G) X = (ac + bd) + i(ad − bc).
+            g_real = torch.view_as_real(g).flatten(2).transpose(1, 2)  # (F, q·2, tokens)
+            x_real = torch.view_as_real(_spectrum(x, p, b)).flatten(2)  # (F, tokens, p·2)
+            m = torch.bmm(g_real, x_real).view(frequencies, q, 2, p, 2)
+            cross = torch.complex(m[:, :, 0, :, 0] + m[:, :, 1, :, 1], m[:, :, 0, :, 1] - m[:, :, 1, :, 0])
+            grad_kernel = torch.fft.irfft(cross.permute(1, 2, 0), n=b) / x.shape[1]
+        return grad_x, grad_kernel
+
+
+def _frequency_major(t: Tensor) -> Tensor:
+    """(a, b, F) → (F, a, b), contiguous. Written as one 2-D transpose because ``copy_`` tiles a 2-D
+    transpose (cache-friendly, several times faster here) but walks a 3-D permute one frequency
+    plane at a time."""
+    a, b, frequencies = t.shape
+    return t.reshape(a * b, frequencies).t().contiguous().view(frequencies, a, b)
+
+
+def _spectrum(t: Tensor, blocks: int, b: int) -> Tensor:
+    """(tokens, blocks·b) real → (b//2+1, tokens, blocks) complex: the FFT runs along contiguous
+    memory, and one transpose makes each frequency a contiguous (tokens, blocks) matrix."""
+    return _frequency_major(torch.fft.rfft(t.reshape(t.shape[0], blocks, b), n=b))
+
+
+def _signal(spectrum: Tensor, b: int) -> Tensor:
+    """Inverse of :func:`_spectrum`: (F, tokens, blocks) → (tokens, blocks·b); irfft needs n for odd b."""
+    frequencies, tokens, blocks = spectrum.shape
+    token_major = spectrum.reshape(frequencies, tokens * blocks).t().contiguous()  # 2-D transpose, as above
+    return torch.fft.irfft(token_major, n=b).view(tokens, blocks * b)

@@ -104,7 +104,7 @@ class GraLoRA(Delta):
         k, tokens = self.k, x.shape[0]
         # One batched product per input block; the (k, tokens, in/k) view copies nothing.
         blocks = x.view(tokens, k, self.in_features // k).transpose(0, 1)
-        z = torch.bmm(blocks, self.A) * self.scale  # (k_n, tokens, r)
+        z = _BlockProduct.apply(blocks, self.A) * self.scale  # (k_n, tokens, r)
         # Output block j reads rank chunk j of every input block: (k_j, tokens, k_n · r/k). This
         # rank-sized copy is the one the maths needs.
         z = z.view(k, tokens, k, self.rank // k).permute(2, 1, 0, 3)
@@ -141,3 +141,26 @@ class GraLoRA(Delta):
     def extra_repr(self) -> str:
         sizes = f"rank={self.rank}, k={self.k}, hybrid_rank={self.hybrid_rank}"
         return f"{super().extra_repr()}, {sizes}, scale={self.scale:g}"
+
+
+class _BlockProduct(torch.autograd.Function):
+    """``bmm(blocks, A)`` for blocks (k, tokens, in/k) and A (k, in/k, r), A's gradient formed as
+    ``(gradᵀ · blocks)ᵀ``.
+
+    Why: autograd forms it as ``blocksᵀ · grad``, an (in/k, r) output from a tokens-long sum, a
+    shape MKL runs about twice as slow as the (r, in/k) one, though both read the same
+    activations (2.5 ms against 1.2 ms per layer at in = 1024, r = 32, k = 2, 1024 tokens, one
+    thread).
+    """
+
+    @staticmethod
+    def forward(ctx, blocks: Tensor, A: Tensor) -> Tensor:
+        ctx.save_for_backward(blocks, A)
+        return torch.bmm(blocks, A)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        blocks, A = ctx.saved_tensors
+        grad_blocks = torch.bmm(grad, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_A = torch.bmm(grad.transpose(1, 2), blocks).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        return grad_blocks, grad_A

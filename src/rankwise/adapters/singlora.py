@@ -98,15 +98,21 @@ class SingLoRA(Delta, Stepped):
 
     def _hidden(self, x: Tensor) -> Tensor:
         """``s · u(t) · x A_in``, shape (..., rank): the scale goes on the narrowest tensor."""
-        return torch.matmul(self.dropout(x), self.A[: self.in_features]) * (self.scale * self.ramp())
+        return F.linear(self.dropout(x), self._rows(self.in_features)) * (self.scale * self.ramp())
+
+    def _rows(self, n: int) -> Tensor:
+        """``A[:n]ᵀ`` as a contiguous (rank, n) copy (rank × n numbers): with A's own row-major
+        slice, autograd would form the backward products in the orientations MKL runs several
+        times slower at small rank (see :meth:`rankwise.adapters.lora.LowRank.up_projection`)."""
+        return self.A[:n].t().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self._hidden(x), self.A[: self.out_features])
+        return torch.matmul(self._hidden(x), self._rows(self.out_features))
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
         # One addmm instead of a matmul and a full-size add, as LoRA does.
         hidden = self._hidden(x).reshape(-1, self.A.shape[1])  # (tokens, rank)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden, self.A[: self.out_features].t())
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden, self._rows(self.out_features))
         return out.view(y.shape)
 
     def _delta_weight(self, ramp: Tensor) -> Tensor:

@@ -56,7 +56,11 @@ class Adapted(nn.Module):
                 return self.delta.add_to(y, features)
             return y + geometry.from_features(self.delta(features), x, self.base, self.kind).to(y.dtype)
         w0 = geometry.weight_matrix(self.base, self.kind)
-        y = geometry.add_bias(self.delta(features, w0).to(x.dtype), self.base)
+        bias = self.base.bias
+        if bias is not None and bias.dtype == adapter_dtype == x.dtype:
+            y = self.delta.output(features, w0, bias)
+        else:
+            y = geometry.add_bias(self.delta(features, w0).to(x.dtype), self.base)
         return geometry.from_features(y, x, self.base, self.kind)
 
     @property

@@ -94,6 +94,12 @@ class Reparam(Adapter):
         """``x W'ᵀ`` without the bias, for x of shape (..., in_features) and ``w0`` (out, in)."""
         ...
 
+    def output(self, x: Tensor, w0: Tensor, bias: Tensor | None) -> Tensor:
+        """``x W'ᵀ + b``; a method may fuse the bias into its last operation (one full-size pass
+        fewer), as :meth:`Delta.add_to` fuses the residual sum."""
+        y = self(x, w0)
+        return y if bias is None else y + bias
+
 
 class OutputAdapter(Adapter):
     """A function of the base layer's output: ``y = g(base(x))``, applied to (..., out_features)."""
