@@ -38,6 +38,22 @@ def test_forward_and_gradients_match_the_dense_formula_with_a_detached_norm() ->
         torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_gradients_match_the_dense_formula_without_a_bias() -> None:
+    torch.manual_seed(0)
+    model = rw.adapt(nn.Sequential(nn.Linear(20, 12, bias=False)), rw.DoRAConfig(rank=3, alpha=6, targets="0"))
+    layer = next(layer for _, layer in adapted_modules(model))
+    with torch.no_grad():
+        nn.init.normal_(layer.delta.B, std=0.3)
+        layer.delta.magnitude.mul_(1.5)
+    A, B, m = (t.detach().clone().requires_grad_() for t in (layer.delta.A, layer.delta.B, layer.delta.magnitude))
+    x = torch.randn(2, 5, 20)
+    v = layer.base.weight + 2.0 * B @ A  # s = α / r = 2
+    (x @ ((m / v.norm(dim=1).detach()).unsqueeze(1) * v).T).square().sum().backward()
+    model(x).square().sum().backward()
+    for ours, reference in ((layer.delta.A, A), (layer.delta.B, B), (layer.delta.magnitude, m)):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_direction_norm_equals_the_explicit_row_norm() -> None:
     _, layer = _dora()
     w0 = layer.base.weight

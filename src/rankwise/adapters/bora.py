@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..core.delta import Reparam
 from ..core.registry import register
-from .dora import DoRAConfig, _norm_dtype
+from .dora import DoRAConfig, _norm_dtype, scale_rows
 from .lora import LowRank
 
 # Floor under every norm: a zero row or column of V gives a zero gain instead of a NaN.
@@ -89,9 +89,7 @@ class BoRA(LowRank, Reparam):
         w0 = w0.to(x.dtype)
         row_gain, column_gain = self.gains(w0)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            direction = self.direction(x * column_gain, w0)  # (..., out)
-            # The row scaling and the bias in one pass.
-            return row_gain * direction if bias is None else torch.addcmul(bias, direction, row_gain)
+            return scale_rows(self.direction(x * column_gain, w0), row_gain, bias)
         # With dropout, the base term keeps the clean input and the rest of W' − W0 sees the
         # dropped one, as DoRA (PEFT's convention): x W0ᵀ + x̃ (W' − W0)ᵀ.
         dropped = self.dropout(x)

@@ -55,11 +55,9 @@ class DoRA(LowRank, Reparam):
             dtype = _norm_dtype(w0)
             w0, A, B = w0.to(dtype), self.A.to(dtype), self.B.to(dtype)
             s = self.scale
-            squared = (
-                torch.linalg.vector_norm(w0, dim=1).square()
-                + 2 * s * (B.t() * (A @ w0.t())).sum(0)  # (rank, out): the faster orientation on CPU
-                + s * s * ((B @ (A @ A.t())) * B).sum(1)
-            )
+            # (rank, out): 2s·A W0ᵀ + s²·(A Aᵀ) Bᵀ in one addmm, A W0ᵀ in MKL's faster orientation.
+            cross = torch.addmm(A @ w0.t(), A @ A.t(), B.t(), beta=2 * s, alpha=s * s)
+            squared = torch.linalg.vector_norm(w0, dim=1).square() + torch.linalg.vecdot(B.t(), cross, dim=0)
             return squared.clamp_min(0).sqrt()
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
@@ -69,9 +67,7 @@ class DoRA(LowRank, Reparam):
         w0 = w0.to(x.dtype)
         gain = (self.magnitude / self.direction_norm(w0)).to(x.dtype)  # (out,)
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            direction = self.direction(x, w0)
-            # The row scaling and the bias in one pass.
-            return gain * direction if bias is None else torch.addcmul(bias, direction, gain)
+            return scale_rows(self.direction(x, w0), gain, bias)
         # With dropout, the whole DoRA branch sees the dropped input while the base term keeps the
         # clean one (PEFT's convention): x W0ᵀ + (g − 1)·(x̃ W0ᵀ) + g · s·lora(x̃).
         dropped = self.dropout(x)
@@ -89,6 +85,34 @@ class DoRA(LowRank, Reparam):
             raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
         gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
+
+
+def scale_rows(direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
+    """``direction · gain + bias`` for direction (..., out) and gain, bias (out,): DoRA's and BoRA's
+    row scaling, the bias added in the same pass."""
+    return _ScaleRows.apply(direction, gain, bias)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """:func:`scale_rows` with a written-out backward. Why: autograd's ``addcmul`` backward first
+    multiplies the direction by ``value = 1`` (a full-size pass for nothing), and both it and
+    ``mul``'s form the gain's gradient ``Σ_tokens grad · direction`` by materializing the product;
+    ``vecdot`` reduces it without one."""
+
+    @staticmethod
+    def forward(ctx, direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(direction, gain)
+        ctx.has_bias = bias is not None
+        return direction * gain if bias is None else torch.addcmul(bias, direction, gain)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        direction, gain = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        grad_direction = grad * gain if ctx.needs_input_grad[0] else None
+        grad_gain = torch.linalg.vecdot(rows, direction.reshape(rows.shape), dim=0) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_direction, grad_gain, grad_bias
 
 
 def _norm_dtype(t: Tensor) -> torch.dtype:

@@ -98,12 +98,9 @@ class LowRank(Adapter):
 
     def direction(self, x: Tensor, w0: Tensor) -> Tensor:
         """``x W0ᵀ + s·x Aᵀ Bᵀ``, shape (..., out), for the methods that scale the updated direction
-        (DoRA, BoRA): the low-rank term is accumulated into the base product in place, one GEMM
-        pass over it with no second full-size tensor and no add. In place is safe: the base
-        product is created here, and its matmul keeps only its inputs for backward."""
+        (DoRA, BoRA), which compute the base product themselves."""
         rows = x.reshape(-1, self.in_features)
-        out = rows @ w0.t()  # (tokens, out)
-        out.addmm_(F.linear(rows, self.A) * self.scale, self.up_projection())
+        out = _Direction.apply(rows, w0, self.A, self.up_projection(), self.scale)
         return out.view(*x.shape[:-1], self.out_features)
 
     def lowrank_weight(self) -> Tensor:
@@ -128,3 +125,31 @@ class LoRA(LowRank, Delta):
 
     def delta_weight(self) -> Tensor:
         return self.lowrank_weight()
+
+
+class _Direction(torch.autograd.Function):
+    """``x W0ᵀ + s·(x Aᵀ) Bᵀ`` for x (tokens, in), with ``up = Bᵀ`` (rank, out), written out so that
+    each product accumulates into the one before it: forward, the low-rank term into the base
+    product (one GEMM pass over it in place, no second full-size tensor, no add); backward, the
+    low-rank input gradient into ``grad · W0`` the same way, where autograd would write it to a
+    tensor of its own and then add the two.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w0: Tensor, A: Tensor, up: Tensor, scale: float) -> Tensor:
+        hidden = F.linear(x, A) * scale  # (tokens, rank)
+        out = (x @ w0.t()).addmm_(hidden, up)
+        ctx.save_for_backward(x, w0, A, up, hidden)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w0, A, up, hidden = ctx.saved_tensors
+        needs_x, needs_w0, needs_A, needs_up, _ = ctx.needs_input_grad
+        grad_hidden = (grad @ up.t()) * ctx.scale  # (tokens, rank)
+        grad_x = (grad @ w0).addmm_(grad_hidden, A) if needs_x else None
+        grad_w0 = grad.t() @ x if needs_w0 else None
+        grad_A = grad_hidden.t() @ x if needs_A else None
+        grad_up = hidden.t() @ grad if needs_up else None
+        return grad_x, grad_w0, grad_A, grad_up, None
