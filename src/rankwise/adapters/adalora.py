@@ -91,9 +91,19 @@ class AdaLoRA(Delta):
         """``(A, e, B)``; the rank runs along dim 0 of A and e and dim 1 of B."""
         return self.A, self.e, self.B
 
+    def _hidden(self, x: Tensor) -> Tensor:
+        """``s · diag(e) A x`` as (tokens, rank): the scale and e applied on the rank side."""
+        rows = self.dropout(x).reshape(-1, self.in_features)  # before the product: rank may be 0
+        return F.linear(rows, self.A) * (self.e.view(-1) * self.scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        hidden = F.linear(self.dropout(x), self.A) * (self.e.view(-1) * self.scale)  # (..., rank)
-        return F.linear(hidden, self.B)
+        # Bᵀ as a contiguous (rank, out) copy, for the faster backward orientation (as LoRA's
+        # ``up_projection``).
+        return (self._hidden(x) @ self.B.t().contiguous()).view(*x.shape[:-1], self.out_features)
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        # One addmm instead of a matmul and a full-size add, as LoRA.
+        return torch.addmm(y.reshape(-1, self.out_features), self._hidden(x), self.B.t().contiguous()).view(y.shape)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ (self.A * self.e))

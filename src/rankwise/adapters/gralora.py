@@ -99,33 +99,20 @@ class GraLoRA(Delta):
     def num_params(cls, in_features: int, out_features: int, config: GraLoRAConfig) -> int:
         return (config.rank + config.hybrid_rank) * (in_features + out_features)
 
-    def _blocks(self, x: Tensor) -> Tensor:
-        """``x ΔWᵀ`` by output block, shape (k, tokens, out/k), for x of shape (tokens, in)."""
-        k, tokens = self.k, x.shape[0]
-        # One batched product per input block; the (k, tokens, in/k) view copies nothing.
-        blocks = x.view(tokens, k, self.in_features // k).transpose(0, 1)
-        z = _BlockProduct.apply(blocks, self.A) * self.scale  # (k_n, tokens, r)
-        # Output block j reads rank chunk j of every input block: (k_j, tokens, k_n · r/k). This
-        # rank-sized copy is the one the maths needs.
-        z = z.view(k, tokens, k, self.rank // k).permute(2, 1, 0, 3)
-        if not self.hybrid_rank:
-            return torch.bmm(z.reshape(k, tokens, self.rank), self.B)
-        # The hybrid LoRA rides in the same product: each output block j appends the hidden
-        # s · A_h x to its inputs and the rows of B_h for its outputs to B[j].
-        hidden = F.linear(x, self.hybrid_A) * self.scale  # (tokens, hybrid_rank)
-        z = torch.cat((z.reshape(k, tokens, self.rank), hidden.expand(k, -1, -1)), dim=2)
-        B = torch.cat((self.B, self.hybrid_B.view(k, -1, self.hybrid_rank).transpose(1, 2)), dim=1)
-        return torch.bmm(z, B)
+    def _sum(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) for x of shape (tokens, in) and y (tokens, out)."""
+        out = _GridProduct.apply(x, self.A, self.B, self.scale, y)
+        if self.hybrid_rank:
+            hidden = F.linear(x, self.hybrid_A) * self.scale  # (tokens, hybrid_rank)
+            out = torch.addmm(out, hidden, self.hybrid_B.t())
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        blocks = self._blocks(self.dropout(x).reshape(-1, self.in_features))
-        return blocks.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        out = self._sum(self.dropout(x).reshape(-1, self.in_features), None)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # The block-major to token-major permutation rides on the add that must happen anyway,
-        # instead of a separate full-size copy.
-        blocks = self._blocks(self.dropout(x).reshape(-1, self.in_features))  # (k, tokens, out/k)
-        out = y.reshape(-1, self.k, self.out_features // self.k) + blocks.transpose(0, 1)
+        out = self._sum(self.dropout(x).reshape(-1, self.in_features), y.reshape(-1, self.out_features))
         return out.view(y.shape)
 
     def delta_weight(self) -> Tensor:
@@ -143,24 +130,51 @@ class GraLoRA(Delta):
         return f"{super().extra_repr()}, {sizes}, scale={self.scale:g}"
 
 
-class _BlockProduct(torch.autograd.Function):
-    """``bmm(blocks, A)`` for blocks (k, tokens, in/k) and A (k, in/k, r), A's gradient formed as
-    ``(gradᵀ · blocks)ᵀ``.
+class _GridProduct(torch.autograd.Function):
+    """``y + s · x ΔWᵀ`` for the k × k grid, every full-size operand taken as column blocks:
+    input block n is the column slice ``x[:, n]``, output block j the column slice ``y[:, j]``,
+    and backward does the same with the gradients.
 
-    Why: autograd forms it as ``blocksᵀ · grad``, an (in/k, r) output from a tokens-long sum, a
-    shape MKL runs about twice as slow as the (r, in/k) one, though both read the same
-    activations (2.5 ms against 1.2 ms per layer at in = 1024, r = 32, k = 2, 1024 tokens, one
-    thread).
+    Why: batched products over (k, tokens, ·) views need those views contiguous, so the batched
+    form (PEFT's, and ours before) copies the input, the output and both of their gradients once
+    per layer and step. Plain products accept column slices as they are; what remains is one
+    concatenation each of the output and of the input gradient, and the permutation of the
+    rank-sized hidden tensor between the two halves. (Writing each block through ``out=`` a
+    column slice would spare the concatenations, but ``torch.compile`` cannot trace a
+    non-contiguous ``out=``, and the difference is within run-to-run noise.)
     """
 
     @staticmethod
-    def forward(ctx, blocks: Tensor, A: Tensor) -> Tensor:
-        ctx.save_for_backward(blocks, A)
-        return torch.bmm(blocks, A)
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, y: Tensor | None) -> Tensor:
+        k, block_in, rank = A.shape
+        block_out, tokens = B.shape[2], x.shape[0]
+        # hidden[j] = [s · x_n A[n][:, chunk j] for every n]: what output block j multiplies by B[j].
+        hidden = torch.stack([x[:, n * block_in:(n + 1) * block_in] @ A[n] for n in range(k)], dim=1)
+        hidden = (hidden * scale).view(tokens, k, k, rank // k).permute(2, 0, 1, 3).reshape(k, tokens, rank)
+        blocks = [
+            hidden[j] @ B[j] if y is None else torch.addmm(y[:, j * block_out:(j + 1) * block_out], hidden[j], B[j])
+            for j in range(k)
+        ]
+        out = torch.cat(blocks, dim=1)
+        ctx.save_for_backward(x, A, B, hidden)
+        ctx.scale = scale
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        blocks, A = ctx.saved_tensors
-        grad_blocks = torch.bmm(grad, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_A = torch.bmm(grad.transpose(1, 2), blocks).transpose(1, 2) if ctx.needs_input_grad[1] else None
-        return grad_blocks, grad_A
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, A, B, hidden = ctx.saved_tensors
+        k, block_in, rank = A.shape
+        block_out, tokens = B.shape[2], x.shape[0]
+        needs_x, needs_A, needs_B, _, needs_y = ctx.needs_input_grad
+        grad_blocks = [grad[:, j * block_out:(j + 1) * block_out] for j in range(k)]
+        grad_B = torch.stack([hidden[j].t() @ grad_blocks[j] for j in range(k)]) if needs_B else None
+        grad_hidden = torch.stack([grad_blocks[j] @ B[j].t() for j in range(k)])  # (j, tokens, rank)
+        # Back to input-block order (tokens, n, rank), with the scale.
+        grad_hidden = (grad_hidden * ctx.scale).view(k, tokens, k, rank // k).permute(1, 2, 0, 3).reshape(tokens, k, rank)
+        grad_x = torch.cat([grad_hidden[:, n] @ A[n].t() for n in range(k)], dim=1) if needs_x else None
+        # grad_A as (gradᵀ x)ᵀ: the (rank, in/k) orientation runs about twice as fast in MKL as the
+        # (in/k, rank) one, and reads the same activations.
+        grad_A = torch.stack([
+            (grad_hidden[:, n].t() @ x[:, n * block_in:(n + 1) * block_in]).t() for n in range(k)
+        ]) if needs_A else None
+        return grad_x, grad_A, grad_B, None, grad if needs_y else None
