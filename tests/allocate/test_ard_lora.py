@@ -75,6 +75,8 @@ def test_per_head_update_is_the_dense_block_formula(side: str) -> None:
     torch.testing.assert_close(delta.delta_weight(), expected)
     x = torch.randn(5, 6)
     torch.testing.assert_close(delta(x), x @ expected.T)
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(delta.add_to(y, x), y + x @ expected.T)
     per_slot = 2 * 6 + 8 if side == "out" else 6 + 2 * 8
     assert sum(p.numel() for p in delta.parameters()) == type(delta).num_params(6, 8, delta.config) == 4 * per_slot + 2
 

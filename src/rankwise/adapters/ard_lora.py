@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
@@ -111,14 +112,29 @@ class ARDLoRA(Delta):
         return (self.config.rank * self.rank_scale).clamp(0, self.A.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.dropout(x)
-        gates = self.gates() * self.scale  # (heads, slots)
-        if self.config.head_side == "out":
-            hidden = torch.einsum("...i,hri->...hr", x, self.A) * gates  # (..., heads, slots)
-            return torch.einsum("...hr,hor->...ho", hidden, self.B).flatten(-2)
-        grouped = x.unflatten(-1, (self.config.heads, self.group_in))  # (..., heads, group_in)
-        hidden = torch.einsum("...hi,hri->...hr", grouped, self.A) * gates
-        return torch.einsum("...hr,hor->...o", hidden, self.B)
+        return self._sum(x, None).view(*x.shape[:-1], self.out_features)
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        return self._sum(x, y.reshape(-1, self.out_features)).view(y.shape)
+
+    def _sum(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) as (tokens, out), with plain products over
+        column slices (no full-size copy) and the residual sum inside the last one."""
+        rows = self.dropout(x).reshape(-1, self.in_features)
+        heads, slots = self.A.shape[:2]
+        # The gates and the scale ride on B, and Bᵀ is made contiguous (slots, out_g) per head for
+        # the faster backward orientation (see LoRA's ``up_projection``).
+        up = (self.B * (self.gates() * self.scale).unsqueeze(1)).transpose(1, 2).contiguous()
+        if self.config.head_side == "in":  # every head writes the whole output: one sum over heads
+            hidden = torch.cat([F.linear(rows[:, h * self.group_in:(h + 1) * self.group_in], self.A[h]) for h in range(heads)], 1)
+            up = up.reshape(heads * slots, self.out_features)
+            return hidden @ up if y is None else torch.addmm(y, hidden, up)
+        hidden = F.linear(rows, self.A.reshape(heads * slots, self.in_features))  # (tokens, heads · slots)
+        blocks = []
+        for h in range(heads):
+            head_hidden, columns = hidden[:, h * slots:(h + 1) * slots], slice(h * self.group_out, (h + 1) * self.group_out)
+            blocks.append(head_hidden @ up[h] if y is None else torch.addmm(y[:, columns], head_hidden, up[h]))
+        return blocks[0] if heads == 1 else torch.cat(blocks, 1)
 
     def delta_weight(self) -> Tensor:
         blocks = torch.einsum("hor,hr,hri->hoi", self.B, self.gates() * self.scale, self.A)  # (heads, out_g, in_g)
