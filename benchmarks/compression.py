@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rankwise as rw
-from rankwise.compress.low_rank_linear import count_params, replace_at_ranks
+from rankwise.compress.replace import replace_at_ranks
+from rankwise.compress.report import count_params
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 START = time.time()

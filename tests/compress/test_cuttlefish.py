@@ -12,7 +12,7 @@ from torch import nn
 from _tiny_cnn import TinyCNN, batches
 
 from rankwise.compress import Cuttlefish, LowRankConv2d, stable_rank
-from rankwise.compress.low_rank_linear import count_params
+from rankwise.compress.report import count_params
 
 
 def _with_singular_values(values: list[float], shape: tuple[int, ...]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rankwise.compress import LowRankLinear, load_compressed, lord, save_compressed
-from rankwise.compress.low_rank_linear import count_params
+from rankwise.compress.report import count_params
 
 
 def _model() -> nn.Sequential:

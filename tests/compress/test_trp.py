@@ -11,7 +11,7 @@ from torch import nn
 from _tiny_cnn import TinyCNN, batches
 
 from rankwise.compress import TRP, LowRankConv2d
-from rankwise.compress.low_rank_linear import count_params
+from rankwise.compress.report import count_params
 
 
 def _matrix(weight: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -5,8 +5,9 @@ low rank; ``LoRAE`` learns a low-rank latent. Compressed layers are :class:`LowR
 :class:`LowRankConv2d`, whose factors are plain ``nn.Linear``/``nn.Conv2d`` children.
 """
 
+from .checkpoint import load_compressed, save_compressed
 from .cuttlefish import Cuttlefish, stable_rank
-from .lord import Calibration, calibrate, lord
+from .layers import LowRankConv2d, LowRankLinear
 from .lorae import (
     Autoencoder,
     AutoencoderEval,
@@ -17,14 +18,8 @@ from .lorae import (
     pixel_pca,
     train_autoencoder,
 )
-from .low_rank_linear import (
-    CompressionReport,
-    LayerReport,
-    LowRankConv2d,
-    LowRankLinear,
-    load_compressed,
-    save_compressed,
-)
+from .lord import Calibration, calibrate, lord
+from .report import CompressionReport, LayerReport
 from .trp import TRP
 
 __all__ = [

@@ -20,16 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.geometry import BaseKind, check_supported
-from .low_rank_linear import (
-    CompressionReport,
-    LowRankLayer,
-    broadcast_,
-    replace_at_ranks,
-    saves_parameters,
-    scheme_matrix,
-    select_layers,
-    spatial_conv_targets,
-)
+from .layers import LowRankLayer, scheme_matrix
+from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .report import CompressionReport, saves_parameters
 
 
 def stable_rank(matrix: Tensor) -> int:

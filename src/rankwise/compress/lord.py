@@ -17,19 +17,9 @@ from torch import Tensor, nn
 from ..core.config import ALL_LINEAR
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import rank_for_energy
-from .low_rank_linear import (
-    CompressionReport,
-    LayerReport,
-    LowRankLayer,
-    all_reduce_sum_,
-    from_factors,
-    install,
-    layer_report,
-    saves_parameters,
-    scheme_matrix,
-    select_layers,
-    svd_factors,
-)
+from .layers import LowRankLayer, from_factors, scheme_matrix, svd_factors
+from .replace import all_reduce_sum_, install, select_layers
+from .report import CompressionReport, LayerReport, layer_report, saves_parameters
 
 
 @dataclass

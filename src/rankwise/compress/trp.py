@@ -18,19 +18,9 @@ from torch import Tensor, nn
 
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import truncated_svd
-from .low_rank_linear import (
-    SCHEMES,
-    CompressionReport,
-    Scheme,
-    broadcast_,
-    from_scheme_matrix,
-    replace_at_ranks,
-    saves_parameters,
-    scheme_matrix,
-    select_layers,
-    spatial_conv_targets,
-    write_scheme_matrix,
-)
+from .layers import SCHEMES, Scheme, from_scheme_matrix, scheme_matrix, write_scheme_matrix
+from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .report import CompressionReport, saves_parameters
 
 
 class TRP:

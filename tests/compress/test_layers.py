@@ -11,7 +11,8 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.compress import LowRankConv2d, LowRankLinear, load_compressed, lord, save_compressed
-from rankwise.compress.low_rank_linear import count_params, from_factors, scheme_matrix, svd_factors
+from rankwise.compress.layers import from_factors, scheme_matrix, svd_factors
+from rankwise.compress.report import count_params
 from rankwise.core.inject import adapted_modules
 
 DOUBLE = torch.float64

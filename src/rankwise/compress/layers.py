@@ -1,0 +1,215 @@
+"""Low-rank layers that replace a Linear, Conv1D or Conv2d, and the machinery every compressor shares.
+
+A compressed layer is two ordinary layers in a row, ``y = U(V(x))``: ``V`` maps the input to ``rank``
+channels and ``U`` maps them to the output and carries the bias. Because the factors are plain
+``nn.Linear`` / ``nn.Conv2d`` children, the model stays a normal PyTorch model: it trains, saves and
+takes adapters (``rw.adapt(model, LoRAConfig(targets=("U",)))`` adapts every output factor).
+
+Convolutions factor in one of two schemes (``shared/methods/rank-and-compression.md`` §B1):
+
+* ``"channel"`` (Zhang et al. 2016): ``M = W.reshape(N, C·kh·kw)``; ``V`` is a kh × kw conv C → r with
+  the original stride, padding and dilation, ``U`` a 1 × 1 conv r → N.
+* ``"spatial"`` (Jaderberg et al. 2014, scheme 2): ``M = W.permute(C, kh, N, kw).reshape(C·kh, N·kw)``;
+  ``V`` is a vertical kh × 1 conv C → r, ``U`` a horizontal 1 × kw conv r → N. Stride, padding and
+  dilation split by axis, so the pair equals the rank-r kernel for any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core.geometry import BaseKind
+from ..decompose import truncated_svd
+
+Scheme = Literal["channel", "spatial"]
+SCHEMES: tuple[Scheme, ...] = ("channel", "spatial")
+
+
+class LowRankLinear(nn.Module):
+    """``y = (x Vᵀ) Uᵀ + b``: a rank-r replacement for an ``nn.Linear`` or transformers ``Conv1D``.
+
+    Args:
+        in_features, out_features: the replaced layer's sizes.
+        rank: r, the inner dimension; 1 <= r.
+        bias: whether ``U`` carries a bias (the replaced layer's).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        _check_rank(rank)
+        self.V = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.U = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @property
+    def rank(self) -> int:
+        return self.V.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.U(self.V(x))
+
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ``left @ right`` the layer's (out, in) weight; differentiable."""
+        return self.U.weight, self.V.weight
+
+    def set_factor_matrices(self, left: Tensor, right: Tensor) -> None:
+        """Write ``U = left`` (out, r) and ``V = right`` (r, in), in the layer's dtype."""
+        with torch.no_grad():
+            self.U.weight.copy_(left)
+            self.V.weight.copy_(right)
+
+    def dense_weight(self) -> Tensor:
+        """The dense (out, in) weight the pair computes."""
+        return self.U.weight @ self.V.weight
+
+    def layout(self) -> dict[str, Any]:
+        """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
+        return {"type": "LowRankLinear", "in_features": self.V.in_features, "out_features": self.U.out_features,
+                "rank": self.rank, "bias": self.U.bias is not None}
+
+
+class LowRankConv2d(nn.Module):
+    """A rank-r replacement for an ``nn.Conv2d`` (groups 1): ``V`` then ``U``, in the given scheme.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation: the replaced conv's.
+        rank: r, the channels between the two convs; 1 <= r.
+        scheme: ``"channel"`` or ``"spatial"`` (module docstring).
+        bias: whether ``U`` carries a bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], rank: int, *,
+                 scheme: Scheme = "channel", stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), bias: bool = True, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        _check_rank(rank)
+        if scheme not in SCHEMES:
+            raise ValueError(f"LowRankConv2d: scheme={scheme!r} is not allowed; expected one of {SCHEMES}")
+        self.scheme = scheme
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        kwargs = {"dtype": dtype, "device": device}
+        if scheme == "channel":
+            self.V = nn.Conv2d(in_channels, rank, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bias=False, **kwargs)
+            self.U = nn.Conv2d(rank, out_channels, 1, bias=bias, **kwargs)
+        else:
+            self.V = nn.Conv2d(in_channels, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False, **kwargs)
+            self.U = nn.Conv2d(rank, out_channels, (1, kw), (1, sw), (0, pw), (1, dw), bias=bias, **kwargs)
+
+    @property
+    def rank(self) -> int:
+        return self.V.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.U(self.V(x))
+
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ``left @ right`` the scheme's matrix of the composite kernel."""
+        if self.scheme == "channel":
+            return self.U.weight.flatten(1), self.V.weight.flatten(1)  # (N, r), (r, C·kh·kw)
+        r, c, kh, _ = self.V.weight.shape
+        n, kw = self.U.weight.shape[0], self.U.weight.shape[3]
+        left = self.V.weight[..., 0].permute(1, 2, 0).reshape(c * kh, r)
+        right = self.U.weight[:, :, 0, :].permute(1, 0, 2).reshape(r, n * kw)
+        return left, right
+
+    def set_factor_matrices(self, left: Tensor, right: Tensor) -> None:
+        """Inverse of :meth:`factor_matrices`: write the factors from the scheme's two matrices."""
+        with torch.no_grad():
+            if self.scheme == "channel":
+                self.U.weight.copy_(left.reshape(self.U.weight.shape))
+                self.V.weight.copy_(right.reshape(self.V.weight.shape))
+                return
+            r, c, kh, _ = self.V.weight.shape
+            n, kw = self.U.weight.shape[0], self.U.weight.shape[3]
+            self.V.weight.copy_(left.reshape(c, kh, r).permute(2, 0, 1).unsqueeze(-1))
+            self.U.weight.copy_(right.reshape(r, n, kw).permute(1, 0, 2).unsqueeze(2))
+
+    def dense_weight(self) -> Tensor:
+        """The dense (N, C, kh, kw) kernel the pair computes."""
+        left, right = self.factor_matrices()
+        shape = (self.U.out_channels, self.V.in_channels, *self.kernel_size)
+        return from_scheme_matrix(left @ right, shape, self.scheme)
+
+    def layout(self) -> dict[str, Any]:
+        """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
+        return {"type": "LowRankConv2d", "in_channels": self.V.in_channels, "out_channels": self.U.out_channels,
+                "kernel_size": list(self.kernel_size), "rank": self.rank, "scheme": self.scheme,
+                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
+                "bias": self.U.bias is not None}
+
+
+LowRankLayer = LowRankLinear | LowRankConv2d
+
+
+def scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme) -> Tensor:
+    """The matrix a scheme factors: (out, in) for Linear/Conv1D; see the module docstring for convs."""
+    if kind == "linear":
+        return layer.weight
+    if kind == "conv1d":
+        return layer.weight.t()
+    if scheme == "channel":
+        return layer.weight.flatten(1)
+    n, c, kh, kw = layer.weight.shape
+    return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+
+def from_scheme_matrix(matrix: Tensor, shape: tuple[int, ...], scheme: Scheme) -> Tensor:
+    """Inverse of :func:`scheme_matrix` for a conv kernel of ``shape`` (N, C, kh, kw)."""
+    if scheme == "channel":
+        return matrix.reshape(shape)
+    n, c, kh, kw = shape
+    return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+
+
+def write_scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme, matrix: Tensor) -> None:
+    """Copy a scheme matrix back into the layer's weight, in place."""
+    with torch.no_grad():
+        if kind == "conv2d":
+            layer.weight.copy_(from_scheme_matrix(matrix, tuple(layer.weight.shape), scheme))
+        else:
+            layer.weight.copy_(matrix.t() if kind == "conv1d" else matrix)
+
+
+def empty_like_layer(layer: nn.Module, kind: BaseKind, rank: int, scheme: Scheme) -> LowRankLayer:
+    """An uninitialized low-rank replacement of ``layer`` at ``rank``, same dtype and device."""
+    kwargs = {"bias": layer.bias is not None, "dtype": layer.weight.dtype, "device": layer.weight.device}
+    if kind == "conv2d":
+        return LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, rank, scheme=scheme,
+                             stride=layer.stride, padding=layer.padding, dilation=layer.dilation, **kwargs)
+    out_features, in_features = scheme_matrix(layer, kind, scheme).shape
+    return LowRankLinear(in_features, out_features, rank, **kwargs)
+
+
+def from_factors(layer: nn.Module, kind: BaseKind, scheme: Scheme, left: Tensor, right: Tensor) -> LowRankLayer:
+    """A low-rank replacement of ``layer`` with ``left @ right`` as its scheme matrix and its bias."""
+    new = empty_like_layer(layer, kind, left.shape[1], scheme)
+    new.set_factor_matrices(left, right)
+    if layer.bias is not None:
+        with torch.no_grad():
+            new.U.bias.copy_(layer.bias)
+    return new
+
+
+def svd_factors(matrix: Tensor, rank: int, scheme: Scheme) -> tuple[Tensor, Tensor, float]:
+    """``(left, right, error)``: the rank-r truncated SVD ``P Σ Qᵀ`` of ``matrix`` split in two.
+
+    Channel scheme and Linear: ``left = P √Σ``, ``right = √Σ Qᵀ`` (TRP's NC, Cuttlefish, LoRD).
+    Spatial scheme: ``left = P``, ``right = Σ Qᵀ`` (TRP's VH code puts all of Σ in the horizontal conv).
+    """
+    compute = matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+    svd = truncated_svd(compute, rank=rank)
+    if scheme == "spatial":
+        return svd.U, svd.S[:, None] * svd.Vh, svd.error
+    root = svd.S.sqrt()
+    return svd.U * root, root[:, None] * svd.Vh, svd.error
+
+
+def _check_rank(rank: int) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be an integer >= 1")
