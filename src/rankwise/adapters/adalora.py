@@ -92,9 +92,10 @@ class AdaLoRA(Delta):
         return self.A, self.e, self.B
 
     def _hidden(self, x: Tensor) -> Tensor:
-        """``s · diag(e) A x`` as (tokens, rank): the scale and e applied on the rank side."""
+        """``s · diag(e) A x`` as (tokens, rank). The scale and e go on A (rank × in numbers), so
+        backward keeps one (tokens, rank) tensor instead of two."""
         rows = self.dropout(x).reshape(-1, self.in_features)  # before the product: rank may be 0
-        return F.linear(rows, self.A) * (self.e.view(-1) * self.scale)
+        return F.linear(rows, self.A * (self.e * self.scale))
 
     def forward(self, x: Tensor) -> Tensor:
         # Bᵀ as a contiguous (rank, out) copy, for the faster backward orientation (as LoRA's
