@@ -313,7 +313,7 @@ def main() -> None:
     sections = [run_workload(key, args.rounds, methods, CLOCKS[args.clock]) for key in args.workloads]
     header = (
         f"Run {datetime.date.today()} on {_machine()} ({platform.machine()}), torch {torch.__version__}, "
-        f"PEFT {peft.__version__ if peft else '—'}, {args.threads} threads, fp32, {args.clock} time, medians of {args.rounds} rounds, "
+        f"PEFT {peft.__version__ if peft else '—'}, {args.threads} thread{'s' if args.threads != 1 else ''}, fp32, {args.clock} time, medians of {args.rounds} rounds, "
         f"each ratio paired with the floor (or PEFT) timed just before it. Load average {load:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (other processes on the machine).\n\n"
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"
