@@ -200,7 +200,7 @@ PRESETS: dict[str, Preset] = {
             "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
         },
     ),
-    # About 75 minutes on 2 CPU cores with the 19 recipes of now (per-recipe costs measured in
+    # About 80 minutes on 2 CPU cores with the 19 recipes of now (per-recipe costs measured in
     # docs/benchmarks.md). Each run sees its training subset once (train = steps × batch_size).
     "full": Preset(
         "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
