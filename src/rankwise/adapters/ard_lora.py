@@ -118,8 +118,9 @@ class ARDLoRA(Delta):
         return self._sum(x, y.reshape(-1, self.out_features)).view(y.shape)
 
     def _sum(self, x: Tensor, y: Tensor | None) -> Tensor:
-        """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) as (tokens, out), with plain products over
-        column slices (no full-size copy) and the residual sum inside the last one."""
+        """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) as (tokens, out): plain products over column
+        slices instead of einsum's permuted copies, the residual added inside each head's product
+        (one concatenation of the heads' outputs when there are several)."""
         rows = self.dropout(x).reshape(-1, self.in_features)
         heads, slots = self.A.shape[:2]
         # The gates and the scale ride on B, and Bᵀ is made contiguous (slots, out_g) per head for

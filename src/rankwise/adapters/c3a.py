@@ -125,15 +125,17 @@ class _BlockCirculant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:
         _, p, b = kernel.shape
-        weight = _frequency_major(torch.fft.rfft(kernel, n=b) / x.shape[1])  # (F, q, p)
+        weight = _kernel_spectrum(kernel, x.shape[1])  # (F, q, p)
         mixed = torch.bmm(_spectrum(x, p, b), weight.mH)  # (F, tokens, q)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, kernel, weight)
         ctx.block_size = b
         return _signal(mixed, b)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
+        x, kernel, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: the saved spectrum is a constant to autograd
+            weight = _kernel_spectrum(kernel, x.shape[1])
         b, (frequencies, q, p) = ctx.block_size, weight.shape
         g = _spectrum(grad, q, b)  # (F, tokens, q)
         grad_x = _signal(torch.bmm(g, weight), b) if ctx.needs_input_grad[0] else None
@@ -147,6 +149,11 @@ class _BlockCirculant(torch.autograd.Function):
             cross = torch.complex(m[:, :, 0, :, 0] + m[:, :, 1, :, 1], m[:, :, 0, :, 1] - m[:, :, 1, :, 0])
             grad_kernel = torch.fft.irfft(cross.permute(1, 2, 0), n=b) / x.shape[1]
         return grad_x, grad_kernel
+
+
+def _kernel_spectrum(kernel: Tensor, in_features: int) -> Tensor:
+    """(q, p, b) kernel → (b//2+1, q, p) spectrum, with the 1/in scale of ΔW."""
+    return _frequency_major(torch.fft.rfft(kernel, n=kernel.shape[-1]) / in_features)
 
 
 def _frequency_major(t: Tensor) -> Tensor:

@@ -131,7 +131,7 @@ class GraLoRA(Delta):
 
 
 class _GridProduct(torch.autograd.Function):
-    """``y + s · x ΔWᵀ`` for the k × k grid, every full-size operand taken as column blocks:
+    """``y + x ΔWᵀ`` for the k × k grid, every full-size operand taken as column blocks:
     input block n is the column slice ``x[:, n]``, output block j the column slice ``y[:, j]``,
     and backward does the same with the gradients.
 
@@ -139,18 +139,28 @@ class _GridProduct(torch.autograd.Function):
     form (PEFT's, and ours before) copies the input, the output and both of their gradients once
     per layer and step. Plain products accept column slices as they are; what remains is one
     concatenation each of the output and of the input gradient, and the permutation of the
-    rank-sized hidden tensor between the two halves. (Writing each block through ``out=`` a
+    rank-sized hidden tensor between the two halves (the hybrid LoRA, when on, adds one addmm
+    over the output in :meth:`GraLoRA._sum`). (Writing each block through ``out=`` a
     column slice would spare the concatenations, but ``torch.compile`` cannot trace a
     non-contiguous ``out=``, and the difference is within run-to-run noise.)
+
+    Double backward works: backward is made of differentiable operations on the saved inputs, and
+    under ``create_graph=True`` the saved hidden tensor is recomputed from x and A.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, y: Tensor | None) -> Tensor:
+    def hidden(x: Tensor, A: Tensor, scale: float) -> Tensor:
+        """(k_j, tokens, rank): for output block j, ``s · x_n A[n][:, chunk j]`` for every n, what
+        it multiplies by B[j]."""
         k, block_in, rank = A.shape
-        block_out, tokens = B.shape[2], x.shape[0]
-        # hidden[j] = [s · x_n A[n][:, chunk j] for every n]: what output block j multiplies by B[j].
+        tokens = x.shape[0]
         hidden = torch.stack([x[:, n * block_in:(n + 1) * block_in] @ A[n] for n in range(k)], dim=1)
-        hidden = (hidden * scale).view(tokens, k, k, rank // k).permute(2, 0, 1, 3).reshape(k, tokens, rank)
+        return (hidden * scale).view(tokens, k, k, rank // k).permute(2, 0, 1, 3).reshape(k, tokens, rank)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, y: Tensor | None) -> Tensor:
+        k, block_out = A.shape[0], B.shape[2]
+        hidden = _GridProduct.hidden(x, A, scale)
         blocks = [
             hidden[j] @ B[j] if y is None else torch.addmm(y[:, j * block_out:(j + 1) * block_out], hidden[j], B[j])
             for j in range(k)
@@ -163,11 +173,15 @@ class _GridProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B, hidden = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            hidden = _GridProduct.hidden(x, A, ctx.scale)
         k, block_in, rank = A.shape
         block_out, tokens = B.shape[2], x.shape[0]
         needs_x, needs_A, needs_B, _, needs_y = ctx.needs_input_grad
         grad_blocks = [grad[:, j * block_out:(j + 1) * block_out] for j in range(k)]
         grad_B = torch.stack([hidden[j].t() @ grad_blocks[j] for j in range(k)]) if needs_B else None
+        if not (needs_x or needs_A):
+            return None, None, grad_B, None, grad if needs_y else None
         grad_hidden = torch.stack([grad_blocks[j] @ B[j].t() for j in range(k)])  # (j, tokens, rank)
         # Back to input-block order (tokens, n, rank), with the scale.
         grad_hidden = (grad_hidden * ctx.scale).view(k, tokens, k, rank // k).permute(1, 2, 0, 3).reshape(tokens, k, rank)

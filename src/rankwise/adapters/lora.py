@@ -133,6 +133,10 @@ class _Direction(torch.autograd.Function):
     product (one GEMM pass over it in place, no second full-size tensor, no add); backward, the
     low-rank input gradient into ``grad · W0`` the same way, where autograd would write it to a
     tensor of its own and then add the two.
+
+    Double backward works: backward is made of differentiable operations on the saved inputs, and
+    under ``create_graph=True`` (grad mode on in backward) the saved hidden tensor, a constant to
+    autograd, is recomputed from x and A so that second-order terms through it are kept.
     """
 
     @staticmethod
@@ -146,6 +150,8 @@ class _Direction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w0, A, up, hidden = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            hidden = F.linear(x, A) * ctx.scale
         needs_x, needs_w0, needs_A, needs_up, _ = ctx.needs_input_grad
         grad_hidden = (grad @ up.t()) * ctx.scale  # (tokens, rank)
         grad_x = (grad @ w0).addmm_(grad_hidden, A) if needs_x else None

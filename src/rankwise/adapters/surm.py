@@ -32,6 +32,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta, OutputAdapter
@@ -136,6 +137,7 @@ class _CircularConvolution(torch.autograd.Function):
         return torch.fft.irfft(t_spectrum * x_spectrum, n=size)
 
     @staticmethod
+    @once_differentiable  # the saved spectra are constants to autograd: double backward raises
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         t_spectrum, x_spectrum = ctx.saved_tensors
         size, t_shape, x_shape = ctx.size, ctx.t_shape, ctx.x_shape
