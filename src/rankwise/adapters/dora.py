@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import Reparam
+from ..core.precision import apply_in
 from ..core.registry import register
 from .lora import LoRAConfig, LowRank
 
@@ -90,7 +91,9 @@ class DoRA(LowRank, Reparam):
 def scale_rows(direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
     """``direction · gain + bias`` for direction (..., out) and gain, bias (out,): DoRA's and BoRA's
     row scaling, the bias added in the same pass."""
-    return _ScaleRows.apply(direction, gain, bias)
+    # Under autocast the direction arrives in bf16/fp16 and the gain in fp32: the scaling runs in the
+    # wider of the two, as PEFT's promoting multiply does.
+    return apply_in(torch.promote_types(direction.dtype, gain.dtype), _ScaleRows.apply, direction, gain, bias)
 
 
 class _ScaleRows(torch.autograd.Function):

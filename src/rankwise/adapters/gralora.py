@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta
+from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
 
@@ -101,7 +102,7 @@ class GraLoRA(Delta):
 
     def _sum(self, x: Tensor, y: Tensor | None) -> Tensor:
         """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) for x of shape (tokens, in) and y (tokens, out)."""
-        out = _GridProduct.apply(x, self.A, self.B, self.scale, y)
+        out = apply_in(compute_dtype(x), _GridProduct.apply, x, self.A, self.B, self.scale, y)
         if self.hybrid_rank:
             hidden = F.linear(x, self.hybrid_A) * self.scale  # (tokens, hybrid_rank)
             out = torch.addmm(out, hidden, self.hybrid_B.t())

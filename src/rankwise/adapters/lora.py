@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Adapter, Delta
+from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
 
@@ -100,7 +101,7 @@ class LowRank(Adapter):
         """``x W0ᵀ + s·x Aᵀ Bᵀ``, shape (..., out), for the methods that scale the updated direction
         (DoRA, BoRA), which compute the base product themselves."""
         rows = x.reshape(-1, self.in_features)
-        out = _Direction.apply(rows, w0, self.A, self.up_projection(), self.scale)
+        out = apply_in(compute_dtype(rows), _Direction.apply, rows, w0, self.A, self.up_projection(), self.scale)
         return out.view(*x.shape[:-1], self.out_features)
 
     def lowrank_weight(self) -> Tensor:
