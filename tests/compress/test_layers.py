@@ -13,6 +13,7 @@ import rankwise as rw
 from rankwise.compress import LowRankConv2d, LowRankLinear, load_compressed, lord, save_compressed
 from rankwise.compress.layers import from_factors, scheme_matrix, svd_factors
 from rankwise.compress.report import count_params
+from rankwise.core import checkpoint
 from rankwise.core.inject import adapted_modules
 
 DOUBLE = torch.float64
@@ -89,6 +90,26 @@ def test_save_and_load_a_compressed_model(tmp_path) -> None:
     layout = json.loads((tmp_path / "compression.json").read_text())
     assert layout["layers"]["0"] == {"type": "LowRankLinear", "in_features": 16, "out_features": 32,
                                      "rank": 4, "bias": True}
+
+
+def test_an_interrupted_save_leaves_the_previous_files_intact(tmp_path, monkeypatch) -> None:
+    first = _mlp()
+    lord(first, targets=("0", "2"), rank_ratio=0.25)
+    save_compressed(first, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = _mlp()
+    lord(second, targets=("2",), rank_ratio=0.5)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(second, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary left either
+    fresh = load_compressed(_mlp(), tmp_path)
+    assert isinstance(fresh[0], LowRankLinear) and fresh[2].rank == 8
 
 
 def test_load_refuses_a_model_that_does_not_fit_before_changing_it(tmp_path) -> None:

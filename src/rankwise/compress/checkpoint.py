@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.checkpoint import CheckpointError, atomic_write
+from ..core.checkpoint import CheckpointError, atomic_write, atomic_write_with
 from ..core.geometry import check_supported
 from ..core.inject import replace_module
 from ..version import __version__
@@ -39,7 +38,8 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
         storage = value.untyped_storage().data_ptr()
         tensors[key] = value.detach().clone() if storage in seen else value.detach().contiguous()
         seen.add(storage)
-    atomic_write(folder / _WEIGHTS, safetensors_bytes(tensors))
+    # Through a file, not bytes in memory: a whole model's state dict is large.
+    atomic_write_with(folder / _WEIGHTS, lambda temporary: save_file(tensors, str(temporary)))
     atomic_write(folder / _LAYOUT, json.dumps(layout, indent=2).encode())
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +237,20 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda temporary: temporary.write_bytes(data))
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(temporary)`` in the same folder, fsync it, then rename it
+    over ``path``: a reader sees the old file or the whole new one, never part of one. For large
+    files written by a library that takes a path (safetensors' ``save_file``), with no copy in
+    memory."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
