@@ -8,8 +8,8 @@ by the floor (or by PEFT) timed moments before it in the same round, so load fro
 that drifts between groups or rounds cancels out of the ratios. Each method's *FLOP limit*
 is floor × (adapted FLOPs / floor FLOPs), FLOPs counted by ``torch.utils.flop_counter`` over one
 forward + backward (FFTs are not counted, so the limit is optimistic for FFT-based methods).
-Memory is what the step keeps for backward (unique storages seen by saved-tensor hooks) plus the
-trainable parameters with their gradients and AdamW moments; CPU peak RSS is not per-case.
+Memory is what the step keeps for backward (unique storages seen by saved-tensor hooks, the model's
+parameters excepted) plus the trainable parameters with their gradients and AdamW moments; CPU peak RSS is not per-case.
 
     python benchmarks/speed.py --out docs/performance.md            # full run
     python benchmarks/speed.py --rounds 3 --workloads mlp           # a quick look
@@ -141,9 +141,13 @@ class Runner:
 
     def memory_mb(self) -> float:
         storages: dict[int, int] = {}
+        # Parameters a backward keeps are the model itself, not memory the step adds (the
+        # trainable ones are counted below with their gradients and moments).
+        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if t.untyped_storage().data_ptr() not in parameters:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
