@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta
+from ..core.delta import Delta, add_product
 from ..core.registry import register
 
 INIT_STD = 0.02  # A, B ~ N(0, 0.02²): the official code and PEFT
@@ -103,8 +103,7 @@ class AdaLoRA(Delta):
         return (self._hidden(x) @ self.B.t().contiguous()).view(*x.shape[:-1], self.out_features)
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # One addmm instead of a matmul and a full-size add, as LoRA.
-        return torch.addmm(y.reshape(-1, self.out_features), self._hidden(x), self.B.t().contiguous()).view(y.shape)
+        return add_product(y, self._hidden(x), self.B.t().contiguous())
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ (self.A * self.e))

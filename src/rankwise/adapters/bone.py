@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta
+from ..core.delta import Delta, add_product
 from ..core.registry import register
 
 
@@ -67,10 +67,7 @@ class Bone(Delta):
         return self._shard_sum(x) @ self.D
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # One addmm instead of a matmul and a full-size add, as LoRA does.
-        shard_sum = self._shard_sum(x)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), shard_sum.reshape(-1, shard_sum.shape[-1]), self.D)
-        return out.view(y.shape)
+        return add_product(y, self._shard_sum(x), self.D)
 
     def _shard_sum(self, x: Tensor) -> Tensor:
         """``x̄ = Σ_j x_j``, shape (..., rank)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta
+from ..core.delta import Delta, add_product
 from ..core.registry import register
 
 
@@ -88,10 +88,7 @@ class LoLDU(Delta):
         return torch.matmul(self._hidden(x), self._up())
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # One addmm instead of a matmul and a full-size add, as LoRA does.
-        hidden = self._hidden(x)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self._up())
-        return out.view(y.shape)
+        return add_product(y, self._hidden(x), self._up())
 
     def _hidden(self, x: Tensor) -> Tensor:
         return F.linear(x, self.U) * self.gain()  # (..., rank)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta
+from ..core.delta import Adapter, Delta, add_product
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -119,10 +119,7 @@ class LoRA(LowRank, Delta):
         return self.lowrank(self.dropout(x))
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # One addmm instead of a matmul and a full-size add: saves a write and a read of y.
-        hidden = F.linear(self.dropout(x), self.A) * self.scale  # (..., rank)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.up_projection())
-        return out.view(y.shape)
+        return add_product(y, F.linear(self.dropout(x), self.A) * self.scale, self.up_projection())
 
     def delta_weight(self) -> Tensor:
         return self.lowrank_weight()

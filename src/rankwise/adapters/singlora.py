@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta
+from ..core.delta import Delta, add_product
 from ..core.registry import register
 from ..core.steps import Stepped
 
@@ -110,10 +110,7 @@ class SingLoRA(Delta, Stepped):
         return torch.matmul(self._hidden(x), self._rows(self.out_features))
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        # One addmm instead of a matmul and a full-size add, as LoRA does.
-        hidden = self._hidden(x).reshape(-1, self.A.shape[1])  # (tokens, rank)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), hidden, self._rows(self.out_features))
-        return out.view(y.shape)
+        return add_product(y, self._hidden(x), self._rows(self.out_features))
 
     def _delta_weight(self, ramp: Tensor) -> Tensor:
         return (self.scale * ramp) * (self.A[: self.out_features] @ self.A[: self.in_features].t())
