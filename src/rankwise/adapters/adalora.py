@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product
+from ..core.delta import Delta, add_product, low_rank_product
 from ..core.registry import register
 
 INIT_STD = 0.02  # A, B ~ N(0, 0.02²): the official code and PEFT
@@ -98,12 +98,10 @@ class AdaLoRA(Delta):
         return F.linear(rows, self.A * (self.e * self.scale))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Bᵀ as a contiguous (rank, out) copy, for the faster backward orientation (as LoRA's
-        # ``up_projection``).
-        return (self._hidden(x) @ self.B.t().contiguous()).view(*x.shape[:-1], self.out_features)
+        return low_rank_product(self._hidden(x), self.B.t()).view(*x.shape[:-1], self.out_features)
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        return add_product(y, self._hidden(x), self.B.t().contiguous())
+        return add_product(y, self._hidden(x), self.B.t())
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ (self.A * self.e))

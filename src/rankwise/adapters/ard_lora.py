@@ -124,7 +124,7 @@ class ARDLoRA(Delta):
         rows = self.dropout(x).reshape(-1, self.in_features)
         heads, slots = self.A.shape[:2]
         # The gates and the scale ride on B, and Bᵀ is made contiguous (slots, out_g) per head for
-        # the faster backward orientation (see LoRA's ``up_projection``).
+        # the faster backward orientation (see rankwise.core.delta._UpProjection).
         up = (self.B * (self.gates() * self.scale).unsqueeze(1)).transpose(1, 2).contiguous()
         if self.config.head_side == "in":  # every head writes the whole output: one sum over heads
             hidden = torch.cat([F.linear(rows[:, h * self.group_in:(h + 1) * self.group_in], self.A[h]) for h in range(heads)], 1)

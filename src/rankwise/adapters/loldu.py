@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product
+from ..core.delta import Delta, add_product, low_rank_product
 from ..core.registry import register
 
 
@@ -85,18 +85,13 @@ class LoLDU(Delta):
         return self.sigma * self.z - self.initial
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.matmul(self._hidden(x), self._up())
+        return low_rank_product(self._hidden(x), self.L.t())
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        return add_product(y, self._hidden(x), self._up())
+        return add_product(y, self._hidden(x), self.L.t())
 
     def _hidden(self, x: Tensor) -> Tensor:
         return F.linear(x, self.U) * self.gain()  # (..., rank)
-
-    def _up(self) -> Tensor:
-        # Lᵀ as a contiguous (rank, out) copy: the backward product grad · L then runs in the
-        # orientation MKL is fast at (see rankwise.adapters.lora.LowRank.up_projection).
-        return self.L.t().contiguous()
 
     def delta_weight(self) -> Tensor:
         return (self.L * self.gain()) @ self.U

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product
+from ..core.delta import Adapter, Delta, add_product, low_rank_product
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -84,24 +84,13 @@ class LowRank(Adapter):
     def lowrank(self, x: Tensor) -> Tensor:
         """``s · x Aᵀ Bᵀ`` for x of shape (..., in); the scale is applied on the rank side, the
         narrowest tensor."""
-        return torch.matmul(F.linear(x, self.A) * self.scale, self.up_projection())
-
-    def up_projection(self) -> Tensor:
-        """``Bᵀ`` as a contiguous (rank, out) matrix, for ``hidden @ up_projection()``.
-
-        Why a copy of B: autograd picks the orientation of a matmul's backward products from its
-        operands' layout. With ``Bᵀ`` as a transposed view it forms ``grad_B`` as ``gradᵀ·hidden``
-        and ``grad_hidden`` as ``grad·B`` with B row-major, shapes MKL runs 10× and 2–3× slower
-        than ``hiddenᵀ·grad`` and ``grad·(Bᵀ)ᵀ`` at rank 8 (1024 × 1024 layer, 1024 tokens, one
-        thread; each reads a full activation). The copy is rank × out numbers.
-        """
-        return self.B.t().contiguous()
+        return low_rank_product(F.linear(x, self.A) * self.scale, self.B.t())
 
     def direction(self, x: Tensor, w0: Tensor) -> Tensor:
         """``x W0ᵀ + s·x Aᵀ Bᵀ``, shape (..., out), for the methods that scale the updated direction
         (DoRA, BoRA), which compute the base product themselves."""
         rows = x.reshape(-1, self.in_features)
-        out = apply_in(compute_dtype(rows), _Direction.apply, rows, w0, self.A, self.up_projection(), self.scale)
+        out = apply_in(compute_dtype(rows), _Direction.apply, rows, w0, self.A, self.B.t(), self.scale)
         return out.view(*x.shape[:-1], self.out_features)
 
     def lowrank_weight(self) -> Tensor:
@@ -119,14 +108,15 @@ class LoRA(LowRank, Delta):
         return self.lowrank(self.dropout(x))
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        return add_product(y, F.linear(self.dropout(x), self.A) * self.scale, self.up_projection())
+        return add_product(y, F.linear(self.dropout(x), self.A) * self.scale, self.B.t())
 
     def delta_weight(self) -> Tensor:
         return self.lowrank_weight()
 
 
 class _Direction(torch.autograd.Function):
-    """``x W0ᵀ + s·(x Aᵀ) Bᵀ`` for x (tokens, in), with ``up = Bᵀ`` (rank, out), written out so that
+    """``x W0ᵀ + s·(x Aᵀ) Bᵀ`` for x (tokens, in), with ``up = Bᵀ`` (rank, out) a view of B that is
+    saved as the view (no copy kept, as in :class:`rankwise.core.delta._UpProjection`), written out so that
     each product accumulates into the one before it: forward, the low-rank term into the base
     product (one GEMM pass over it in place, no second full-size tensor, no add); backward, the
     low-rank input gradient into ``grad · W0`` the same way, where autograd would write it to a
@@ -151,7 +141,8 @@ class _Direction(torch.autograd.Function):
         if torch.is_grad_enabled():
             hidden = F.linear(x, A) * ctx.scale
         needs_x, needs_w0, needs_A, needs_up, _ = ctx.needs_input_grad
-        grad_hidden = (grad @ up.t()) * ctx.scale  # (tokens, rank)
+        # up.contiguous(): the fast orientation for this product, as in core.delta._UpProjection.
+        grad_hidden = (grad @ up.contiguous().t()) * ctx.scale  # (tokens, rank)
         grad_x = (grad @ w0).addmm_(grad_hidden, A) if needs_x else None
         grad_w0 = grad.t() @ x if needs_w0 else None
         grad_A = grad_hidden.t() @ x if needs_A else None

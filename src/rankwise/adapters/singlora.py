@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product
+from ..core.delta import Delta, add_product, low_rank_product
 from ..core.registry import register
 from ..core.steps import Stepped
 
@@ -97,20 +97,19 @@ class SingLoRA(Delta, Stepped):
         return (self.step.to(self.A.dtype) / self.ramp_steps).clamp(max=1)
 
     def _hidden(self, x: Tensor) -> Tensor:
-        """``s · u(t) · x A_in``, shape (..., rank): the scale goes on the narrowest tensor."""
-        return F.linear(self.dropout(x), self._rows(self.in_features)) * (self.scale * self.ramp())
+        """``s · u(t) · x A_in``, shape (..., rank): the scale goes on the narrowest tensor.
 
-    def _rows(self, n: int) -> Tensor:
-        """``A[:n]ᵀ`` as a contiguous (rank, n) copy (rank × n numbers): with A's own row-major
-        slice, autograd would form the backward products in the orientations MKL runs several
-        times slower at small rank (see :meth:`rankwise.adapters.lora.LowRank.up_projection`)."""
-        return self.A[:n].t().contiguous()
+        ``A_inᵀ`` as a contiguous (rank, in) copy (rank × in numbers): with A's own row-major slice,
+        autograd would form the backward products in orientations MKL runs several times slower at
+        small rank (as for the up-projection, :class:`rankwise.core.delta._UpProjection`)."""
+        down = self.A[: self.in_features].t().contiguous()
+        return F.linear(self.dropout(x), down) * (self.scale * self.ramp())
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.matmul(self._hidden(x), self._rows(self.out_features))
+        return low_rank_product(self._hidden(x), self.A[: self.out_features].t())
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
-        return add_product(y, self._hidden(x), self._rows(self.out_features))
+        return add_product(y, self._hidden(x), self.A[: self.out_features].t())
 
     def _delta_weight(self, ramp: Tensor) -> Tensor:
         return (self.scale * ramp) * (self.A[: self.out_features] @ self.A[: self.in_features].t())

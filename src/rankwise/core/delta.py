@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .geometry import BaseKind
+from .precision import apply_in, compute_dtype
 
 
 class Adapter(nn.Module, abc.ABC):
@@ -63,14 +64,55 @@ class Adapter(nn.Module, abc.ABC):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def low_rank_product(hidden: Tensor, up: Tensor) -> Tensor:
+    """``hidden @ up`` for hidden (..., r) and up (r, out): a factored method's up-projection, with
+    its backward products in the fast orientation and no copy of ``up`` kept (:class:`_UpProjection`).
+    ``up`` is typically a transposed view of a parameter, ``B.t()``."""
+    rows = hidden.shape[:-1].numel()
+    out = apply_in(compute_dtype(hidden), _UpProjection.apply, None, hidden.reshape(rows, up.shape[0]), up)
+    return out.view(*hidden.shape[:-1], up.shape[1])
+
+
 def add_product(y: Tensor, hidden: Tensor, up: Tensor) -> Tensor:
     """``y + hidden @ up`` for y (..., out), hidden (..., r) and up (r, out), as one ``addmm`` over
     the flattened rows: the product accumulates into y's copy, with no full-size tensor for the
     branch and no separate add (a write and a read of y fewer). How the factored methods fuse
-    :meth:`Delta.add_to`."""
+    :meth:`Delta.add_to`; ``up`` as in :func:`low_rank_product`."""
     rows = y.numel() // y.shape[-1]
     # Both sizes given: with r = 0 (a pruned layer) a -1 could not be inferred.
-    return torch.addmm(y.reshape(rows, y.shape[-1]), hidden.reshape(rows, up.shape[0]), up).view(y.shape)
+    out = apply_in(compute_dtype(hidden), _UpProjection.apply,
+                   y.reshape(rows, y.shape[-1]), hidden.reshape(rows, up.shape[0]), up)
+    return out.view(y.shape)
+
+
+class _UpProjection(torch.autograd.Function):
+    """``[y +] hidden @ up`` for hidden (rows, r) and up (r, out), with ``up`` read as a contiguous
+    (r, out) matrix in forward and backward but not kept as one.
+
+    Why: autograd picks the orientation of a product's backward from its operands' layout. With
+    ``up = Bᵀ`` a transposed view of B (out, r), it forms ``grad_up`` as ``gradᵀ · hidden`` and
+    ``grad_hidden`` as ``grad · B`` with B row-major, shapes MKL runs 10× and 2–3× slower than
+    ``hiddenᵀ · grad`` and ``grad · upᵀ`` on a contiguous up, at rank 8 (1024 × 1024 layer, 1024
+    tokens, one thread; each reads a full activation). A contiguous copy passed to a plain
+    ``addmm`` would fix the orientation but stay saved for backward (r × out numbers per layer,
+    1–5 MB over PEFT on docs/performance.md's workloads); here only the view is saved and the copy
+    is made again in backward. Backward is made of differentiable operations on saved inputs, so
+    double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor | None, hidden: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(hidden, up)
+        up = up.contiguous()
+        return hidden @ up if y is None else torch.addmm(y, hidden, up)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, up = ctx.saved_tensors
+        needs_y, needs_hidden, needs_up = ctx.needs_input_grad
+        grad_hidden = grad @ up.contiguous().t() if needs_hidden else None
+        grad_up = hidden.t() @ grad if needs_up else None
+        return grad if needs_y else None, grad_hidden, grad_up
 
 
 class Delta(Adapter):
