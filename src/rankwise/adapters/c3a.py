@@ -127,15 +127,17 @@ class _BlockCirculant(torch.autograd.Function):
         _, p, b = kernel.shape
         weight = _kernel_spectrum(kernel, x.shape[1])  # (F, q, p)
         mixed = torch.bmm(_spectrum(x, p, b), weight.mH)  # (F, tokens, q)
-        ctx.save_for_backward(x, kernel, weight)
+        # The kernel's spectrum is recomputed in backward, not kept: one small FFT (in·out/b numbers)
+        # against (b/2+1)·q·p complex numbers held per layer until backward, and under double
+        # backward the recomputed spectrum keeps its graph to the kernel.
+        ctx.save_for_backward(x, kernel)
         ctx.block_size = b
         return _signal(mixed, b)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, kernel, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: the saved spectrum is a constant to autograd
-            weight = _kernel_spectrum(kernel, x.shape[1])
+        x, kernel = ctx.saved_tensors
+        weight = _kernel_spectrum(kernel, x.shape[1])
         b, (frequencies, q, p) = ctx.block_size, weight.shape
         g = _spectrum(grad, q, b)  # (F, tokens, q)
         grad_x = _signal(torch.bmm(g, weight), b) if ctx.needs_input_grad[0] else None
