@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rankwise as rw
+from rankwise.adapters.surm import _fast_size
 
 from _fit import fit
 
@@ -231,3 +232,9 @@ def test_learns_a_target_of_its_own_structure(config: rw.AdapterConfig, lr: floa
     y = teacher(x).detach()
     losses = fit(model, x, y, lr=lr, steps=80, params=model[0].delta.parameters())
     assert losses[-1] < bound * losses[0]
+
+
+def test_fast_size_is_the_smallest_5_smooth_size_at_least_m() -> None:
+    smooth = sorted(2**i * 3**j * 5**k for i in range(14) for j in range(9) for k in range(7))
+    for m in range(1, 5001):
+        assert _fast_size(m) == next(s for s in smooth if s >= m), m
