@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora_pro import factor_pairs, other_parameter_groups
+from .factors import factor_pairs, other_parameter_groups
 
 
 def lora_plus_param_groups(
