@@ -1,0 +1,48 @@
+"""transformers' gradient checkpointing, re-entrant and not, recomputes every method's forward in
+backward and gives the gradients of a run without it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rankwise as rw
+from rankwise.core import registry
+
+SIZE = {"bone": {"rank": 8}, "bat": {"rank": 8}}  # their default rank 64 exceeds the tiny width 32
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", registry.methods())
+def test_gradients_equal_a_run_without_checkpointing(name: str, reentrant: bool) -> None:
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False)
+    torch.manual_seed(0)
+    model = rw.adapt(LlamaForCausalLM(config), rw.make_config(name, targets=("q_proj", "v_proj", "down_proj"), **SIZE.get(name, {})))
+    with torch.no_grad():  # away from the identity init, so that every factor has a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # the re-entrant form needs an input that requires grad; the embeddings are frozen
+        checkpointed.enable_input_require_grads()
+    model.train()
+    checkpointed.train()
+    ids = torch.randint(0, 64, (2, 10))
+    calls = {"plain": 0, "checkpointed": 0}
+    for key, m in (("plain", model), ("checkpointed", checkpointed)):
+        m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+
+    model(ids, labels=ids).loss.backward()
+    checkpointed(ids, labels=ids).loss.backward()
+    assert calls == {"plain": 1, "checkpointed": 2}  # the adapted layer did run again in backward
+    expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in checkpointed.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys() and expected
+    for key, grad in expected.items():
+        assert got[key] is not None, key
+        torch.testing.assert_close(got[key], grad, rtol=1e-5, atol=1e-6, msg=key)
