@@ -1,4 +1,4 @@
-"""transformers' gradient checkpointing, re-entrant and not, recomputes every method's forward in
+"""transformers' gradient (activation) checkpointing, re-entrant and not, recomputes every method's forward in
 backward and gives the gradients of a run without it."""
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def test_gradients_equal_a_run_without_checkpointing(name: str, reentrant: bool)
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias); pyproject allows 4.40+.
+    enable = getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)
+    enable({"use_reentrant": reentrant})
     if reentrant:  # the re-entrant form needs an input that requires grad; the embeddings are frozen
         checkpointed.enable_input_require_grads()
     model.train()
