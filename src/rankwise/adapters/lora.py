@@ -115,8 +115,8 @@ class LoRA(LowRank, Delta):
 
 
 class _Direction(torch.autograd.Function):
-    """``x W0ᵀ + s·(x Aᵀ) Bᵀ`` for x (tokens, in), with ``up = Bᵀ`` (rank, out) a view of B that is
-    saved as the view (no copy kept, as in :class:`rankwise.core.delta._UpProjection`), written out so that
+    """``x W0ᵀ + s·(x Aᵀ) Bᵀ`` for x (tokens, in), with ``up = Bᵀ`` (rank, out) a view of B, saved as
+    the view (no copy kept, as in :class:`rankwise.core.delta._UpProjection`). Written out so that
     each product accumulates into the one before it: forward, the low-rank term into the base
     product (one GEMM pass over it in place, no second full-size tensor, no add); backward, the
     low-rank input gradient into ``grad · W0`` the same way, where autograd would write it to a

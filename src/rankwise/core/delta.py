@@ -68,9 +68,7 @@ def low_rank_product(hidden: Tensor, up: Tensor) -> Tensor:
     """``hidden @ up`` for hidden (..., r) and up (r, out): a factored method's up-projection, with
     its backward products in the fast orientation and no copy of ``up`` kept (:class:`_UpProjection`).
     ``up`` is typically a transposed view of a parameter, ``B.t()``."""
-    rows = hidden.shape[:-1].numel()
-    out = apply_in(compute_dtype(hidden), _UpProjection.apply, None, hidden.reshape(rows, up.shape[0]), up)
-    return out.view(*hidden.shape[:-1], up.shape[1])
+    return _up_project(None, hidden, up).view(*hidden.shape[:-1], up.shape[1])
 
 
 def add_product(y: Tensor, hidden: Tensor, up: Tensor) -> Tensor:
@@ -78,11 +76,17 @@ def add_product(y: Tensor, hidden: Tensor, up: Tensor) -> Tensor:
     the flattened rows: the product accumulates into y's copy, with no full-size tensor for the
     branch and no separate add (a write and a read of y fewer). How the factored methods fuse
     :meth:`Delta.add_to`; ``up`` as in :func:`low_rank_product`."""
-    rows = y.numel() // y.shape[-1]
+    return _up_project(y, hidden, up).view(y.shape)
+
+
+def _up_project(y: Tensor | None, hidden: Tensor, up: Tensor) -> Tensor:
+    """``[y +] hidden @ up`` over the flattened rows, shape (rows, out)."""
     # Both sizes given: with r = 0 (a pruned layer) a -1 could not be inferred.
-    out = apply_in(compute_dtype(hidden), _UpProjection.apply,
-                   y.reshape(rows, y.shape[-1]), hidden.reshape(rows, up.shape[0]), up)
-    return out.view(y.shape)
+    rows = hidden.shape[:-1].numel()
+    flat_y = None if y is None else y.reshape(rows, up.shape[1])
+    # Operands cast to one dtype (autocast's, if on): a backward run outside the autocast context
+    # would otherwise multiply a bf16 gradient by the fp32 ``up`` (rankwise.core.precision).
+    return apply_in(compute_dtype(hidden), _UpProjection.apply, flat_y, hidden.reshape(rows, up.shape[0]), up)
 
 
 class _UpProjection(torch.autograd.Function):
