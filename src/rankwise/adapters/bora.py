@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import Reparam
+from ..core.precision import at_least_fp32
 from ..core.registry import register
-from .dora import DoRAConfig, _norm_dtype, scale_rows
+from .dora import DoRAConfig, scale_rows
 from .lora import LowRank
 
 # Floor under every norm: a zero row or column of V gives a zero gain instead of a NaN.
@@ -51,7 +52,7 @@ class BoRA(LowRank, Reparam):
 
     def __init__(self, w0: Tensor, config: BoRAConfig) -> None:
         super().__init__(w0, config)
-        dtype = _norm_dtype(w0)
+        dtype = at_least_fp32(w0.dtype)
         # m_r = ||W0||_row and m_c = ||W0||_col (a = 1 at init), so W' = W0 at step 0 (B = 0).
         self.row_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=dtype).to(w0.dtype))
         self.column_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=0, dtype=dtype).to(w0.dtype))
@@ -71,7 +72,7 @@ class BoRA(LowRank, Reparam):
         terms), and with detached norms V is built under ``no_grad`` and freed before the matmul,
         so nothing of size out × in is kept for backward.
         """
-        dtype = _norm_dtype(w0)
+        dtype = at_least_fp32(w0.dtype)
         exact = torch.is_grad_enabled() and not self.detach_norms
         with torch.set_grad_enabled(exact):
             v = torch.addmm(w0.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=self.scale)  # (out, in)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import Reparam
-from ..core.precision import apply_in
+from ..core.precision import apply_in, at_least_fp32
 from ..core.registry import register
 from .lora import LoRAConfig, LowRank
 
@@ -38,7 +38,7 @@ class DoRA(LowRank, Reparam):
     def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
         super().__init__(w0, config)
         # m = ||W0||_row, so W' = W0 at init (B = 0).
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=_norm_dtype(w0)).to(w0.dtype))
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=at_least_fp32(w0.dtype)).to(w0.dtype))
         self._merge_norm: Tensor | None = None
 
     @classmethod
@@ -53,7 +53,7 @@ class DoRA(LowRank, Reparam):
         out × in stays alive for backward.
         """
         with torch.no_grad():
-            dtype = _norm_dtype(w0)
+            dtype = at_least_fp32(w0.dtype)  # half-precision sums of squares lose the update against W0
             w0, A, B = w0.to(dtype), self.A.to(dtype), self.B.to(dtype)
             s = self.scale
             # (rank, out): 2s·A W0ᵀ + s²·(A Aᵀ) Bᵀ in one addmm, A W0ᵀ in MKL's faster orientation.
@@ -77,7 +77,7 @@ class DoRA(LowRank, Reparam):
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         direction = w0 + self.lowrank_weight().to(w0.dtype)
-        norm = torch.linalg.vector_norm(direction, dim=1, dtype=_norm_dtype(direction)).to(w0.dtype)
+        norm = torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype)).to(w0.dtype)
         self._merge_norm = norm  # kept so that unmerge can invert the row scaling
         return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
 
@@ -116,8 +116,3 @@ class _ScaleRows(torch.autograd.Function):
         grad_gain = torch.linalg.vecdot(rows, direction.reshape(rows.shape), dim=0) if ctx.needs_input_grad[1] else None
         grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_direction, grad_gain, grad_bias
-
-
-def _norm_dtype(t: Tensor) -> torch.dtype:
-    # Norms in at least fp32: half-precision sums of squares lose the small update against W0.
-    return torch.promote_types(t.dtype, torch.float32)

@@ -9,9 +9,7 @@ from . import geometry
 from .config import AdapterConfig
 from .delta import Adapter, Delta, OutputAdapter
 from .geometry import BaseKind
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
+from .precision import at_least_fp32
 
 class Adapted(nn.Module):
     """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
@@ -97,7 +95,7 @@ class Adapted(nn.Module):
 
 def _compute_precision(w: Tensor) -> Tensor:
     # Merging in half precision loses the small ΔW against a large W0; compute in fp32 instead.
-    return w.float() if w.dtype in _LOW_PRECISION else w
+    return w.to(at_least_fp32(w.dtype))
 
 
 def _checked(matrix: Tensor, dtype: torch.dtype, what: str) -> Tensor:

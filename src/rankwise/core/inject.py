@@ -7,12 +7,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from . import geometry, registry
 from .adapted import Adapted
 from .config import ALL_LINEAR, AdapterConfig
+from .precision import at_least_fp32
 
 _EXAMPLES = 12  # module names shown when a target matches nothing
 
@@ -80,7 +80,7 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
     kind = geometry.check_supported(base, path)
     method = registry.for_config(config)
     weight = geometry.weight_matrix(base, kind)
-    adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    adapter_dtype = at_least_fp32(weight.dtype)  # fp32 adapters on a half-precision base
     try:
         delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
     except (ValueError, TypeError) as error:
