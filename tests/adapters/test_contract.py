@@ -91,6 +91,25 @@ class TestContract:
         expected = _model(base)(x)
         _close(_adapted(name, base)(x), expected)
 
+    def test_zero_row_of_w0_keeps_step_0_exact_and_finite(self, name: str, base: str) -> None:
+        # A pruned unit is a zero row of W0; a method that divides by W0's row norms (the
+        # magnitude/direction methods) must not turn it into 0 / 0.
+        if not registry.get(name).module_class.identity_at_init:
+            pytest.skip(f"{name} does not promise the base model at init")
+        model = _model(base)
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                rw.core.geometry.weight_matrix(layer, BASES[base][0])[3].zero_()
+        x = _input(base)
+        expected = model(x)
+        model = rw.adapt(model, rw.make_config(name, targets=("0", "2")))
+        y = model(x)
+        _close(y, expected)
+        y.square().mean().backward()
+        for path, layer in adapted_modules(model):
+            for param_name, p in layer.delta.named_parameters():
+                assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+
     def test_factored_forward_matches_delta_weight(self, name: str, base: str) -> None:
         model = _adapted(name, base)
         _perturb(model)

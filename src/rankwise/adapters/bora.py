@@ -22,11 +22,8 @@ from torch import Tensor, nn
 from ..core.delta import Reparam
 from ..core.precision import at_least_fp32
 from ..core.registry import register
-from .dora import DoRAConfig, scale_rows
+from .dora import DoRAConfig, floor_norm, scale_rows
 from .lora import LowRank
-
-# Floor under every norm: a zero row or column of V gives a zero gain instead of a NaN.
-_EPS = 1e-12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,11 +73,11 @@ class BoRA(LowRank, Reparam):
         exact = torch.is_grad_enabled() and not self.detach_norms
         with torch.set_grad_enabled(exact):
             v = torch.addmm(w0.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=self.scale)  # (out, in)
-            row_norm = torch.linalg.vector_norm(v, dim=1).clamp_min(_EPS)
+            row_norm = floor_norm(torch.linalg.vector_norm(v, dim=1))
             row_gain = (self.row_magnitude.to(dtype) / row_norm).unsqueeze(1)
             # In place when nothing is recorded: one full-size temporary instead of two.
             h = v * row_gain if exact else v.mul_(row_gain)
-            column_norm = torch.linalg.vector_norm(h, dim=0).clamp_min(_EPS)
+            column_norm = floor_norm(torch.linalg.vector_norm(h, dim=0))
         return self.row_magnitude / row_norm.to(w0.dtype), self.column_magnitude / column_norm.to(w0.dtype)
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:

@@ -21,6 +21,10 @@ from ..core.registry import register
 from .lora import LoRAConfig, LowRank
 
 
+# Far below the norm of any row a weight uses, and a normal number in fp32 (smallest 1.2e-38).
+_NORM_FLOOR = 1e-12
+
+
 @dataclass(frozen=True, kw_only=True)
 class DoRAConfig(LoRAConfig):
     """DoRA's hyperparameters: LoRA's, for the direction update. The DoRA paper uses r = 32,
@@ -59,7 +63,7 @@ class DoRA(LowRank, Reparam):
             # (rank, out): 2s·A W0ᵀ + s²·(A Aᵀ) Bᵀ in one addmm, A W0ᵀ in MKL's faster orientation.
             cross = torch.addmm(A @ w0.t(), A @ A.t(), B.t(), beta=2 * s, alpha=s * s)
             squared = torch.linalg.vector_norm(w0, dim=1).square() + torch.linalg.vecdot(B.t(), cross, dim=0)
-            return squared.clamp_min(0).sqrt()
+            return floor_norm(squared.clamp_min(0).sqrt())
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
         return self.output(x, w0, None)
@@ -77,7 +81,7 @@ class DoRA(LowRank, Reparam):
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         direction = w0 + self.lowrank_weight().to(w0.dtype)
-        norm = torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype)).to(w0.dtype)
+        norm = floor_norm(torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype))).to(w0.dtype)
         self._merge_norm = norm  # kept so that unmerge can invert the row scaling
         return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
 
@@ -86,6 +90,16 @@ class DoRA(LowRank, Reparam):
             raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
         gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
+
+
+def floor_norm(norm: Tensor) -> Tensor:
+    """``max(norm, 1e-12)``: every norm DoRA and BoRA divide a magnitude by goes through here.
+
+    A zero row of V (a pruned unit: a zero row of W0, so its magnitude starts at zero too), or for
+    BoRA a zero column, then gives a zero gain instead of 0 / 0 = NaN, and the unit stays at zero,
+    as it was in the base model.
+    """
+    return norm.clamp_min(_NORM_FLOOR)
 
 
 def scale_rows(direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
