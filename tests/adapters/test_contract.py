@@ -124,9 +124,14 @@ class TestContract:
         assert model(x).isfinite().all()
 
     def test_merge_unmerge(self, name: str, base: str) -> None:
-        if not registry.get(name).module_class.mergeable:
-            pytest.skip(f"{name} has no merged form")
         model = _adapted(name, base)
+        if not registry.get(name).module_class.mergeable:
+            for _, layer in adapted_modules(model):
+                with pytest.raises(TypeError, match="no merged form"):
+                    layer.merged_weight()
+            with pytest.raises(TypeError, match="no merged form"):
+                rw.merge(model)
+            return
         _perturb(model)
         x = _input(base)
         before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
@@ -138,6 +143,28 @@ class TestContract:
         for path, layer in adapted_modules(model):
             _close(layer.base.weight, before[path])
         _close(model(x), unmerged)
+
+    def test_merged_weight_is_a_query(self, name: str, base: str) -> None:
+        # merged_weight() asks what a merge would write; asked of a merged layer, with steps
+        # counted since the merge, it must not change what unmerge writes back.
+        if not registry.get(name).module_class.mergeable:
+            pytest.skip(f"{name} has no merged form")
+        model = _adapted(name, base)
+        _perturb(model)
+        rw.step(model)  # a step-dependent update is zero at step 0; merge would have nothing to do
+        before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
+        rw.merge(model)
+        merged = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
+        rw.step(model)
+        for path, layer in adapted_modules(model):
+            w = rw.core.geometry.weight_matrix(layer.base, layer.kind).detach()
+            layer.merged_weight()
+            layer.delta.merged_weight(w)
+            layer.delta.merged_with_state(w)
+            assert torch.equal(layer.base.weight, merged[path])
+        rw.unmerge(model)
+        for path, layer in adapted_modules(model):
+            _close(layer.base.weight, before[path])
 
     def test_unwrap_restores_types_and_keys(self, name: str, base: str) -> None:
         plain = _model(base)

@@ -54,7 +54,6 @@ class BoRA(LowRank, Reparam):
         self.row_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=dtype).to(w0.dtype))
         self.column_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=0, dtype=dtype).to(w0.dtype))
         self.detach_norms = config.detach_norms
-        self._merge_gains: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: BoRAConfig) -> int:
@@ -96,13 +95,15 @@ class BoRA(LowRank, Reparam):
         return y if bias is None else y + bias
 
     def merged_weight(self, w0: Tensor) -> Tensor:
-        row_gain, column_gain = self.gains(w0)
-        self._merge_gains = (row_gain, column_gain)  # kept so that unmerge can invert both scalings
-        direction = w0 + self.lowrank_weight().to(w0.dtype)
-        return row_gain.unsqueeze(1) * direction * column_gain
+        return self.merged_with_state(w0)[0]
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        if self._merge_gains is None:
-            raise ValueError("BoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
-        row_gain, column_gain = (g.to(merged.dtype) for g in self._merge_gains)
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``W'`` and the gains ``(a, c)``: unmerge inverts both scalings with them, and ``W'``
+        does not give them back."""
+        row_gain, column_gain = self.gains(w0)
+        direction = w0 + self.lowrank_weight().to(w0.dtype)
+        return row_gain.unsqueeze(1) * direction * column_gain, (row_gain, column_gain)
+
+    def restore_weight(self, merged: Tensor, gains: tuple[Tensor, Tensor]) -> Tensor:
+        row_gain, column_gain = (g.to(merged.dtype) for g in gains)
         return merged / column_gain / row_gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)

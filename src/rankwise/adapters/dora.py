@@ -43,7 +43,6 @@ class DoRA(LowRank, Reparam):
         super().__init__(w0, config)
         # m = ||W0||_row, so W' = W0 at init (B = 0).
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=at_least_fp32(w0.dtype)).to(w0.dtype))
-        self._merge_norm: Tensor | None = None
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: DoRAConfig) -> int:
@@ -80,15 +79,17 @@ class DoRA(LowRank, Reparam):
         return y if bias is None else y + bias
 
     def merged_weight(self, w0: Tensor) -> Tensor:
+        return self.merged_with_state(w0)[0]
+
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """``W'`` and the row norms of V: unmerge needs them, and ``W'`` does not give them back
+        (its row norms are m)."""
         direction = w0 + self.lowrank_weight().to(w0.dtype)
         norm = floor_norm(torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype))).to(w0.dtype)
-        self._merge_norm = norm  # kept so that unmerge can invert the row scaling
-        return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
+        return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction, norm
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        if self._merge_norm is None:
-            raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
-        gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
+    def restore_weight(self, merged: Tensor, norm: Tensor) -> Tensor:
+        gain = self.magnitude.to(merged.dtype) / norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
 
 

@@ -204,14 +204,14 @@ def module_overrides(layer: Adapted) -> dict[str, object]:
 def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     # Two passes: check every new weight first, write only when all are finite.
     layers = [(path, layer) for path, layer in adapted_modules(model) if layer.merged != merged]
-    compute = Adapted.merged_weight if merged else Adapted.restored_weight
+    compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:
         try:
             compute(layer)
         except ValueError as error:
             raise ValueError(f"'{path}': {error}; no weight was changed") from error
     for _, layer in layers:
-        layer.write_weight(compute(layer), merged=merged)
+        write(layer)
     return model
 
 
