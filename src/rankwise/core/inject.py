@@ -12,6 +12,7 @@ from torch import nn
 from . import geometry, registry
 from .adapted import Adapted
 from .config import ALL_LINEAR, AdapterConfig
+from .delta import Reparam
 from .precision import at_least_fp32
 
 _EXAMPLES = 12  # module names shown when a target matches nothing
@@ -79,6 +80,16 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
     base = model.get_submodule(path)
     kind = geometry.check_supported(base, path)
     method = registry.for_config(config)
+    # A Reparam method computes the whole output from the weight, so it would skip a forward the
+    # layer's class defines, and the model would differ from the user's at step 0. There is no one
+    # right way to run its W' through such a forward (PEFT's DoRA uses the base's output only
+    # without dropout, its Bat never), so we refuse, as a user expecting their layer's forward
+    # would want; the additive methods add to that forward's output and accept the layer.
+    if issubclass(method.module_class, Reparam) and geometry.overrides_forward(base, kind):
+        raise TypeError(
+            f"{method.name} on '{path}': {type(base).__name__} defines its own forward, which {method.name} "
+            "would bypass (it computes x W'ᵀ + b from the weight); use a method that adds to the layer's output"
+        )
     weight = geometry.weight_matrix(base, kind)
     adapter_dtype = at_least_fp32(weight.dtype)  # fp32 adapters on a half-precision base
     try:
