@@ -82,6 +82,12 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def _assert_finite_gradients(model: nn.Module) -> None:
+    for path, layer in adapted_modules(model):
+        for param_name, p in layer.delta.named_parameters():
+            assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+
+
 @pytest.mark.parametrize(("name", "base"), _cases())
 class TestContract:
     def test_identity_at_init(self, name: str, base: str) -> None:
@@ -106,9 +112,7 @@ class TestContract:
         y = model(x)
         _close(y, expected)
         y.square().mean().backward()
-        for path, layer in adapted_modules(model):
-            for param_name, p in layer.delta.named_parameters():
-                assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+        _assert_finite_gradients(model)
 
     def test_factored_forward_matches_delta_weight(self, name: str, base: str) -> None:
         model = _adapted(name, base)
@@ -206,9 +210,7 @@ class TestContract:
         model = _adapted(name, base)
         _perturb(model)
         model(_input(base)).square().mean().backward()
-        for path, layer in adapted_modules(model):
-            for param_name, p in layer.delta.named_parameters():
-                assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+        _assert_finite_gradients(model)
 
     def test_bad_config_values_raise_naming_the_field(self, name: str, base: str) -> None:
         config_class = registry.get(name).config_class
