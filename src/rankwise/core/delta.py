@@ -64,9 +64,8 @@ class Adapter(nn.Module, abc.ABC):
         """``W'`` and what :meth:`restore_weight` will need to invert it (:data:`MergeState`).
 
         Also a query: the state is returned, not kept. :class:`~rankwise.core.adapted.Adapted`
-        holds it from merge to unmerge (as PEFT's DoRA caches its merge-time norm only in
-        merge and unmerge), so asking for :meth:`merged_weight` never changes what an unmerge
-        writes back.
+        holds it from merge to unmerge, the only two places that touch it, so asking for
+        :meth:`merged_weight` never changes what an unmerge writes back.
         """
         return self.merged_weight(w0), None
 

@@ -80,11 +80,13 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
     base = model.get_submodule(path)
     kind = geometry.check_supported(base, path)
     method = registry.for_config(config)
-    # A Reparam method computes the whole output from the weight, so it would skip a forward the
-    # layer's class defines, and the model would differ from the user's at step 0. There is no one
-    # right way to run its W' through such a forward (PEFT's DoRA uses the base's output only
-    # without dropout, its Bat never), so we refuse, as a user expecting their layer's forward
-    # would want; the additive methods add to that forward's output and accept the layer.
+    # A Reparam method computes x W'ᵀ + b from the weight and never calls the base, so it would skip a
+    # forward the layer's class defines (a fake-quantized matmul, a custom kernel): the adapted model
+    # would differ from the user's at step 0, silently. Such a forward cannot carry every W' (Bat's
+    # update multiplies W0's blocks; BoRA's column gain on a k × k kernel is no scaling of the input),
+    # and PEFT answers both ways (its DoRA reuses the base's output only while no dropout is active,
+    # its Bat never), so a refusal naming the layer is what a user can act on. The additive methods
+    # add to that forward's output and accept the layer.
     if issubclass(method.module_class, Reparam) and geometry.overrides_forward(base, kind):
         raise TypeError(
             f"{method.name} on '{path}': {type(base).__name__} defines its own forward, which {method.name} "
