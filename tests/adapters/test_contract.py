@@ -82,6 +82,12 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def _assert_finite_gradients(model: nn.Module) -> None:
+    for path, layer in adapted_modules(model):
+        for param_name, p in layer.delta.named_parameters():
+            assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+
+
 @pytest.mark.parametrize(("name", "base"), _cases())
 class TestContract:
     def test_identity_at_init(self, name: str, base: str) -> None:
@@ -90,6 +96,23 @@ class TestContract:
         x = _input(base)
         expected = _model(base)(x)
         _close(_adapted(name, base)(x), expected)
+
+    def test_zero_row_of_w0_keeps_step_0_exact_and_finite(self, name: str, base: str) -> None:
+        # A pruned unit is a zero row of W0; a method that divides by W0's row norms (the
+        # magnitude/direction methods) must not turn it into 0 / 0.
+        if not registry.get(name).module_class.identity_at_init:
+            pytest.skip(f"{name} does not promise the base model at init")
+        model = _model(base)
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                rw.core.geometry.weight_matrix(layer, BASES[base][0])[3].zero_()
+        x = _input(base)
+        expected = model(x)
+        model = rw.adapt(model, rw.make_config(name, targets=("0", "2")))
+        y = model(x)
+        _close(y, expected)
+        y.square().mean().backward()
+        _assert_finite_gradients(model)
 
     def test_factored_forward_matches_delta_weight(self, name: str, base: str) -> None:
         model = _adapted(name, base)
@@ -105,9 +128,14 @@ class TestContract:
         assert model(x).isfinite().all()
 
     def test_merge_unmerge(self, name: str, base: str) -> None:
-        if not registry.get(name).module_class.mergeable:
-            pytest.skip(f"{name} has no merged form")
         model = _adapted(name, base)
+        if not registry.get(name).module_class.mergeable:
+            for _, layer in adapted_modules(model):
+                with pytest.raises(TypeError, match="no merged form"):
+                    layer.merged_weight()
+            with pytest.raises(TypeError, match="no merged form"):
+                rw.merge(model)
+            return
         _perturb(model)
         x = _input(base)
         before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
@@ -119,6 +147,28 @@ class TestContract:
         for path, layer in adapted_modules(model):
             _close(layer.base.weight, before[path])
         _close(model(x), unmerged)
+
+    def test_merged_weight_is_a_query(self, name: str, base: str) -> None:
+        # merged_weight() asks what a merge would write; asked of a merged layer, with steps
+        # counted since the merge, it must not change what unmerge writes back.
+        if not registry.get(name).module_class.mergeable:
+            pytest.skip(f"{name} has no merged form")
+        model = _adapted(name, base)
+        _perturb(model)
+        rw.step(model)  # a step-dependent update is zero at step 0; merge would have nothing to do
+        before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
+        rw.merge(model)
+        merged = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
+        rw.step(model)
+        for path, layer in adapted_modules(model):
+            w = rw.core.geometry.weight_matrix(layer.base, layer.kind).detach()
+            layer.merged_weight()
+            layer.delta.merged_weight(w)
+            layer.delta.merged_with_state(w)
+            assert torch.equal(layer.base.weight, merged[path])
+        rw.unmerge(model)
+        for path, layer in adapted_modules(model):
+            _close(layer.base.weight, before[path])
 
     def test_unwrap_restores_types_and_keys(self, name: str, base: str) -> None:
         plain = _model(base)
@@ -160,9 +210,7 @@ class TestContract:
         model = _adapted(name, base)
         _perturb(model)
         model(_input(base)).square().mean().backward()
-        for path, layer in adapted_modules(model):
-            for param_name, p in layer.delta.named_parameters():
-                assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
+        _assert_finite_gradients(model)
 
     def test_bad_config_values_raise_naming_the_field(self, name: str, base: str) -> None:
         config_class = registry.get(name).config_class

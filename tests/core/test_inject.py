@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -141,3 +142,27 @@ def test_summary_counts_and_lists_layers() -> None:
     assert summary.total == sum(p.numel() for p in model.parameters())
     text = str(summary)
     assert "layers.1.q_proj" in text and "lora" in text and f"{summary.trainable:,} of {summary.total:,}" in text
+
+
+class FakeQuantLinear(nn.Linear):
+    """A Linear with a forward of its own, not ``x Wᵀ + b``: the weight rounded to a 1/8 grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, torch.round(self.weight * 8) / 8, self.bias)
+
+
+@pytest.mark.parametrize("name", rw.methods())
+def test_a_linear_subclass_with_its_own_forward_is_either_run_or_refused(name: str) -> None:
+    # A method either adds to what the layer's own forward computes (so step 0 is that output) or
+    # refuses the layer by name; it never runs x Wᵀ + b in its place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), FakeQuantLinear(256, 256))
+    x = torch.randn(2, 5, 256)
+    expected = model(x)
+    try:
+        model = rw.adapt(model, rw.make_config(name, targets=("0", "2")))
+    except TypeError as error:
+        assert "'2'" in str(error) and "FakeQuantLinear" in str(error), error
+        assert not any(True for _ in adapted_modules(model))
+        return
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -84,8 +84,9 @@ class Bat(Reparam):
         merged = merged.unflatten(1, (self.D.shape[1], -1)) + D.unsqueeze(2)
         return merged.reshape(self.out_features, self.in_features)
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        """``W_ij = (W'_ij − D_i)(I + D_i)^{-1}``, solved rather than inverted."""
+    def restore_weight(self, merged: Tensor, state: None) -> Tensor:
+        """``W_ij = (W'_ij − D_i)(I + D_i)^{-1}``, solved rather than inverted; D alone inverts
+        the merge, so there is no merge state."""
         D = self.D.to(merged.dtype)
         shifted = (self._row_blocks(merged).unflatten(1, (D.shape[1], -1)) - D.unsqueeze(2)).flatten(1, 2)
         eye = torch.eye(D.shape[-1], dtype=D.dtype, device=D.device)

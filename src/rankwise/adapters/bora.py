@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import Reparam
+from ..core.precision import at_least_fp32
 from ..core.registry import register
-from .dora import DoRAConfig, _norm_dtype, scale_rows
+from .dora import DoRAConfig, floor_norm, scale_rows
 from .lora import LowRank
-
-# Floor under every norm: a zero row or column of V gives a zero gain instead of a NaN.
-_EPS = 1e-12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +49,11 @@ class BoRA(LowRank, Reparam):
 
     def __init__(self, w0: Tensor, config: BoRAConfig) -> None:
         super().__init__(w0, config)
-        dtype = _norm_dtype(w0)
+        dtype = at_least_fp32(w0.dtype)
         # m_r = ||W0||_row and m_c = ||W0||_col (a = 1 at init), so W' = W0 at step 0 (B = 0).
         self.row_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=dtype).to(w0.dtype))
         self.column_magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=0, dtype=dtype).to(w0.dtype))
         self.detach_norms = config.detach_norms
-        self._merge_gains: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: BoRAConfig) -> int:
@@ -71,15 +68,15 @@ class BoRA(LowRank, Reparam):
         terms), and with detached norms V is built under ``no_grad`` and freed before the matmul,
         so nothing of size out × in is kept for backward.
         """
-        dtype = _norm_dtype(w0)
+        dtype = at_least_fp32(w0.dtype)
         exact = torch.is_grad_enabled() and not self.detach_norms
         with torch.set_grad_enabled(exact):
             v = torch.addmm(w0.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=self.scale)  # (out, in)
-            row_norm = torch.linalg.vector_norm(v, dim=1).clamp_min(_EPS)
+            row_norm = floor_norm(torch.linalg.vector_norm(v, dim=1))
             row_gain = (self.row_magnitude.to(dtype) / row_norm).unsqueeze(1)
             # In place when nothing is recorded: one full-size temporary instead of two.
             h = v * row_gain if exact else v.mul_(row_gain)
-            column_norm = torch.linalg.vector_norm(h, dim=0).clamp_min(_EPS)
+            column_norm = floor_norm(torch.linalg.vector_norm(h, dim=0))
         return self.row_magnitude / row_norm.to(w0.dtype), self.column_magnitude / column_norm.to(w0.dtype)
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
@@ -98,13 +95,15 @@ class BoRA(LowRank, Reparam):
         return y if bias is None else y + bias
 
     def merged_weight(self, w0: Tensor) -> Tensor:
-        row_gain, column_gain = self.gains(w0)
-        self._merge_gains = (row_gain, column_gain)  # kept so that unmerge can invert both scalings
-        direction = w0 + self.lowrank_weight().to(w0.dtype)
-        return row_gain.unsqueeze(1) * direction * column_gain
+        return self.merged_with_state(w0)[0]
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        if self._merge_gains is None:
-            raise ValueError("BoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
-        row_gain, column_gain = (g.to(merged.dtype) for g in self._merge_gains)
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``W'`` and the gains ``(a, c)``: unmerge inverts both scalings with them, and ``W'``
+        does not give them back."""
+        row_gain, column_gain = self.gains(w0)
+        direction = w0 + self.lowrank_weight().to(w0.dtype)
+        return row_gain.unsqueeze(1) * direction * column_gain, (row_gain, column_gain)
+
+    def restore_weight(self, merged: Tensor, gains: tuple[Tensor, Tensor]) -> Tensor:
+        row_gain, column_gain = (g.to(merged.dtype) for g in gains)
         return merged / column_gain / row_gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
+from ..core.precision import at_least_fp32
 from ..core.registry import register
 
 
@@ -88,7 +89,7 @@ class C3A(Delta):
 
     def forward(self, x: Tensor) -> Tensor:
         # FFTs run in at least fp32: bf16 has no FFT, fp16 only for powers of two on GPU.
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = at_least_fp32(x.dtype)
         rows = x.reshape(-1, self.in_features).to(dtype)
         y = _BlockCirculant.apply(rows, self.kernel.to(dtype))  # (tokens, out)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -16,9 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.delta import Reparam
-from ..core.precision import apply_in
+from ..core.precision import apply_in, at_least_fp32
 from ..core.registry import register
 from .lora import LoRAConfig, LowRank
+
+
+# Far below the norm of any row a weight uses, and a normal number in fp32 (smallest 1.2e-38).
+_NORM_FLOOR = 1e-12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +42,7 @@ class DoRA(LowRank, Reparam):
     def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
         super().__init__(w0, config)
         # m = ||W0||_row, so W' = W0 at init (B = 0).
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=_norm_dtype(w0)).to(w0.dtype))
-        self._merge_norm: Tensor | None = None
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w0, dim=1, dtype=at_least_fp32(w0.dtype)).to(w0.dtype))
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: DoRAConfig) -> int:
@@ -53,13 +56,13 @@ class DoRA(LowRank, Reparam):
         out × in stays alive for backward.
         """
         with torch.no_grad():
-            dtype = _norm_dtype(w0)
+            dtype = at_least_fp32(w0.dtype)  # half-precision sums of squares lose the update against W0
             w0, A, B = w0.to(dtype), self.A.to(dtype), self.B.to(dtype)
             s = self.scale
             # (rank, out): 2s·A W0ᵀ + s²·(A Aᵀ) Bᵀ in one addmm, A W0ᵀ in MKL's faster orientation.
             cross = torch.addmm(A @ w0.t(), A @ A.t(), B.t(), beta=2 * s, alpha=s * s)
             squared = torch.linalg.vector_norm(w0, dim=1).square() + torch.linalg.vecdot(B.t(), cross, dim=0)
-            return squared.clamp_min(0).sqrt()
+            return floor_norm(squared.clamp_min(0).sqrt())
 
     def forward(self, x: Tensor, w0: Tensor) -> Tensor:
         return self.output(x, w0, None)
@@ -76,16 +79,28 @@ class DoRA(LowRank, Reparam):
         return y if bias is None else y + bias
 
     def merged_weight(self, w0: Tensor) -> Tensor:
-        direction = w0 + self.lowrank_weight().to(w0.dtype)
-        norm = torch.linalg.vector_norm(direction, dim=1, dtype=_norm_dtype(direction)).to(w0.dtype)
-        self._merge_norm = norm  # kept so that unmerge can invert the row scaling
-        return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction
+        return self.merged_with_state(w0)[0]
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        if self._merge_norm is None:
-            raise ValueError("DoRA cannot unmerge a weight it did not merge (the merge-time norms are unknown)")
-        gain = self.magnitude.to(merged.dtype) / self._merge_norm.to(merged.dtype)
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """``W'`` and the row norms of V: unmerge needs them, and ``W'`` does not give them back
+        (its row norms are m)."""
+        direction = w0 + self.lowrank_weight().to(w0.dtype)
+        norm = floor_norm(torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype))).to(w0.dtype)
+        return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction, norm
+
+    def restore_weight(self, merged: Tensor, norm: Tensor) -> Tensor:
+        gain = self.magnitude.to(merged.dtype) / norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
+
+
+def floor_norm(norm: Tensor) -> Tensor:
+    """``max(norm, 1e-12)``: every norm DoRA and BoRA divide a magnitude by goes through here.
+
+    A zero row of V (a pruned unit: a zero row of W0, so its magnitude starts at zero too), or for
+    BoRA a zero column, then gives a zero gain instead of 0 / 0 = NaN, and the unit stays at zero,
+    as it was in the base model.
+    """
+    return norm.clamp_min(_NORM_FLOOR)
 
 
 def scale_rows(direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
@@ -116,8 +131,3 @@ class _ScaleRows(torch.autograd.Function):
         grad_gain = torch.linalg.vecdot(rows, direction.reshape(rows.shape), dim=0) if ctx.needs_input_grad[1] else None
         grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_direction, grad_gain, grad_bias
-
-
-def _norm_dtype(t: Tensor) -> torch.dtype:
-    # Norms in at least fp32: half-precision sums of squares lose the small update against W0.
-    return torch.promote_types(t.dtype, torch.float32)

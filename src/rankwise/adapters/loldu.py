@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta, add_product, low_rank_product
+from ..core.precision import at_least_fp32
 from ..core.registry import register
 
 
@@ -105,9 +106,16 @@ def _top_pivots(w0: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 
     Raises:
         ValueError: if one of the first ``rank`` pivots is zero to working precision, below √eps
-            of the largest (Ū would divide by it).
+            of the largest (Ū would divide by it); if ``w0`` is on the meta device.
     """
-    w = w0.to(torch.promote_types(w0.dtype, torch.float32))
+    if w0.is_meta:
+        # Not supported rather than deferred: buffers of the right shapes would hold no factors
+        # until a later load filled them, and a model materialized without that load would run
+        # on uninitialized memory.
+        raise ValueError(
+            "the weight is on the meta device, and LoLDU's factors come from its values; load the weights, then adapt"
+        )
+    w = w0.to(at_least_fp32(w0.dtype))
     # The _ex form: a zero pivot must reach our check below, not raise inside LAPACK's wrapper.
     packed, pivots, _ = torch.linalg.lu_factor_ex(w)
     diagonal = packed.diagonal()[:rank].clone()  # a copy: the packed (out, in) factor is dropped

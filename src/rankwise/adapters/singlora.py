@@ -81,7 +81,6 @@ class SingLoRA(Delta, Stepped):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
         self.ramp_steps = config.ramp_steps
-        self._merged_ramp: Tensor | None = None
 
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: SingLoRAConfig) -> int:
@@ -117,15 +116,14 @@ class SingLoRA(Delta, Stepped):
     def delta_weight(self) -> Tensor:
         return self._delta_weight(self.ramp())
 
-    def merged_weight(self, w0: Tensor) -> Tensor:
-        # Unmerge must subtract the ΔW that merge added, even if steps were counted in between.
-        self._merged_ramp = self.ramp()
-        return w0 + self._delta_weight(self._merged_ramp).to(w0.dtype)
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, Tensor]:
+        """``W'`` and ``u(t)``: unmerge must subtract the ΔW that merge added, even if steps were
+        counted in between."""
+        ramp = self.ramp()
+        return w0 + self._delta_weight(ramp).to(w0.dtype), ramp
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        if self._merged_ramp is None:
-            raise ValueError("SingLoRA cannot unmerge a weight it did not merge (the merge-time u(t) is unknown)")
-        return merged - self._delta_weight(self._merged_ramp).to(merged.dtype)
+    def restore_weight(self, merged: Tensor, ramp: Tensor) -> Tensor:
+        return merged - self._delta_weight(ramp).to(merged.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"

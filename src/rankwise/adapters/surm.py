@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta, OutputAdapter
+from ..core.precision import at_least_fp32
 from ..core.registry import register
 
 
@@ -191,11 +192,6 @@ def _offsets(n: int, device: torch.device) -> Tensor:
     return k[:, None] - k[None, :]  # (i − j) at row i, column j
 
 
-def _fft_dtype(x: Tensor) -> torch.dtype:
-    # FFTs run in at least fp32: bf16 has no FFT, fp16 only for powers of two on GPU.
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 @register("surm", SURMConfig)
 class SURM(Delta):
     """SURM: ΔW circulant, Toeplitz, Kronecker or LDR; O(d) parameters at unrestricted rank."""
@@ -237,7 +233,8 @@ class SURM(Delta):
         # The scale goes on b (n numbers) rather than on the output (a full pass each way).
         if self.structure == "kronecker":
             return _kronecker_mul(self.scale * self.b, self.a, x)
-        dtype = _fft_dtype(x)
+        # FFTs run in at least fp32: bf16 has no FFT, fp16 only for powers of two on GPU.
+        dtype = at_least_fp32(x.dtype)
         a, b, z = self.a.to(dtype), (self.scale * self.b).to(dtype), x.to(dtype)
         if self.structure == "circulant" and self.in_features == self.out_features:
             y = _circulant_mul(b * a, z)
@@ -303,7 +300,7 @@ class SURMAdapter(OutputAdapter):
         if self.structure == "kronecker":
             m = _kronecker_mul(self.b, self.a, z)
         else:
-            dtype = _fft_dtype(z)
+            dtype = at_least_fp32(z.dtype)  # FFTs, as in SURM.forward
             c, z = (self.b * self.a).to(dtype), z.to(dtype)
             m = _circulant_mul(c, z) if self.structure == "circulant" else _symmetric_toeplitz_mul(c, z)
         return h + F.gelu(m.to(h.dtype)) + self.bias

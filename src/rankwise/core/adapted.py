@@ -7,11 +7,9 @@ from torch import Tensor, nn
 
 from . import geometry
 from .config import AdapterConfig
-from .delta import Adapter, Delta, OutputAdapter
+from .delta import Adapter, Delta, MergeState, OutputAdapter
 from .geometry import BaseKind
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
+from .precision import at_least_fp32
 
 class Adapted(nn.Module):
     """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
@@ -34,6 +32,9 @@ class Adapted(nn.Module):
         self.config = config
         self.merged = False
         self.disabled = False
+        # What the adapter's merge returned for its unmerge (Adapter.merged_with_state); set by
+        # merge, cleared by unmerge, read by nothing else.
+        self._merge_state: MergeState = None
 
     @property
     def weight(self) -> Tensor:
@@ -68,28 +69,53 @@ class Adapted(nn.Module):
         return next(self.delta.parameters()).dtype
 
     def merged_weight(self) -> Tensor:
-        """The weight a merge would write, as an (out, in) matrix in the base's dtype.
+        """The adapted weight ``W'`` as an (out, in) matrix in the base's dtype: what a merge would
+        write, or, on a merged layer, what it wrote. A query: nothing is changed.
 
         Raises:
-            ValueError: if it holds a NaN or an infinity (the model is not touched).
+            TypeError: if the method has no merged form (its forward is not linear in x).
+            ValueError: if it holds a NaN or an infinity.
         """
+        if self.merged:
+            return geometry.weight_matrix(self.base, self.kind).detach().clone()
+        return self._merged_with_state()[0]
+
+    def restored_weight(self) -> Tensor:
+        """The base weight as an (out, in) matrix in its dtype: what an unmerge would write back,
+        or, on an unmerged layer, the weight itself. A query: nothing is changed.
+
+        Raises:
+            ValueError: if it holds a NaN or an infinity.
+        """
+        w = geometry.weight_matrix(self.base, self.kind)
+        if not self.merged:
+            return w.detach().clone()
+        with torch.no_grad():
+            restored = self.delta.restore_weight(_compute_precision(w), self._merge_state)
+        return _checked(restored, w.dtype, "unmerge")
+
+    def merge(self) -> None:
+        """Write :meth:`merged_weight` into the base layer and keep what unmerge needs; nothing
+        is written if it raises (as :meth:`merged_weight`). A merged layer is left as it is."""
+        if not self.merged:
+            weight, state = self._merged_with_state()
+            geometry.write_weight(self.base, self.kind, weight)
+            self._merge_state, self.merged = state, True
+
+    def unmerge(self) -> None:
+        """Write :meth:`restored_weight` back into the base layer; nothing is written if it raises.
+        An unmerged layer is left as it is."""
+        if self.merged:
+            geometry.write_weight(self.base, self.kind, self.restored_weight())
+            self._merge_state, self.merged = None, False
+
+    def _merged_with_state(self) -> tuple[Tensor, MergeState]:
         if not self.delta.mergeable:
             raise TypeError(f"{self.config.method} has no merged form (its forward is not linear in x)")
         w0 = geometry.weight_matrix(self.base, self.kind)
         with torch.no_grad():
-            merged = self.delta.merged_weight(_compute_precision(w0))
-        return _checked(merged, w0.dtype, "merge")
-
-    def restored_weight(self) -> Tensor:
-        """The base weight an unmerge would write back. Raises ``ValueError`` if non-finite."""
-        w = geometry.weight_matrix(self.base, self.kind)
-        with torch.no_grad():
-            restored = self.delta.restore_weight(_compute_precision(w))
-        return _checked(restored, w.dtype, "unmerge")
-
-    def write_weight(self, matrix: Tensor, *, merged: bool) -> None:
-        geometry.write_weight(self.base, self.kind, matrix)
-        self.merged = merged
+            merged, state = self.delta.merged_with_state(_compute_precision(w0))
+        return _checked(merged, w0.dtype, "merge"), state
 
     def extra_repr(self) -> str:
         return f"method={self.config.method}, merged={self.merged}"
@@ -97,7 +123,7 @@ class Adapted(nn.Module):
 
 def _compute_precision(w: Tensor) -> Tensor:
     # Merging in half precision loses the small ΔW against a large W0; compute in fp32 instead.
-    return w.float() if w.dtype in _LOW_PRECISION else w
+    return w.to(at_least_fp32(w.dtype))
 
 
 def _checked(matrix: Tensor, dtype: torch.dtype, what: str) -> Tensor:

@@ -24,6 +24,10 @@ from .config import AdapterConfig
 from .geometry import BaseKind
 from .precision import apply_in, compute_dtype
 
+# What a merge must remember to be undone, beyond the parameters: e.g. the row norms a method
+# divided by at merge time. ``None`` where the parameters alone invert the merge.
+MergeState = Tensor | tuple[Tensor, ...] | None
+
 
 class Adapter(nn.Module, abc.ABC):
     """What every method module declares.
@@ -52,12 +56,23 @@ class Adapter(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def merged_weight(self, w0: Tensor) -> Tensor:
-        """The adapted weight ``W'`` as an (out, in) matrix, given the base weight ``w0``."""
+        """The adapted weight ``W'`` as an (out, in) matrix, given the base weight ``w0``. A query:
+        the module is left as it was."""
         ...
 
+    def merged_with_state(self, w0: Tensor) -> tuple[Tensor, MergeState]:
+        """``W'`` and what :meth:`restore_weight` will need to invert it (:data:`MergeState`).
+
+        Also a query: the state is returned, not kept. :class:`~rankwise.core.adapted.Adapted`
+        holds it from merge to unmerge, the only two places that touch it, so asking for
+        :meth:`merged_weight` never changes what an unmerge writes back.
+        """
+        return self.merged_weight(w0), None
+
     @abc.abstractmethod
-    def restore_weight(self, merged: Tensor) -> Tensor:
-        """Inverse of :meth:`merged_weight`: the base weight back from the merged one."""
+    def restore_weight(self, merged: Tensor, state: MergeState) -> Tensor:
+        """Inverse of :meth:`merged_with_state`: the base weight back from the merged one and the
+        state that merge returned."""
         ...
 
     def extra_repr(self) -> str:
@@ -140,7 +155,7 @@ class Delta(Adapter):
     def merged_weight(self, w0: Tensor) -> Tensor:
         return w0 + self.delta_weight().to(w0.dtype)
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
+    def restore_weight(self, merged: Tensor, state: MergeState) -> Tensor:
         return merged - self.delta_weight().to(merged.dtype)
 
 
@@ -167,7 +182,7 @@ class OutputAdapter(Adapter):
     def merged_weight(self, w0: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__} has no merged weight: its forward is not linear in x")
 
-    def restore_weight(self, merged: Tensor) -> Tensor:
+    def restore_weight(self, merged: Tensor, state: MergeState) -> Tensor:
         raise TypeError(f"{type(self).__name__} has no merged weight: its forward is not linear in x")
 
     @abc.abstractmethod

@@ -60,6 +60,13 @@ def check_supported(module: nn.Module, path: str) -> BaseKind:
     return kind
 
 
+def overrides_forward(module: nn.Module, kind: BaseKind) -> bool:
+    """Whether ``module``'s class replaces the forward of its kind (nn.Linear, Conv1D, nn.Conv2d),
+    e.g. with a fake-quantized matmul: its output is then not known to be ``x W0ᵀ + b``."""
+    standard = {"linear": nn.Linear, "conv1d": _conv1d_type(), "conv2d": nn.Conv2d}[kind]
+    return type(module).forward is not standard.forward
+
+
 def weight_matrix(base: nn.Module, kind: BaseKind) -> Tensor:
     """The base weight as an (out_features, in_features) view, sharing storage with the layer."""
     if kind == "conv1d":

@@ -7,12 +7,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from . import geometry, registry
 from .adapted import Adapted
 from .config import ALL_LINEAR, AdapterConfig
+from .delta import Reparam
+from .precision import at_least_fp32
 
 _EXAMPLES = 12  # module names shown when a target matches nothing
 
@@ -79,8 +80,20 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
     base = model.get_submodule(path)
     kind = geometry.check_supported(base, path)
     method = registry.for_config(config)
+    # A Reparam method computes x W'ᵀ + b from the weight and never calls the base, so it would skip a
+    # forward the layer's class defines (a fake-quantized matmul, a custom kernel): the adapted model
+    # would differ from the user's at step 0, silently. Such a forward cannot carry every W' (Bat's
+    # update multiplies W0's blocks; BoRA's column gain on a k × k kernel is no scaling of the input),
+    # and PEFT answers both ways (its DoRA reuses the base's output only while no dropout is active,
+    # its Bat never), so a refusal naming the layer is what a user can act on. The additive methods
+    # add to that forward's output and accept the layer.
+    if issubclass(method.module_class, Reparam) and geometry.overrides_forward(base, kind):
+        raise TypeError(
+            f"{method.name} on '{path}': {type(base).__name__} defines its own forward, which {method.name} "
+            "would bypass (it computes x W'ᵀ + b from the weight); use a method that adds to the layer's output"
+        )
     weight = geometry.weight_matrix(base, kind)
-    adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    adapter_dtype = at_least_fp32(weight.dtype)  # fp32 adapters on a half-precision base
     try:
         delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
     except (ValueError, TypeError) as error:
@@ -204,14 +217,14 @@ def module_overrides(layer: Adapted) -> dict[str, object]:
 def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     # Two passes: check every new weight first, write only when all are finite.
     layers = [(path, layer) for path, layer in adapted_modules(model) if layer.merged != merged]
-    compute = Adapted.merged_weight if merged else Adapted.restored_weight
+    compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:
         try:
             compute(layer)
         except ValueError as error:
             raise ValueError(f"'{path}': {error}; no weight was changed") from error
     for _, layer in layers:
-        layer.write_weight(compute(layer), merged=merged)
+        write(layer)
     return model
 
 

@@ -24,6 +24,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` widened to fp32 where it is narrower (fp16, bf16), else unchanged (fp32, fp64):
+    the dtype of the computations a half-precision type is too coarse for (FFTs, norms, LU,
+    Gram matrices, merged weights); each caller says which."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def apply_in(dtype: torch.dtype, function: Callable[..., Tensor], *args: Any) -> Tensor:
     """``function(*args)`` with every floating tensor argument cast to ``dtype`` (differentiably)
     and autocast off for the call."""

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..core.precision import at_least_fp32
 from .factors import factor_pairs, other_parameter_groups
 
 # Damping of the r × r Gram inverses, pinv(M + δI), as in the official code; it keeps step 0
@@ -40,7 +41,7 @@ class _Tangent:
     """
 
     def __init__(self, A: Tensor, B: Tensor, scale: float) -> None:
-        self.dtype = torch.promote_types(A.dtype, torch.float32)
+        self.dtype = at_least_fp32(A.dtype)
         self.A, self.B, self.scale = A.to(self.dtype), B.to(self.dtype), scale
         self.gram_B = _Gram(self.B.T @ self.B)
         self.gram_A = _Gram(self.A @ self.A.T)
