@@ -157,6 +157,16 @@ CASES = [
          corrupt=lambda f: (f / "adapter.safetensors").unlink()),
     Case("not a rankwise file", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "lacks the fields",
          corrupt=lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA"}')),
+    Case("config a list in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"'config' must be an object, not \[8\]",
+         corrupt=_edit_json(lambda meta: meta.update(config=[8]))),
+    Case("modules a list in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"'modules' must be an object, not \[\"proj\"\]",
+         corrupt=_edit_json(lambda meta: meta.update(modules=["proj"]))),
+    Case("a module entry a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"modules\['proj'\] must be an object, not \"linear\"",
+         corrupt=_edit_json(lambda meta: meta["modules"].update(proj="linear"))),
+    Case("a width a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"modules\['proj'\]\['in_features'\] must be an integer, not \"8\"",
+         corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(in_features="8"))),
+    Case("trainable modules a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "'trainable_modules' must be a list",
+         corrupt=_edit_json(lambda meta: meta.update(trainable_modules="head"))),
 ]
 
 

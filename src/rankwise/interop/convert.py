@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.adapted import Adapted
-from ..core.checkpoint import CheckpointError, atomic_write
+from ..core.checkpoint import CheckpointError, uncompiled, write_files
 from ..core.config import AdapterConfig
 from ..core.inject import adapted_modules, build, find_targets, install, module_overrides, trainable_paths
 from .formats import _ANY_TYPE, FORMATS, PeftFormat
@@ -35,6 +35,7 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
         ValueError: the model has no adapters, its method has no PEFT form, PEFT does not support
             one of its layers, or its layers differ in a way PEFT cannot express. Nothing is written.
     """
+    model = uncompiled(model)
     layers = list(adapted_modules(model))
     if not layers:
         raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
@@ -62,8 +63,8 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(folder / PEFT_TENSORS, safetensors.torch.save(state))
-    atomic_write(folder / PEFT_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    write_files({folder / PEFT_TENSORS: safetensors.torch.save(state),
+                 folder / PEFT_CONFIG: (json.dumps(peft_config, indent=2) + "\n").encode()})
     return folder
 
 
@@ -77,6 +78,7 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             model, or tensors that do not fit the model (all listed).
     """
     folder = Path(folder)
+    compiled, model = model, uncompiled(model)
     meta = _read_json(folder / PEFT_CONFIG)
     fmt = _format_of(meta, folder)
     config = _config_from_peft(fmt, meta, folder)
@@ -102,11 +104,11 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"{folder / PEFT_TENSORS} does not fit this model: missing keys {missing}, unexpected keys "
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
-    model = install(model, wrappers, config)
+    installed = install(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
             target.copy_(tensors[key].reshape(target.shape))
-    return model
+    return compiled if installed is model else installed
 
 
 def _peft_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
