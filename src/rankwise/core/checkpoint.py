@@ -52,8 +52,8 @@ def uncompiled(model: nn.Module) -> nn.Module:
     A compiled model's paths start with ``_orig_mod.``; a checkpoint saved with them would not load
     into the plain model, nor the other way round.
     """
-    # torch.compile imports torch._dynamo, so a model that is not in sys.modules' dynamo was not
-    # compiled; importing it here would cost every save a second.
+    # torch.compile imports torch._dynamo: while it is not imported, no model is compiled, and
+    # importing it here would cost every save a second.
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
         return model._orig_mod
@@ -78,7 +78,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
 
     Both files are written in full before either replaces an old one (:func:`write_files`), so a
     save that fails leaves the previous checkpoint in ``folder`` as it was. The paths recorded are
-    the model's own, also for a ``torch.compile``\ d model.
+    the model's own, also for a model wrapped by ``torch.compile``.
     """
     model = uncompiled(model)
     layers = list(adapted_modules(model))

@@ -272,7 +272,7 @@ def _check_untied(model: nn.Module, layers: list[tuple[str, Adapted]]) -> None:
                 f"cannot merge '{path}': its weight is shared with {sorted(others)} (tied weights), so the merge "
                 f"would add its ΔW to them too. Keep this adapter unmerged, or untie the layer first (base = "
                 f"model.get_submodule({path!r}).base; base.weight = nn.Parameter(base.weight.detach().clone()); in a "
-                "transformers model also config.tie_word_embeddings = False, so that saving keeps both); "
+                "transformers model also config.tie_word_embeddings = False, which records it); "
                 "no weight was changed"
             )
 

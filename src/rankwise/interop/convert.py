@@ -165,7 +165,7 @@ def _check_saved_modules_untied(model: nn.Module, trainable: list[str], tensors:
                         f"{folder}: PEFT keeps its own copy of modules_to_save '{path}', but in this model '{key}' "
                         f"is tied to '{partner}', which loading would change too. Untie it first (module = "
                         f"model.get_submodule({path!r}); module.{name} = nn.Parameter(module.{name}.detach().clone()); "
-                        "in a transformers model also config.tie_word_embeddings = False)"
+                        "in a transformers model also config.tie_word_embeddings = False, which records it)"
                     )
                 if not torch.equal(tensors[_PREFIX + key], tensors[_PREFIX + partner]):
                     raise CheckpointError(
