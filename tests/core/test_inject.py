@@ -126,7 +126,7 @@ def test_an_adapter_changed_while_merged_unmerges_once_put_back() -> None:
         layer.delta.B.add_(1.0)
     with pytest.raises(ValueError, match="changed while merged"):
         rw.unmerge(model)
-    layer.delta.load_state_dict(layer.merged_adapter)
+    layer.delta.load_state_dict(layer.merged_adapter, strict=False)
     rw.unmerge(model)
     assert torch.equal(layer.delta.B, trained) and layer.merged_adapter is None
     after = rw.unwrap(model, merge=False).state_dict()

@@ -34,8 +34,8 @@ class Adapted(nn.Module):
         self.config = config
         self.merged = False
         self.disabled = False
-        # The adapter's tensors when it was merged: unmerge refuses if they changed since, because
-        # the base weight holds the ΔW of these values, not of the new ones.
+        # The adapter's parameters when it was merged: unmerge refuses if they changed since,
+        # because the base weight holds the ΔW of these values, not of the new ones.
         self.merged_adapter: dict[str, Tensor] | None = None
 
     @property

@@ -237,14 +237,16 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
             raise ValueError(f"'{path}': {error}; no weight was changed") from error
     for _, layer in layers:
         layer.write_weight(compute(layer), merged=merged)
-        layer.merged_adapter = {k: v.detach().clone() for k, v in layer.delta.state_dict().items()} if merged else None
+        layer.merged_adapter = {k: p.detach().clone() for k, p in layer.delta.named_parameters()} if merged else None
     return model
 
 
 def _check_unchanged_since_merge(path: str, layer: Adapted) -> None:
+    # Parameters only: they are what an optimizer step or a load changes. Buffers hold constants
+    # and counts, and a method whose ΔW follows a count (SingLoRA's step) keeps its merge-time value.
     if layer.merged_adapter is None:
         return
-    now = layer.delta.state_dict()
+    now = dict(layer.delta.named_parameters())
     changed = sorted(
         set(now) ^ set(layer.merged_adapter)
         | {k for k, v in layer.merged_adapter.items() if k in now and not torch.equal(now[k], v.to(now[k]))}
@@ -253,7 +255,8 @@ def _check_unchanged_since_merge(path: str, layer: Adapted) -> None:
         raise ValueError(
             f"'{path}': the adapter changed while merged (delta.{', delta.'.join(changed)}); the base weight holds "
             f"the ΔW of its values at merge, so unmerging now would leave the base weight off. Put them "
-            f"back (layer = model.get_submodule({path!r}); layer.delta.load_state_dict(layer.merged_adapter)), then "
+            f"back (layer = model.get_submodule({path!r}); layer.delta.load_state_dict(layer.merged_adapter, "
+            "strict=False)), then "
             "unmerge; train and edit adapters unmerged. No weight was changed"
         )
 
