@@ -303,6 +303,17 @@ def test_to_peft_of_a_tied_trainable_head_saves_its_embedding_too(build, target,
     torch.testing.assert_close(_run(back, x), _run(ours, x), rtol=1e-5, atol=1e-5)
 
 
+def test_from_peft_refuses_tied_modules_to_save_that_peft_trained_apart(tmp_path) -> None:
+    reference = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                             modules_to_save=["lm_head", "wte"]))
+    _randomize_peft(reference)  # PEFT's two copies now differ
+    reference.save_pretrained(tmp_path)
+    model = _gpt2()
+    with pytest.raises(rw.CheckpointError, match=r"'transformer.wte.weight' and 'lm_head.weight' hold different values"):
+        rw.interop.from_peft(model, tmp_path)
+    assert not list(adapted_modules(model))
+
+
 def test_to_peft_refuses_a_trainable_module_tied_to_an_adapted_layer(tmp_path) -> None:
     ours = rw.adapt(_gpt2(), rw.LoRAConfig(rank=2, targets="lm_head", trainable="wte"))
     with pytest.raises(ValueError, match=r"trainable 'transformer.wte' shares 'weight' with 'lm_head.base.weight'"):
