@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,70 @@ def test_bench_refuses_an_unknown_method(tmp_path: Path, capsys: pytest.CaptureF
     status = cli.main(["bench", "--tasks", "synthetic", "--methods", "nope", "--out", str(tmp_path), "--no-progress"])
     assert status == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def _adapter(folder: Path) -> Path:
+    rw.save_adapter(rw.adapt(nn.Sequential(nn.Linear(4, 4)), rw.LoRAConfig(rank=2, targets="0")), folder)
+    return folder
+
+
+def _edit_config(folder: Path, change) -> Path:
+    path = folder / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+    return folder
+
+
+# (id, setup(tmp_path) -> argv, what the one-line message says)
+BAD_ARGUMENTS = [
+    ("merge --out a file", lambda t: ["merge", "--model", str(t), "--adapter", str(_adapter(t / "a")),
+                                      "--out", str(_file(t / "out.txt"))], "--out .*out.txt is a file, not a folder"),
+    ("merge --model missing", lambda t: ["merge", "--model", str(t / "nowhere"), "--adapter", str(_adapter(t / "a")),
+                                         "--out", str(t / "merged")], "--model .*nowhere is not a transformers model folder"),
+    ("bench --out a file", lambda t: ["bench", "--tasks", "synthetic", "--methods", "lora", "--no-progress",
+                                      "--out", str(_file(t / "results.txt"))], "--out .*results.txt is a file"),
+    ("bench --device bogus", lambda t: ["bench", "--tasks", "synthetic", "--methods", "lora", "--no-progress",
+                                        "--device", "bogus", "--out", str(t / "bench")], "--device 'bogus' cannot be used here"),
+    ("inspect without the tensor file", lambda t: ["inspect", str(_without_tensors(_adapter(t / "a")))],
+     "adapter.safetensors does not exist"),
+    ("inspect of modules as a list", lambda t: ["inspect", str(_edit_config(_adapter(t / "a"), lambda m: m.update(modules=[])))],
+     "'modules' must be an object, not \\[\\]"),
+]
+
+
+def _file(path: Path) -> Path:
+    path.write_text("keep me")
+    return path
+
+
+def _without_tensors(folder: Path) -> Path:
+    (folder / "adapter.safetensors").unlink()
+    return folder
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(("setup", "message"), [case[1:] for case in BAD_ARGUMENTS], ids=[case[0] for case in BAD_ARGUMENTS])
+def test_bad_arguments_give_one_line_exit_2_and_write_nothing(setup, message, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = setup(tmp_path)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"rankwise {argv[0]}: "), err
+    assert re.search(message, err), err
+    assert _tree(tmp_path) == before
+
+
+def test_inspect_reads_a_layer_entry_without_its_own_config_as_load_adapter_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _edit_config(_adapter(tmp_path), lambda meta: meta["modules"]["0"].pop("config"))
+    loaded = rw.load_adapter(nn.Sequential(nn.Linear(4, 4)), folder)
+    assert loaded[0].delta.A.shape == (2, 4)
+    assert cli.main(["inspect", str(folder)]) == 0
+    assert "  0       linear  4 -> 4     16" in capsys.readouterr().out

@@ -246,3 +246,91 @@ def test_from_peft_names_a_block_size_the_layer_does_not_allow(tmp_path) -> None
     with pytest.raises(rw.CheckpointError, match=message):
         rw.interop.from_peft(other, tmp_path)
     assert not list(adapted_modules(other))
+
+
+def _llama(tied: bool = True, classes: int = 0) -> nn.Module:
+    """A tiny Llama: a causal LM whose head is tied to its embedding, or a sequence classifier."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
+                                      num_labels=max(classes, 2), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model_class = transformers.LlamaForSequenceClassification if classes else transformers.LlamaForCausalLM
+    return model_class(config).eval()
+
+
+def _untied(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
+
+
+@pytest.mark.parametrize(("build", "target"), [(_gpt2, "c_attn"), (_llama, "q_proj")], ids=["gpt2", "llama"])
+def test_from_peft_refuses_a_tied_module_to_save_and_equals_peft_once_untied(build, target, tmp_path) -> None:
+    reference = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=[target], modules_to_save=["lm_head"],
+                                                             init_lora_weights=False))
+    _randomize_peft(reference)
+    reference.eval()
+    reference.save_pretrained(tmp_path)
+
+    tied = build()
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    before = copy.deepcopy(tied.state_dict())
+    with pytest.raises(rw.CheckpointError, match=r"own copy of modules_to_save 'lm_head'.*'lm_head.weight' is tied to"):
+        rw.interop.from_peft(tied, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in tied.state_dict().items()) and not list(adapted_modules(tied))
+
+    x = _inputs(_gpt2)
+    ours = rw.interop.from_peft(_untied(build()), tmp_path)
+    _assert_equal_and_adapted(_run(reference, x), _run(ours.eval(), x), _run(build(), x))
+
+
+@pytest.mark.parametrize(("build", "target", "embedding"), [(_gpt2, "c_attn", "transformer.wte"),
+                                                            (_llama, "q_proj", "model.embed_tokens")],
+                         ids=["gpt2", "llama"])
+def test_to_peft_of_a_tied_trainable_head_saves_its_embedding_too(build, target, embedding, tmp_path) -> None:
+    ours = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=target, trainable="lm_head")).eval()
+    _randomize(ours)
+    with torch.no_grad():
+        ours.lm_head.weight.add_(0.1 * torch.randn_like(ours.lm_head.weight))  # and so the embedding
+    rw.interop.to_peft(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head", embedding]
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
+    x = _inputs(_gpt2)
+    _assert_equal_and_adapted(_run(theirs, x), _run(ours, x), _run(build(), x))
+
+    back = rw.interop.from_peft(build(), tmp_path).eval()  # both saved, equal: one tied tensor again
+    torch.testing.assert_close(_run(back, x), _run(ours, x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_peft_refuses_tied_modules_to_save_that_peft_trained_apart(tmp_path) -> None:
+    reference = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                             modules_to_save=["lm_head", "wte"]))
+    _randomize_peft(reference)  # PEFT's two copies now differ
+    reference.save_pretrained(tmp_path)
+    model = _gpt2()
+    with pytest.raises(rw.CheckpointError, match=r"'transformer.wte.weight' and 'lm_head.weight' hold different values"):
+        rw.interop.from_peft(model, tmp_path)
+    assert not list(adapted_modules(model))
+
+
+def test_to_peft_refuses_a_trainable_module_tied_to_an_adapted_layer(tmp_path) -> None:
+    ours = rw.adapt(_gpt2(), rw.LoRAConfig(rank=2, targets="lm_head", trainable="wte"))
+    with pytest.raises(ValueError, match=r"trainable 'transformer.wte' shares 'weight' with 'lm_head.base.weight'"):
+        rw.interop.to_peft(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_peft_skips_modules_to_save_the_model_lacks_as_peft_does(tmp_path) -> None:
+    """PEFT's sequence-classification adapters list both 'classifier' and 'score'; Llama has 'score'."""
+    reference = peft.get_peft_model(_llama(classes=3), peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False,
+                                                                       target_modules=["q_proj", "v_proj"]))
+    _randomize_peft(reference)
+    reference.eval()
+    reference.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+
+    ours = rw.interop.from_peft(_llama(classes=3), tmp_path).eval()
+    assert ours.score.weight.requires_grad
+    x = torch.randint(1, 50, (2, 8))
+    _assert_equal_and_adapted(_run(reference, x), _run(ours, x), _run(_llama(classes=3), x))

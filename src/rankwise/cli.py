@@ -39,15 +39,35 @@ def bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     out = args.out or Path("bench-out") / preset.name
+    _check_folder("--out", out)
+    _check_device(args.device)
     folder = run_bench(out, preset, tasks=args.tasks, methods=args.methods, seeds=args.seeds, budget=args.budget,
                        device=args.device, progress=not args.no_progress)
     print((folder / "results.md").read_text())
     print(f"results, report and plots in {folder}")
 
 
+def _check_folder(option: str, path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder (nothing was written)")
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device this machine cannot use before anything is written."""
+    try:
+        torch.empty(0, device=torch.device(name))
+    # torch.device raises RuntimeError for an unknown type; allocating raises AssertionError
+    # where torch was built without CUDA, NotImplementedError for a backend it lacks.
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        raise ValueError(f"--device {name!r} cannot be used here: {str(error).splitlines()[0]}") from None
+
+
 def inspect(args: argparse.Namespace) -> None:
     """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size."""
     meta, config = rw.read_adapter_config(args.folder)
+    tensors = Path(args.folder) / TENSORS_FILE
+    if not tensors.is_file():
+        raise rw.CheckpointError(f"{tensors} does not exist")
     module_class = registry.get(meta["method"]).module_class
     written_by = f"  (saved by rankwise {meta['rankwise_version']})" if "rankwise_version" in meta else ""
     print(f"method: {meta['method']}{written_by}")
@@ -69,8 +89,11 @@ def inspect(args: argparse.Namespace) -> None:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print(f"adapter parameters: {total:,}")
     if meta["trainable_modules"]:
-        with safetensors.safe_open(Path(args.folder) / TENSORS_FILE, framework="pt") as file:
-            shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}
+        try:
+            with safetensors.safe_open(tensors, framework="pt") as file:
+                shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}
+        except safetensors.SafetensorError as error:
+            raise rw.CheckpointError(f"{tensors} is not a readable safetensors file: {error}") from None
         for path in meta["trainable_modules"]:
             values = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(path + "."))
             print(f"trainable module {path}: {values:,} values saved")
@@ -80,8 +103,12 @@ def merge(args: argparse.Namespace) -> None:
     """``rankwise merge``: fold an adapter into a transformers model folder and save the result."""
     import transformers  # an optional dependency; only this command needs it
 
+    _check_folder("--out", args.out)
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out} exists and is not empty; choose a new folder (nothing was written)")
+    if not (args.model / "config.json").is_file():
+        raise ValueError(f"--model {args.model} is not a transformers model folder: it has no config.json "
+                         "(nothing was written)")
 
     config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
     if not config.architectures:

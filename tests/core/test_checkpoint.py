@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -12,6 +16,8 @@ import torch
 from torch import nn
 
 import rankwise as rw
+from rankwise.compress import checkpoint as compressed_checkpoint
+from rankwise.compress import load_compressed, lord, save_compressed
 from rankwise.core import checkpoint
 from rankwise.core.inject import adapted_modules, build
 
@@ -74,3 +80,139 @@ def test_config_json_round_trip_and_string_targets() -> None:
     assert rw.LoRAConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert rw.make_config("dora", rank=2) == rw.DoRAConfig(rank=2)
     assert rw.methods()[:2] == ["lora", "dora"]
+
+
+def _lora(rank: int) -> nn.Module:
+    model = rw.adapt(_model(), rw.LoRAConfig(rank=rank, targets=("0", "2")))
+    nn.init.normal_(model[0].delta.B)
+    return model
+
+
+def _lord(*targets: str) -> nn.Module:
+    model = _model()
+    lord(model, targets=targets, rank_ratio=0.5)
+    return model
+
+
+@dataclasses.dataclass
+class Format:
+    """A checkpoint format: how to save, and what a fresh model loads from a folder."""
+
+    id: str
+    save: Callable[[nn.Module, Path], object]
+    load: Callable[[Path], dict[str, torch.Tensor]]
+    first: Callable[[], nn.Module]
+    second: Callable[[], nn.Module]  # saved over the first
+    files: tuple[str, str]  # (written first, the commit)
+    mixed: str  # the error for a pair from two saves
+
+
+FORMATS = [
+    Format("adapter", rw.save_adapter, lambda f: rw.adapter_state_dict(rw.load_adapter(_model(), f)),
+           lambda: _lora(2), lambda: _lora(4), ("adapter.safetensors", "adapter_config.json"), "checksum differs"),
+    Format("compressed", save_compressed, lambda f: load_compressed(_model(), f).state_dict(),
+           lambda: _lord("0", "2"), lambda: _lord("2"), ("model.safetensors", "compression.json"),
+           "come from two different saves"),
+]
+
+# Every file-system call the savers make, directly or through tempfile and pathlib; safetensors'
+# save_file writes a whole file in Rust, so it counts as one call.
+_CALLS = [(os, name) for name in ("open", "write", "fsync", "close", "replace", "unlink", "mkdir")]
+_CALLS += [(tempfile, "mkstemp"), (compressed_checkpoint, "save_file")]
+
+
+class _Faults:
+    """Records the file-system calls made while installed; the ``fail_at``-th (1-based) raises ENOSPC."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, fail_at: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_at = fail_at
+        for module, name in _CALLS:
+            patch.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name: str, real: Callable) -> Callable:
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            if len(self.calls) == self.fail_at:
+                raise OSError(errno.ENOSPC, f"injected failure of {name}")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.id for f in FORMATS])
+def test_a_failure_at_any_file_system_call_of_a_save_keeps_the_previous_checkpoint(fmt, tmp_path, monkeypatch) -> None:
+    first, second = fmt.first(), fmt.second()
+
+    def previous(name: str) -> Path:
+        fmt.save(first, tmp_path / name)
+        return tmp_path / name
+
+    old = fmt.load(previous("first"))
+    folder = previous("counted")
+    with monkeypatch.context() as patch:
+        calls = _Faults(patch).calls
+        fmt.save(second, folder)
+    new = fmt.load(folder)
+    assert {"mkstemp", "fsync", "replace"} <= set(calls)
+    assert not _same(old, new)
+
+    for index, name in enumerate(calls, start=1):
+        folder = previous(f"fail-{index}")
+        before = _files(folder)
+        with monkeypatch.context() as patch:
+            _Faults(patch, fail_at=index)
+            try:
+                fmt.save(second, folder)
+                error = None
+            except OSError as raised:
+                error = raised
+        where = f"failure of call {index} ({name})"
+        if error is None:  # only making the existing folder may fail unnoticed
+            assert name == "mkdir", where
+            assert sorted(_files(folder)) == sorted(before), where
+            assert _same(fmt.load(folder), new), where
+        elif "new files are in place" in str(error):  # after the commit: an old version is left over
+            leftovers = sorted(set(_files(folder)) - set(before))
+            assert len(leftovers) == 1 and leftovers[0].endswith(".old") and leftovers[0] in str(error), where
+            assert _same(fmt.load(folder), new), where
+        else:
+            assert _files(folder) == before, where  # the old bytes, and no temporary file
+            assert _same(fmt.load(folder), old), where
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.id for f in FORMATS])
+def test_files_from_two_saves_refuse_to_load(fmt, tmp_path) -> None:
+    """What a crash between a save's two renames leaves: one new file beside one old one."""
+    fmt.save(fmt.first(), tmp_path / "old")
+    fmt.save(fmt.second(), tmp_path / "new")
+    for renamed in fmt.files:
+        mixed = tmp_path / f"mixed-{renamed}"
+        mixed.mkdir()
+        for name in fmt.files:
+            (mixed / name).write_bytes((tmp_path / ("new" if name == renamed else "old") / name).read_bytes())
+        with pytest.raises(rw.CheckpointError, match=fmt.mixed):
+            fmt.load(mixed)
+
+
+def test_a_compiled_model_saves_and_loads_the_paths_of_the_plain_model(tmp_path) -> None:
+    model = _lora(2)
+    rw.save_adapter(torch.compile(model, backend="eager"), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(meta["modules"]) == ["0", "2"]
+    assert set(safetensors.torch.load_file(tmp_path / "adapter.safetensors")) == {
+        "0.delta.A", "0.delta.B", "2.delta.A", "2.delta.B"}
+    x = torch.randn(3, 6)
+    assert torch.equal(rw.load_adapter(_model(), tmp_path)(x), model(x))
+
+    compiled = rw.load_adapter(torch.compile(_model(), backend="eager"), tmp_path)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)

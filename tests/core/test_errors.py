@@ -100,6 +100,32 @@ def _poison(model: nn.Module) -> None:
         model.head.delta.B.fill_(float("inf"))
 
 
+def _tied() -> Net:
+    """The adapted head's weight is also an embedding's, as an LM head tied to its input embedding."""
+    model = _fresh()
+    model.embed = nn.Embedding(2, 16)
+    model.embed.weight = model.head.weight
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets="head"))
+    nn.init.normal_(model.head.delta.B)
+    return model
+
+
+def _merge_inside_disabled(model: nn.Module) -> None:
+    with rw.disabled(model):
+        rw.merge(model)
+
+
+def _changed_while_merged() -> Net:
+    model = rw.merge(_adapted())
+    with torch.no_grad():
+        model.proj.delta.B.mul_(2)
+    return model
+
+
+def _train_step(model: nn.Module) -> None:
+    model(torch.randn(2, 8)).sum().backward()
+
+
 CASES = [
     Case("unknown target", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj")), ValueError, "'q_proj' matches no module.*proj"),
     Case("adapt twice", _adapted, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj")), ValueError, "already"),
@@ -120,6 +146,12 @@ CASES = [
     Case("unknown method name", _fresh, lambda m, f: rw.make_config("lorra"), ValueError, "unknown method 'lorra'"),
     Case("non-finite merge", lambda: (m := _adapted(), _poison(m))[0], lambda m, f: rw.merge(m), ValueError, "'head'.*non-finite"),
     Case("disable a merged model", lambda: rw.merge(_adapted()), lambda m, f: rw.disabled(m).__enter__(), ValueError, "unmerge"),
+    Case("merge a tied weight", _tied, lambda m, f: rw.merge(m), ValueError, r"cannot merge 'head': its weight is shared with \['embed.weight'\]"),
+    Case("unwrap-merge a tied weight", _tied, lambda m, f: rw.unwrap(m, merge=True), ValueError, r"'head'.*shared with \['embed.weight'\]"),
+    Case("merge inside disabled", _adapted, lambda m, f: _merge_inside_disabled(m), ValueError, r"cannot merge inside `with rankwise.disabled\(model\)`"),
+    Case("unmerge after the adapter changed", _changed_while_merged, lambda m, f: rw.unmerge(m), ValueError, r"'proj': the adapter changed while merged \(delta.B\)"),
+    Case("unwrap after the adapter changed", _changed_while_merged, lambda m, f: rw.unwrap(m, merge=False), ValueError, "'proj': the adapter changed while merged"),
+    Case("train a merged model", lambda: rw.merge(_adapted()), lambda m, f: _train_step(m), RuntimeError, r"backward through a merged lora layer.*rankwise.unmerge\(model\) before training"),
     Case("save without adapters", _fresh, lambda m, f: rw.save_adapter(m, f), ValueError, "no rankwise adapters"),
     Case("load into an adapted model", _adapted, lambda m, f: rw.load_adapter(m, f), ValueError, "already has rankwise adapters"),
     Case("missing config file", _fresh, lambda m, f: rw.load_adapter(m, f / "elsewhere"), rw.CheckpointError, "adapter_config.json does not exist"),
@@ -143,6 +175,16 @@ CASES = [
          corrupt=lambda f: (f / "adapter.safetensors").unlink()),
     Case("not a rankwise file", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "lacks the fields",
          corrupt=lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA"}')),
+    Case("config a list in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"'config' must be an object, not \[8\]",
+         corrupt=_edit_json(lambda meta: meta.update(config=[8]))),
+    Case("modules a list in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"'modules' must be an object, not \[\"proj\"\]",
+         corrupt=_edit_json(lambda meta: meta.update(modules=["proj"]))),
+    Case("a module entry a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"modules\['proj'\] must be an object, not \"linear\"",
+         corrupt=_edit_json(lambda meta: meta["modules"].update(proj="linear"))),
+    Case("a width a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, r"modules\['proj'\]\['in_features'\] must be an integer, not \"8\"",
+         corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(in_features="8"))),
+    Case("trainable modules a string in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "'trainable_modules' must be a list",
+         corrupt=_edit_json(lambda meta: meta.update(trainable_modules="head"))),
 ]
 
 

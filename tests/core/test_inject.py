@@ -113,6 +113,37 @@ def test_unwrap_without_merge_drops_the_adapters() -> None:
     torch.testing.assert_close(plain(x), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_an_adapter_changed_while_merged_unmerges_once_put_back() -> None:
+    """The recovery the refusal names: the values at merge are kept, and unmerge is then exact."""
+    torch.manual_seed(0)
+    base = Net()
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = rw.adapt(base, rw.LoRAConfig(rank=2, targets="q_proj"))
+    layer = model.layers[0].q_proj
+    nn.init.normal_(layer.delta.B)
+    trained = layer.delta.B.clone()
+    rw.merge(model)
+    with torch.no_grad():
+        layer.delta.B.add_(1.0)
+    with pytest.raises(ValueError, match="changed while merged"):
+        rw.unmerge(model)
+    layer.delta.load_state_dict(layer.merged_adapter, strict=False)
+    rw.unmerge(model)
+    assert torch.equal(layer.delta.B, trained) and layer.merged_adapter is None
+    after = rw.unwrap(model, merge=False).state_dict()
+    torch.testing.assert_close(after, weights, rtol=0, atol=1e-6)
+
+
+def test_a_merged_model_with_a_frozen_adapter_trains_its_other_parameters() -> None:
+    torch.manual_seed(0)
+    model = rw.adapt(Net(), rw.LoRAConfig(rank=2, targets="q_proj", trainable="classifier"))
+    rw.merge(model)
+    for _, layer in adapted_modules(model):
+        layer.delta.requires_grad_(False)
+    model(torch.randn(4, 8)).sum().backward()
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
+
+
 def test_a_bare_layer_can_be_the_target() -> None:
     layer = nn.Linear(4, 3)
     adapted = rw.adapt(layer, rw.LoRAConfig(rank=1))

@@ -4,13 +4,15 @@ that an uncompressed model of the same architecture can be rebuilt from the file
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.checkpoint import CheckpointError, atomic_write, atomic_write_with
+from ..core.checkpoint import CheckpointError, write_files
 from ..core.geometry import check_supported
 from ..core.inject import replace_module
 from ..version import __version__
@@ -26,10 +28,15 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
 
     Tied tensors (an LM head sharing the embedding) are written under each of their keys; loading
     copies both into the one shared parameter, so the tie survives.
+
+    Both files are written in full before either replaces an old one, so a save that fails leaves
+    the previous files as they were; both carry one random ``save_id``, so a pair from two saves
+    (a crash between the two renames) refuses to load.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layout = {"format": _FORMAT, "format_version": 1, "rankwise_version": __version__,
+    save_id = uuid.uuid4().hex
+    layout = {"format": _FORMAT, "format_version": 1, "rankwise_version": __version__, "save_id": save_id,
               "layers": {path: m.layout() for path, m in model.named_modules() if isinstance(m, LowRankLayer)}}
     seen: set[int] = set()
     tensors = {}
@@ -38,9 +45,12 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
         storage = value.untyped_storage().data_ptr()
         tensors[key] = value.detach().clone() if storage in seen else value.detach().contiguous()
         seen.add(storage)
-    # Through a file, not bytes in memory: a whole model's state dict is large.
-    atomic_write_with(folder / _WEIGHTS, lambda temporary: save_file(tensors, str(temporary)))
-    atomic_write(folder / _LAYOUT, json.dumps(layout, indent=2).encode())
+    # The weights through a file, not bytes in memory: a whole model's state dict is large. The
+    # layout last: it is the commit.
+    write_files({
+        folder / _WEIGHTS: lambda temporary: save_file(tensors, str(temporary), metadata={"save_id": save_id}),
+        folder / _LAYOUT: json.dumps(layout, indent=2).encode(),
+    })
 
 
 def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -54,9 +64,17 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         CheckpointError: the files do not fit the model.
     """
     folder = Path(folder)
-    layout = json.loads((folder / _LAYOUT).read_text())
-    if layout.get("format") != _FORMAT or layout.get("format_version") != 1:
+    try:
+        layout = json.loads((folder / _LAYOUT).read_text())
+        with safe_open(folder / _WEIGHTS, framework="pt") as file:
+            weights_id = (file.metadata() or {}).get("save_id")
+    except (OSError, ValueError, SafetensorError) as error:  # missing, not JSON, not safetensors
+        raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
+    if not isinstance(layout, dict) or layout.get("format") != _FORMAT or layout.get("format_version") != 1:
         raise CheckpointError(f"{folder / _LAYOUT} is not a {_FORMAT} v1 file")
+    if layout.get("save_id") != weights_id:  # both absent in files from before save ids
+        raise CheckpointError(f"{folder}: {_WEIGHTS} and {_LAYOUT} come from two different saves "
+                              "(a save interrupted between its two renames); save the model again")
     built = {path: _rebuild(model, path, entry) for path, entry in layout["layers"].items()}
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not any(k.startswith(path + ".") for path in built)}

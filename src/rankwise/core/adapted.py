@@ -35,6 +35,9 @@ class Adapted(nn.Module):
         # What the adapter's merge returned for its unmerge (Adapter.merged_with_state); set by
         # merge, cleared by unmerge, read by nothing else.
         self._merge_state: MergeState = None
+        # The adapter's parameters when it was merged: unmerge refuses if they changed since,
+        # because the base weight holds the ΔW of these values, not of the new ones.
+        self.merged_adapter: dict[str, Tensor] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -43,7 +46,12 @@ class Adapted(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
-            return self.base(x)
+            y = self.base(x)
+            if self.merged and self.training and torch.is_grad_enabled():
+                trainable = next((p for p in self.delta.parameters() if p.requires_grad), None)
+                if trainable is not None:  # a training step would leave the adapter without a gradient
+                    y = y + _NoGradientWhileMerged.apply(trainable, self.config.method)
+            return y
         adapter_dtype = self.adapter_dtype
         if isinstance(self.delta, OutputAdapter):
             h = self.base(x)
@@ -101,13 +109,14 @@ class Adapted(nn.Module):
             weight, state = self._merged_with_state()
             geometry.write_weight(self.base, self.kind, weight)
             self._merge_state, self.merged = state, True
+            self.merged_adapter = {k: p.detach().clone() for k, p in self.delta.named_parameters()}
 
     def unmerge(self) -> None:
         """Write :meth:`restored_weight` back into the base layer; nothing is written if it raises.
         An unmerged layer is left as it is."""
         if self.merged:
             geometry.write_weight(self.base, self.kind, self.restored_weight())
-            self._merge_state, self.merged = None, False
+            self._merge_state, self.merged, self.merged_adapter = None, False, None
 
     def _merged_with_state(self) -> tuple[Tensor, MergeState]:
         if not self.delta.mergeable:
@@ -132,3 +141,22 @@ def _checked(matrix: Tensor, dtype: torch.dtype, what: str) -> Tensor:
         bad = (~torch.isfinite(matrix)).sum().item()
         raise ValueError(f"{what} refused: the new weight would hold {bad} non-finite values")
     return matrix
+
+
+class _NoGradientWhileMerged(torch.autograd.Function):
+    """A zero whose backward raises: a merged layer's adapter is folded into the base weight, so
+    a backward through it would give the adapter no gradient, and without this node the only
+    error is autograd's "element 0 of tensors does not require grad"."""
+
+    @staticmethod
+    def forward(ctx, trainable: Tensor, method: str) -> Tensor:
+        ctx.method = method
+        return trainable.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> None:
+        raise RuntimeError(
+            f"backward through a merged {ctx.method} layer: its adapter is folded into the base weight and gets "
+            "no gradient. Call rankwise.unmerge(model) before training, or freeze the adapter "
+            "(requires_grad_(False)) to train other parameters of the merged model"
+        )

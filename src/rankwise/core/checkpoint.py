@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +46,23 @@ class CheckpointError(ValueError):
     """An adapter checkpoint that is unreadable or does not fit the model."""
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The model ``torch.compile`` wrapped, whose module paths a checkpoint records; else ``model``.
+
+    A compiled model's paths start with ``_orig_mod.``; a checkpoint saved with them would not load
+    into the plain model, nor the other way round.
+    """
+    # torch.compile imports torch._dynamo: while it is not imported, no model is compiled, and
+    # importing it here would cost every save a second.
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The tensors an adapter checkpoint holds: each ``delta`` child, and the trainable modules."""
+    model = uncompiled(model)
     layers = list(adapted_modules(model))
     if not layers:
         raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
@@ -60,9 +76,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` to ``folder`` (created if needed); returns the folder.
 
-    Each file is written to a temporary name and renamed into place, so an interrupted save leaves
-    no half-written file under the final names.
+    Both files are written in full before either replaces an old one (:func:`write_files`), so a
+    save that fails leaves the previous checkpoint in ``folder`` as it was. The paths recorded are
+    the model's own, also for a model wrapped by ``torch.compile``.
     """
+    model = uncompiled(model)
     layers = list(adapted_modules(model))
     state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model).items()}
     config = _shared_config(layers)
@@ -87,8 +105,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / TENSORS_FILE, tensors)
-    atomic_write(folder / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    # The JSON last: it holds the tensors' checksum, so it is the commit (see write_files).
+    write_files({folder / TENSORS_FILE: tensors, folder / CONFIG_FILE: (json.dumps(meta, indent=2) + "\n").encode()})
     return folder
 
 
@@ -110,6 +128,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[dict[str, Any], Adap
             f"{path}: format {meta['format']!r} version {meta['format_version']!r} is not "
             f"{FORMAT!r} version {FORMAT_VERSION}"
         )
+    _check_types(meta, path)
     try:
         config = registry.get(meta["method"]).config_class.from_dict(meta["config"])
     except (ValueError, TypeError) as error:
@@ -131,6 +150,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     folder = Path(folder)
     meta, config = read_adapter_config(folder)
     state = _read_tensors(folder / TENSORS_FILE, meta["tensors_sha256"])
+    compiled, model = model, uncompiled(model)
     if any(True for _ in adapted_modules(model)):
         raise ValueError("the model already has rankwise adapters; load into a fresh base model")
 
@@ -142,7 +162,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             problems.append(problem)
             continue
         try:
-            layer_config = config.from_dict({**config.to_dict(), **entry.get("config", {})})
+            layer_config = config.from_dict({**config.to_dict(), **entry["config"]})
             wrappers[path] = build(model, path, config, layer_config)
         except (ValueError, TypeError) as error:
             problems.append(f"'{path}': {error}")
@@ -162,11 +182,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if problems:
         raise CheckpointError(f"{folder / TENSORS_FILE} does not fit this model:\n  " + "\n  ".join(problems))
 
-    model = install(model, wrappers, config)
+    installed = install(model, wrappers, config)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key])
-    return model
+    return compiled if installed is model else installed
 
 
 def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
@@ -183,19 +203,45 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
 
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+_FIELD_TYPES = {"format": str, "format_version": int, "method": str, "config": dict, "modules": dict,
+                "trainable_modules": list, "tensors_sha256": str}
+_LAYER_TYPES = {"base": str, "in_features": int, "out_features": int, "config": dict}
+
+
+def _check_types(meta: dict[str, Any], path: Path) -> None:
+    """Raise ``CheckpointError`` naming the first field of the wrong JSON type; fill each layer's
+    optional ``config`` (no fields of its own) with ``{}``."""
+    def check(value: Any, kind: type, where: str) -> None:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: {where} must be {_JSON_TYPES[kind]}, not {json.dumps(value)[:80]}")
+
+    for field, kind in _FIELD_TYPES.items():
+        check(meta[field], kind, f"'{field}'")
+    for index, name in enumerate(meta["trainable_modules"]):
+        check(name, str, f"trainable_modules[{index}]")
+    for layer, entry in meta["modules"].items():
+        check(entry, dict, f"modules['{layer}']")
+        entry.setdefault("config", {})
+        for field, kind in _LAYER_TYPES.items():
+            if field not in entry:
+                raise CheckpointError(f"{path}: modules['{layer}'] lacks '{field}'")
+            check(entry[field], kind, f"modules['{layer}']['{field}']")
+
+
 def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str | None:
     try:
         module = model.get_submodule(path)
     except AttributeError:
         return f"layer '{path}' is not in the model"
     kind = geometry.base_kind(module)
-    if kind != entry.get("base"):
-        return f"layer '{path}' is a {type(module).__name__}, the checkpoint expects a {entry.get('base')}"
+    if kind != entry["base"]:
+        return f"layer '{path}' is a {type(module).__name__}, the checkpoint expects a {entry['base']}"
     out_features, in_features = geometry.weight_matrix(module, kind).shape
-    if (in_features, out_features) != (entry.get("in_features"), entry.get("out_features")):
+    if (in_features, out_features) != (entry["in_features"], entry["out_features"]):
         return (
             f"layer '{path}' is {in_features} -> {out_features}, the checkpoint expects "
-            f"{entry.get('in_features')} -> {entry.get('out_features')}"
+            f"{entry['in_features']} -> {entry['out_features']}"
         )
     return None
 
@@ -236,23 +282,97 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
-    atomic_write_with(path, lambda temporary: temporary.write_bytes(data))
+def write_files(files: dict[Path, bytes | Callable[[Path], None]]) -> None:
+    """Replace files of one folder together, so that an error leaves every one of them as it was.
 
+    Each file is first written in full to a temporary file beside it and fsynced: ``bytes``, or
+    through ``write(temporary)`` for a library that writes to a path (safetensors' ``save_file``,
+    which needs no copy of a large file in memory). Only when all are written are they renamed
+    into place, in the order given, each old file first renamed aside (no data is copied). An
+    exception at any step (a full disk, a failing rename) puts the old files back and removes the
+    temporaries. A crash (power loss) between two renames can still leave a new file beside an old
+    one, so the caller's format must refuse such a pair: the last file is the commit, holding a
+    checksum or an id of the others.
 
-def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(temporary)`` in the same folder, fsync it, then rename it
-    over ``path``: a reader sees the old file or the whole new one, never part of one. For large
-    files written by a library that takes a path (safetensors' ``save_file``), with no copy in
-    memory."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    Raises:
+        OSError: the write failed and the files are as they were (the message says so if putting
+            them back failed too); or, after the last rename, an old version could not be removed
+            (the message says the new files are in place and names the leftover).
+    """
+    temporaries: dict[Path, Path] = {}
+    moved: list[tuple[Path, Path | None]] = []  # (path, where its old file went; None if there was none)
     try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path, content in files.items():
+            temporaries[path] = _write_temporary(path, content)
+        for path, temporary in temporaries.items():
+            moved.append((path, _move_aside(path)))
+            os.replace(temporary, path)
+    except BaseException as error:
+        _put_back(moved, list(temporaries.values()), error)
         raise
+    leftovers = []
+    for _, old in moved:
+        if old is not None:
+            try:
+                os.unlink(old)
+            except OSError as error:
+                leftovers.append(f"{old}: {error}")
+    if leftovers:
+        raise OSError(f"the new files are in place, but old versions could not be removed: {leftovers}")
+
+
+def _write_temporary(path: Path, content: bytes | Callable[[Path], None]) -> Path:
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        try:
+            if isinstance(content, bytes):
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(handle, view):]
+            else:
+                content(temporary)
+        finally:
+            os.close(handle)
+        handle = os.open(temporary, os.O_RDONLY)  # a library may have written through its own handle
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename ``path`` to a new temporary name, returned; ``None`` if there is no such file."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+    try:
+        os.close(handle)
+        os.replace(path, name)
+    except BaseException as error:
+        os.unlink(name)
+        if isinstance(error, FileNotFoundError):  # a first save, or another rank of a distributed save moved it
+            return None
+        raise
+    return Path(name)
+
+
+def _put_back(moved: list[tuple[Path, Path | None]], temporaries: list[Path], error: BaseException) -> None:
+    failures = []
+    for path, old in reversed(moved):
+        try:
+            if old is None:
+                path.unlink(missing_ok=True)  # the folder had no such file before
+            else:
+                os.replace(old, path)
+        except OSError as failure:
+            failures.append(f"{path.name} (its old file is {old}): {failure}")
+    for temporary in temporaries:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError as failure:
+            failures.append(f"{temporary}: {failure}")
+    if failures:
+        raise OSError(f"writing failed ({error}), and putting the old files back failed too: {failures}") from error

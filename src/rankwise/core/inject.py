@@ -14,6 +14,7 @@ from .adapted import Adapted
 from .config import ALL_LINEAR, AdapterConfig
 from .delta import Reparam
 from .precision import at_least_fp32
+from .ties import shared_tensors
 
 _EXAMPLES = 12  # module names shown when a target matches nothing
 
@@ -149,14 +150,26 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight; forward then costs what the base model costs.
 
-    All merged weights are computed and checked before any is written, so a merge that would
-    write a NaN or an infinity raises ``ValueError`` and leaves the whole model untouched.
+    Everything is checked before any weight is written, so a refused merge leaves the whole model
+    untouched. While merged, a backward through an adapted layer whose adapter requires grad
+    raises (the adapter would get no gradient): train unmerged.
+
+    Raises:
+        ValueError: a new weight would hold a NaN or an infinity; a base weight is shared with
+            another module (tied weights: the merge would change that module too); the call is
+            inside ``with rankwise.disabled(model)``; or a merged adapter changed since its merge.
     """
     return _set_merged(model, True)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: restore every base weight (within the dtype's rounding)."""
+    """Undo :func:`merge`: restore every base weight (within the dtype's rounding).
+
+    Raises:
+        ValueError: an adapter changed while merged (an optimizer step, a load, a direct write):
+            the base weight holds the ΔW of its values at merge, so subtracting the new ΔW would
+            leave it off. Nothing is written.
+    """
     return _set_merged(model, False)
 
 
@@ -168,6 +181,9 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
             weights if they were merged.
 
     Parameters stay frozen as :func:`adapt` left them; call ``requires_grad_(True)`` to train them.
+
+    Raises:
+        ValueError: as :func:`merge` (``merge=True``) or :func:`unmerge` (``merge=False``) would.
     """
     _set_merged(model, merge)
     for path, layer in list(adapted_modules(model)):
@@ -215,8 +231,17 @@ def module_overrides(layer: Adapted) -> dict[str, object]:
 
 
 def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
-    # Two passes: check every new weight first, write only when all are finite.
-    layers = [(path, layer) for path, layer in adapted_modules(model) if layer.merged != merged]
+    # Two passes: check every layer and every new weight first, write only when all pass.
+    layers = list(adapted_modules(model))
+    for path, layer in layers:
+        _check_unchanged_since_merge(path, layer)
+    layers = [(path, layer) for path, layer in layers if layer.merged != merged]
+    if merged and layers:
+        inside = [path for path, layer in layers if layer.disabled]
+        if inside:
+            raise ValueError(f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
+                             "merge after the block; no weight was changed")
+        _check_untied(model, layers)
     compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:
         try:
@@ -226,6 +251,49 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     for _, layer in layers:
         write(layer)
     return model
+
+
+def _check_unchanged_since_merge(path: str, layer: Adapted) -> None:
+    # Parameters only: they are what an optimizer step or a load changes. Buffers hold constants
+    # and counts, and a method whose ΔW follows a count (SingLoRA's step) keeps its merge-time value.
+    if layer.merged_adapter is None:
+        return
+    now = dict(layer.delta.named_parameters())
+    changed = sorted(
+        set(now) ^ set(layer.merged_adapter)
+        | {k for k, v in layer.merged_adapter.items() if k in now and not torch.equal(now[k], v.to(now[k]))}
+    )
+    if changed:
+        raise ValueError(
+            f"'{path}': the adapter changed while merged (delta.{', delta.'.join(changed)}); the base weight holds "
+            f"the ΔW of its values at merge, so unmerging now would leave the base weight off. Put them "
+            f"back (layer = model.get_submodule({path!r}); layer.delta.load_state_dict(layer.merged_adapter, "
+            "strict=False)), then "
+            "unmerge; train and edit adapters unmerged. No weight was changed"
+        )
+
+
+def _check_untied(model: nn.Module, layers: list[tuple[str, Adapted]]) -> None:
+    """Refuse to merge a base weight that another module shares: the in-place write would reach it."""
+    shared = shared_tensors(model)
+    paths: dict[int, list[str]] = {}  # a layer registered twice is one layer, merged once
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    for path, layer in layers:
+        own = {_key(p, "base.weight") for p in paths[id(layer)]}
+        others = set().union(*(shared.get(name, set()) for name in own)) - own
+        if others:
+            raise ValueError(
+                f"cannot merge '{path}': its weight is shared with {sorted(others)} (tied weights), so the merge "
+                f"would add its ΔW to them too. Keep this adapter unmerged, or untie the layer first (base = "
+                f"model.get_submodule({path!r}).base; base.weight = nn.Parameter(base.weight.detach().clone()); in a "
+                "transformers model also config.tie_word_embeddings = False, which records it); "
+                "no weight was changed"
+            )
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

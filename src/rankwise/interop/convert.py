@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..core.adapted import Adapted
-from ..core.checkpoint import CheckpointError, atomic_write
+from ..core.checkpoint import CheckpointError, uncompiled, write_files
 from ..core.config import AdapterConfig
-from ..core.inject import adapted_modules, build, find_targets, install, module_overrides, trainable_paths
+from ..core.inject import adapted_modules, build, find_targets, install, matches, module_overrides, trainable_paths
+from ..core.ties import shared_tensors
 from .formats import _ANY_TYPE, FORMATS, PeftFormat
 
 PEFT_TENSORS = "adapter_model.safetensors"
@@ -31,10 +32,16 @@ _PREFIX = "base_model.model."
 def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` in PEFT's format to ``folder``; returns the folder.
 
+    PEFT keeps its own copy of each module in ``modules_to_save``; where a trainable module shares
+    a tensor with another module (an LM head tied to the embedding), that module is saved too, so
+    that PEFT's copies hold what both hold here.
+
     Raises:
         ValueError: the model has no adapters, its method has no PEFT form, PEFT does not support
-            one of its layers, or its layers differ in a way PEFT cannot express. Nothing is written.
+            one of its layers, its layers differ in a way PEFT cannot express, or a trainable
+            module shares a tensor with an adapted layer. Nothing is written.
     """
+    model = uncompiled(model)
     layers = list(adapted_modules(model))
     if not layers:
         raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
@@ -47,39 +54,47 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
         if layer.kind not in fmt.bases:
             raise ValueError(f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
                              f"it supports {sorted(fmt.bases)}")
+    trainable = trainable_paths(model, config)
+    tied = _tied_modules(model, trainable, [path for path, _ in layers])
     peft_config = {
         "peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "target_modules": _peft_targets(model, [path for path, _ in layers]),
-        "modules_to_save": list(config.trainable) or None, "bias": "none",
+        "modules_to_save": [*config.trainable, *tied] or None, "bias": "none",
         **fmt.write(config, any(layer.kind == "conv1d" for _, layer in layers)),
         **_write_patterns(fmt, config, layers),
     }
     tensors = {f"{_PREFIX}{path}.{name}": t.detach().reshape(shape)
                for path, layer in layers for name, (t, shape) in fmt.tensors(layer).items()}
-    for path in trainable_paths(model, config):
+    for path in [*trainable, *tied]:
         for name, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(folder / PEFT_TENSORS, safetensors.torch.save(state))
-    atomic_write(folder / PEFT_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    write_files({folder / PEFT_TENSORS: safetensors.torch.save(state),
+                 folder / PEFT_CONFIG: (json.dumps(peft_config, indent=2) + "\n").encode()})
     return folder
 
 
 def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Adapt ``model`` with the PEFT adapter in ``folder`` and load its weights.
 
-    Everything is read and checked before the model changes.
+    Everything is read and checked before the model changes. Names in ``modules_to_save`` that
+    match no module of the model are skipped, as PEFT skips them (a sequence-classification
+    adapter lists both ``classifier`` and ``score``); tensors saved for them are still refused.
 
     Raises:
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
-            model, or tensors that do not fit the model (all listed).
+            model, tensors that do not fit the model (all listed), or a module to save whose
+            tensor this model shares with another module (PEFT loads into a copy of it).
     """
     folder = Path(folder)
+    compiled, model = model, uncompiled(model)
     meta = _read_json(folder / PEFT_CONFIG)
     fmt = _format_of(meta, folder)
-    config = _config_from_peft(fmt, meta, folder)
+    paths = [path for path, _ in model.named_modules() if path]
+    present = [name for name in meta.get("modules_to_save") or () if any(matches(path, name) for path in paths)]
+    config = _config_from_peft(fmt, meta, folder, present)
     try:
         tensors = safetensors.torch.load_file(folder / PEFT_TENSORS)
     except Exception as error:  # safetensors' own error type for a malformed file; OSError if absent
@@ -92,7 +107,8 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
     targets = {f"{_PREFIX}{path}.{name}": pair for path, wrapper in wrappers.items()
                for name, pair in fmt.tensors(wrapper).items()}
-    for path in trainable_paths(model, config):
+    trainable = trainable_paths(model, config)
+    for path in trainable:
         for name, tensor in model.get_submodule(path).state_dict().items():
             targets[f"{_PREFIX}{path}.{name}"] = (tensor, tuple(tensor.shape))
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
@@ -102,11 +118,64 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"{folder / PEFT_TENSORS} does not fit this model: missing keys {missing}, unexpected keys "
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
-    model = install(model, wrappers, config)
+    _check_saved_modules_untied(model, trainable, tensors, folder)
+    installed = install(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
             target.copy_(tensors[key].reshape(target.shape))
-    return model
+    return compiled if installed is model else installed
+
+
+def _tied_modules(model: nn.Module, trainable: list[str], adapted: list[str]) -> list[str]:
+    """Modules outside ``trainable`` that share a tensor with it (and so on), which PEFT must save too.
+
+    Raises:
+        ValueError: a shared tensor belongs to an adapted layer (PEFT's layer would keep the base
+            model's value) or to the model itself (not a module PEFT can save).
+    """
+    shared = shared_tensors(model)
+    modules = list(trainable)
+    for path in modules:  # grows while it is read: what the added modules share is saved too
+        for name in model.get_submodule(path).state_dict():
+            for partner in sorted(shared.get(f"{path}.{name}", ())):
+                owner = partner.rpartition(".")[0]
+                if _inside(partner, modules):
+                    continue
+                if not owner or _inside(partner, adapted):
+                    raise ValueError(
+                        f"trainable '{path}' shares '{name}' with '{partner}'; PEFT would load it into its own copy "
+                        f"of '{path}' and leave '{partner}' as in the base model. Untie them before rankwise.adapt"
+                    )
+                modules.append(owner)
+    return modules[len(trainable):]
+
+
+def _check_saved_modules_untied(model: nn.Module, trainable: list[str], tensors: dict[str, torch.Tensor],
+                                folder: Path) -> None:
+    """PEFT loads ``modules_to_save`` into copies of them; loading here writes the model's own
+    tensors, which is the same only where no other module shares them, or where every module
+    sharing one is saved with the same values."""
+    shared = shared_tensors(model)
+    for path in trainable:
+        for name in model.get_submodule(path).state_dict():
+            key = f"{path}.{name}"
+            for partner in sorted(shared.get(key, ())):
+                if not _inside(partner, trainable):
+                    raise CheckpointError(
+                        f"{folder}: PEFT keeps its own copy of modules_to_save '{path}', but in this model '{key}' "
+                        f"is tied to '{partner}', which loading would change too. Untie it first (module = "
+                        f"model.get_submodule({path!r}); module.{name} = nn.Parameter(module.{name}.detach().clone()); "
+                        "in a transformers model also config.tie_word_embeddings = False, which records it)"
+                    )
+                if not torch.equal(tensors[_PREFIX + key], tensors[_PREFIX + partner]):
+                    raise CheckpointError(
+                        f"{folder}: modules_to_save '{key}' and '{partner}' hold different values, but this model "
+                        "ties them to one tensor; untie them first"
+                    )
+
+
+def _inside(path: str, modules: list[str]) -> bool:
+    return any(path.startswith(f"{module}.") for module in modules)
 
 
 def _peft_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
@@ -172,7 +241,7 @@ def _format_of(meta: dict[str, Any], folder: Path) -> PeftFormat:
     raise CheckpointError(f"{folder}: PEFT {peft_type} with {found} has no rankwise form; rankwise reads {allowed}")
 
 
-def _config_from_peft(fmt: PeftFormat, meta: dict[str, Any], folder: Path) -> AdapterConfig:
+def _config_from_peft(fmt: PeftFormat, meta: dict[str, Any], folder: Path, trainable: list[str]) -> AdapterConfig:
     modelled = {**_ANY_TYPE, **fmt.refused}
     unsupported = {k: meta[k] for k, values in modelled.items() if _plain(meta.get(k, values[0])) not in values}
     if unsupported:
@@ -181,7 +250,7 @@ def _config_from_peft(fmt: PeftFormat, meta: dict[str, Any], folder: Path) -> Ad
     # PEFT reads a string as a regular expression matched against the whole path, a list as names.
     targets = f"re:{targets}" if isinstance(targets, str) else tuple(targets or ())
     try:
-        return fmt.config_class(**fmt.read(meta), targets=targets, trainable=tuple(meta.get("modules_to_save") or ()))
+        return fmt.config_class(**fmt.read(meta), targets=targets, trainable=tuple(trainable))
     except KeyError as error:
         raise CheckpointError(f"{folder / PEFT_CONFIG}: {fmt.peft_type} field {error} is missing") from None
     except (ValueError, TypeError) as error:
