@@ -69,6 +69,8 @@ class AdaLoRAConfig(AdapterConfig):
 class AdaLoRA(Delta):
     """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRA``."""
 
+    example_config = {"rank": 2}
+
     def __init__(self, w0: Tensor, config: AdaLoRAConfig) -> None:
         super().__init__(w0, config)
         kwargs = {"dtype": w0.dtype, "device": w0.device}

@@ -76,6 +76,8 @@ class ARDLoRAConfig(AdapterConfig):
 class ARDLoRA(Delta):
     """ARD-LoRA-style: LoRA per head, each head's rank r0·α learned through a gate (our reconstruction)."""
 
+    example_config = {"rank": 2}
+
     def __init__(self, w0: Tensor, config: ARDLoRAConfig) -> None:
         super().__init__(w0, config)
         heads, side = config.heads, config.head_side

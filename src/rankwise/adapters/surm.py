@@ -200,6 +200,8 @@ def _fft_dtype(x: Tensor) -> torch.dtype:
 class SURM(Delta):
     """SURM: ΔW circulant, Toeplitz, Kronecker or LDR; O(d) parameters at unrestricted rank."""
 
+    double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
+
     def __init__(self, w0: Tensor, config: SURMConfig) -> None:
         super().__init__(w0, config)
         self.structure = config.structure
@@ -273,6 +275,8 @@ class SURM(Delta):
 @register("surm_adapter", SURMAdapterConfig)
 class SURMAdapter(OutputAdapter):
     """SURM adapter: h + GELU(M h) + β after a layer, M a structured d × d matrix; 3d parameters (circulant)."""
+
+    double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
 
     def __init__(self, w0: Tensor, config: SURMAdapterConfig) -> None:
         super().__init__(w0, config)

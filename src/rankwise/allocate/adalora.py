@@ -259,3 +259,8 @@ class AdaLoRA(TripletAllocator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.masks, self._budget = state["masks"], state["budget"]
+
+
+# The method declares the allocator that trains it; declared from here because allocate imports
+# adapters, not the other way.
+AdaLoRAModule.allocator = AdaLoRA

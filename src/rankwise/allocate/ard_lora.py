@@ -205,3 +205,7 @@ def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
 def _check_in_optimizer(optimizer: torch.optim.Optimizer, p: nn.Parameter, path: str) -> None:
     if not any(q is p for group in optimizer.param_groups for q in group["params"]):
         raise ValueError(f"ARDLoRA: '{path}.delta.rank_scale' is not in the optimizer; α must train with the adapter")
+
+
+# The method declares the allocator that trains it (see rankwise.allocate.adalora).
+ARDLoRAModule.allocator = ARDLoRA

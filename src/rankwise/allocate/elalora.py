@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
+from ..adapters.elalora import ElaLoRA as ElaLoRAModule
 from .adalora import TripletAllocator
 from .base import MomentFill, check_int, from_rank_zero, migrate
 
@@ -158,3 +159,7 @@ class ElaLoRA(TripletAllocator):
     @property
     def budget(self) -> int:
         return self.init_budget
+
+
+# The method declares the allocator that trains it (see rankwise.allocate.adalora).
+ElaLoRAModule.allocator = ElaLoRA
