@@ -61,7 +61,7 @@ class AdaLoRAConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         # The scale never follows the current rank: re-normalizing would make the output jump at
-        # every rank event (spec S1). The 1e-5 is the official code's and PEFT's.
+        # every rank event. The 1e-5 is the official code's and PEFT's.
         return self.alpha / ((self.init_rank or self.rank) + 1e-5)
 
 
