@@ -31,10 +31,12 @@ setup: $(VENV)/.dev-installed
 test: $(VENV)/.dev-installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest --hypothesis-seed=0
 
+# About 3 minutes on 2 cores (measured: docs/benchmarks.md, Cost).
 bench: $(VENV)/.assets-installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset quick --out bench-out/quick
 
-# About 75 minutes on 2 cores; Fashion-MNIST comes from Debian (needs root).
+# About 80 minutes on 2 cores (measured: docs/benchmarks.md, Cost); Fashion-MNIST comes from
+# Debian (needs root).
 bench-full: $(VENV)/.assets-installed
 	command -v apt-get >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
