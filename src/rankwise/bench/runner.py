@@ -142,8 +142,8 @@ def _lora_plus(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def _from_data(initializer: Initializer, model: nn.Module, task: Task, seed: int, device: torch.device) -> None:
-    """Run a method's start from data on ``INIT_BATCHES`` training batches; the initializer keeps
-    the parameter count of the config, which is the budget the config was sized to."""
+    """Run a method's start from data on ``INIT_BATCHES`` training batches, with the initializer's
+    defaults: they keep the parameter count of the config, the budget it was sized to."""
     generator = torch.Generator().manual_seed(seed)
     indices = _batch_indices(task.num_examples("train"), task.sizes.batch_size, INIT_BATCHES, generator)
     initializer(model, [task.batch("train", index, device) for index in indices], loss_fn=task.loss, seed=seed)

@@ -1,6 +1,7 @@
 """What a method may declare beyond its mathematics, as interfaces tools read instead of names.
 
-A method's module class (:class:`rankwise.core.delta.Adapter`) declares, as class variables:
+A method's module class (:class:`rankwise.core.delta.Adapter`) declares, as class variables and
+one class method:
 
 * ``allocator``: the rank allocator that trains it (an :class:`AllocatorFactory`), or ``None``;
 * ``initializer``: a data-driven start run once before training (an :class:`Initializer`), or ``None``;
@@ -61,8 +62,9 @@ class AllocatorFactory(Protocol):
 class Initializer(Protocol):
     """A one-off start from data, run on a freshly adapted model before the optimizer is built: it
     reads the gradients of ``loss_fn(model, batch)`` over ``batches`` and may replace the adapters
-    (new ranks, new values). It keeps the parameter count of the config the model was adapted
-    with, so a config sized to a budget stays at that budget."""
+    (new ranks, new values). With its defaults it keeps the parameter count of the config the model
+    was adapted with, so a config sized to a budget stays at that budget (GoRA warns where its
+    smallest rank pushes the count over)."""
 
     def __call__(self, model: nn.Module, batches: Iterable[Any], *,
                  loss_fn: Callable[[nn.Module, Any], Tensor], seed: int) -> object: ...
