@@ -46,10 +46,12 @@ $(VENV_MIN)/.installed: pyproject.toml requirements-min.txt
 test-min: $(VENV_MIN)/.installed
 	OMP_NUM_THREADS=1 $(VENV_MIN)/bin/python -m pytest --hypothesis-seed=0
 
+# About 3 minutes on 2 cores (measured: docs/benchmarks.md, Cost).
 bench: $(VENV)/.assets-installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/rankwise bench --preset quick --out bench-out/quick
 
-# About 75 minutes on 2 cores; Fashion-MNIST comes from Debian (needs root).
+# About 80 minutes on 2 cores (measured: docs/benchmarks.md, Cost); Fashion-MNIST comes from
+# Debian (needs root).
 bench-full: $(VENV)/.assets-installed
 	command -v apt-get >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)

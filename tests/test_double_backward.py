@@ -1,8 +1,9 @@
 """Second derivatives (``create_graph=True``: gradient penalties, Hessian-vector products) through
 every method. Several methods have written-out backward passes; they must stay differentiable, or
-say so. Checked numerically by ``gradgradcheck`` in float64, with respect to the input and every
-trainable parameter; DoRA (and BoRA by default) detach their norms by design, so their gradients
-are not the numerical ones and DoRA is checked against the dense formula instead."""
+declare that they are not (``double_backward``). Checked numerically by ``gradgradcheck`` in
+float64, with respect to the input and every trainable parameter, for the methods whose gradients
+are the derivatives of their forward (``exact_gradients``); DoRA and BoRA detach their norms by
+design, so DoRA is checked against the dense formula and BoRA with its norms not detached."""
 
 from __future__ import annotations
 
@@ -13,20 +14,11 @@ from torch.func import functional_call
 
 import rankwise as rw
 from rankwise.core import registry
-
-# SURM's FFT backward keeps only the spectra; differentiating it again raises instead of dropping terms.
-ONCE_DIFFERENTIABLE = {"surm", "surm_adapter"}
-# Methods whose configs detach a norm (their gradient is not the forward's derivative, by design).
-OVERRIDES = {"bora": {"detach_norms": False}}
-# The smallest size each method's knob takes on an 8 -> 4 layer with k = 2 grids and 4-blocks.
-SIZES = {"rank": 2, "block_size": 4}
+from rankwise.core.config import AdapterConfig
 
 
-def _adapted(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _adapted(config: AdapterConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    knob = registry.get(name).config_class.size_knob
-    extra = {"k": 2} if name == "gralora" else OVERRIDES.get(name, {})
-    config = rw.make_config(name, targets="0", **({knob: SIZES[knob]} if knob in SIZES else {}), **extra)
     model = rw.adapt(nn.Sequential(nn.Linear(8, 4)).double(), config)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # off the zero inits, so every second-order term is non-zero
@@ -35,25 +27,46 @@ def _adapted(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return model, trainable
 
 
-@pytest.mark.parametrize("name", [name for name in registry.methods() if name != "dora"])
-def test_second_derivatives_are_correct_or_refused(name: str) -> None:
-    model, trainable = _adapted(name)
+def _example(name: str, **overrides: object) -> AdapterConfig:
+    return rw.make_config(name, targets="0", **{**registry.get(name).module_class.example_config, **overrides})
+
+
+def _check_second_derivatives(model: nn.Module, trainable: dict[str, torch.Tensor], exact: bool) -> None:
+    """``gradgradcheck`` where the gradients are exact; otherwise that second derivatives reach every
+    trainable parameter and are finite."""
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
 
     def forward(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         return functional_call(model, dict(zip(trainable, values)), (x,))
 
     inputs = (x, *(p.detach().requires_grad_() for p in trainable.values()))
-    if name in ONCE_DIFFERENTIABLE:
-        (grad,) = torch.autograd.grad(forward(*inputs).square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            grad.square().sum().backward()
-    else:
+    if exact:
         assert torch.autograd.gradgradcheck(forward, inputs)
+        return
+    (grad,) = torch.autograd.grad(forward(*inputs).square().sum(), inputs[0], create_graph=True)
+    second = torch.autograd.grad(grad.square().sum(), inputs[1:], allow_unused=True)
+    assert all(g is not None and g.isfinite().all() for g in second)
+
+
+@pytest.mark.parametrize("name", registry.methods())
+def test_second_derivatives_are_correct_or_refused(name: str) -> None:
+    module_class = registry.get(name).module_class
+    model, trainable = _adapted(_example(name))
+    if module_class.double_backward:
+        _check_second_derivatives(model, trainable, exact=module_class.exact_gradients)
+        return
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
+
+
+def test_bora_with_norms_not_detached_has_exact_second_derivatives() -> None:
+    _check_second_derivatives(*_adapted(_example("bora", detach_norms=False)), exact=True)
 
 
 def test_dora_second_derivatives_equal_the_dense_formula_with_a_detached_norm() -> None:
-    model, trainable = _adapted("dora")
+    model, trainable = _adapted(_example("dora"))
     delta, base = model[0].delta, model[0].base
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
 

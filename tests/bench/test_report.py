@@ -1,6 +1,13 @@
-"""``results.md``: mean ± std over the selected runs, the best in bold, unmatched budgets marked."""
+"""``results.md``: mean ± std over the selected runs, the best in bold, unmatched budgets marked; the
+metric plot tells every row apart."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
 
 from rankwise.bench import report
 from rankwise.bench.runner import FIELDS
@@ -51,3 +58,23 @@ def test_methods_that_could_not_run_are_listed_with_the_reason() -> None:
 
 def test_a_task_without_rows_has_no_section() -> None:
     assert report.task_table([_row("lora", 0, {"accuracy": 0.8, "macro_f1": 0.8})], Friends) == ""
+
+
+def test_points_of_near_equal_counts_are_spread_apart_in_order_and_lone_points_stay() -> None:
+    counts = [1156, 100, 1156, 1092, 1172, 5000, 1156]
+    positions = report.spread(counts, 0.02)
+    assert positions[1] == 100 and positions[5] == 5000
+    crowded = sorted((positions[i], counts[i], i) for i in (0, 2, 3, 4, 6))
+    assert [i for _, _, i in crowded] == [3, 0, 2, 6, 4]  # by count, ties in the given order
+    logs = [math.log10(x) for x, _, _ in crowded]
+    assert all(b - a >= 0.02 * 0.999 for a, b in zip(logs, logs[1:]))
+
+
+def test_the_metric_plot_has_a_legend_entry_per_trained_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **_: labels.extend(
+        text.get_text() for text in self.axes[0].get_legend().get_texts()))
+    methods = ["lora", "dora", "bone", "full"]
+    rows = [_row(method, 0, {"accuracy": 0.8, "macro_f1": 0.8}) for method in methods]
+    report.plot_metric_vs_params(tmp_path / "plot.png", rows, Synthetic)
+    assert labels == methods

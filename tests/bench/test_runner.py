@@ -13,6 +13,8 @@ import torch
 
 import rankwise as rw
 from rankwise.bench import runner
+from rankwise.core import registry
+from rankwise.core.delta import Adapter
 from rankwise.bench.budget import default_budget
 from rankwise.bench.tasks import TASKS, AssetMissing, Friends, Sizes, Synthetic, Task
 
@@ -60,7 +62,39 @@ def test_every_registered_method_and_the_special_recipes_have_a_row() -> None:
     table = runner.recipes()
     assert set(rw.methods()) <= set(table)
     assert {"lora-pro", "lora-plus", "frozen", "full"} <= set(table)
-    assert table["adalora"].allocator is not None and table["gora"].initialize is not None
+
+
+def test_a_method_s_row_carries_what_its_module_declares() -> None:
+    table = runner.recipes()
+    for name in rw.methods():
+        module_class = registry.get(name).module_class
+        assert table[name].allocator is module_class.allocator, name
+        assert (table[name].initialize is None) == (module_class.initializer is None), name
+    # Some method declares each: otherwise this test checks nothing.
+    assert any(table[name].allocator for name in rw.methods())
+    assert any(table[name].initialize for name in rw.methods())
+
+
+def test_a_new_method_s_declarations_reach_its_row_and_its_config(
+    monkeypatch: pytest.MonkeyPatch, fake_methods: dict[str, str], tiny: Sizes
+) -> None:
+    """Registering a method with declarations is all it takes: the runner names no method."""
+    stride = registry.get(fake_methods["stride"]).module_class
+
+    def allocator(model: torch.nn.Module, *, total_steps: int) -> None:
+        raise AssertionError("not called here")
+
+    def initializer(model: torch.nn.Module, batches: object, *, loss_fn: object, seed: int) -> None:
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(stride, "allocator", allocator)
+    monkeypatch.setattr(stride, "initializer", staticmethod(initializer))
+    monkeypatch.setattr(stride, "for_run", classmethod(lambda cls, config, steps: dataclasses.replace(config, block=steps)))
+    recipe = runner.recipes()[fake_methods["stride"]]
+    assert recipe.allocator is allocator and recipe.initialize.args == (initializer,)
+    task = Synthetic(tiny)
+    config = rw.make_config(fake_methods["stride"], targets=task.targets)
+    assert recipe.configured(config, task).block == tiny.steps
 
 
 def test_the_sweep_picks_the_best_validation_factor_and_later_seeds_use_it(
@@ -187,7 +221,16 @@ def test_the_frozen_reference_trains_only_the_head_and_full_trains_everything(ti
     assert all(not torch.equal(before[k], full[k]) for k in before)
 
 
-@pytest.mark.parametrize("name", ["adalora", "elalora", "ard_lora", "gora", "lora-pro", "lora-plus", "singlora"])
+def _special(recipe: runner.Recipe) -> bool:
+    """A recipe that is more than a method's config and AdamW: another optimizer, or what the
+    method declares (an allocator, a start from data, a fit to the run)."""
+    if recipe.method is None:
+        return False
+    fits_the_run = registry.get(recipe.method).module_class.for_run.__func__ is not Adapter.for_run.__func__
+    return bool(recipe.allocator or recipe.initialize or recipe.optimizer is not runner.adamw or fits_the_run)
+
+
+@pytest.mark.parametrize("name", [name for name, recipe in runner.recipes().items() if _special(recipe)])
 def test_the_special_recipes_train(name: str, tiny: Sizes) -> None:
     task = Synthetic(dataclasses.replace(tiny, steps=12))
     task.prepare()

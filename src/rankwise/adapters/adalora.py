@@ -61,13 +61,15 @@ class AdaLoRAConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         # The scale never follows the current rank: re-normalizing would make the output jump at
-        # every rank event (spec S1). The 1e-5 is the official code's and PEFT's.
+        # every rank event. The 1e-5 is the official code's and PEFT's.
         return self.alpha / ((self.init_rank or self.rank) + 1e-5)
 
 
 @register("adalora", AdaLoRAConfig)
 class AdaLoRA(Delta):
     """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRA``."""
+
+    example_config = {"rank": 2}
 
     def __init__(self, w0: Tensor, config: AdaLoRAConfig) -> None:
         super().__init__(w0, config)

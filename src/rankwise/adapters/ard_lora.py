@@ -2,8 +2,8 @@
 
 Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
 Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. Only the
-abstract was available: the gate below is our reconstruction ("ARD-LoRA-style"), from the spec's
-recommended form.
+abstract was available: the gate below is our reconstruction ("ARD-LoRA-style") of the per-head
+ranks it describes.
 
     r_g = r0 · α_g,   gate_i(α_g) = clamp(r0 α_g − i, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
     ΔW_g = s · B_g diag(gate(α_g)) A_g,   s = lora_alpha / r0 (constant)
@@ -49,8 +49,8 @@ class ARDLoRAConfig(AdapterConfig):
     size_knob: ClassVar[str | None] = "rank"
     recommended_lr: ClassVar[float] = 5e-4  # no published value; LoRA's (RoBERTa-base GLUE)
 
-    rank: int = 8  # r0, the spec's recommended start (the LoRA default)
-    max_scale: float = 2.0  # α_max, the spec's recommended start (R = 16 at r0 = 8)
+    rank: int = 8  # r0: no published value; LoRA's default rank, our starting point
+    max_scale: float = 2.0  # α_max: no published value; our starting point (R = 16 at r0 = 8)
     alpha: float = 16.0  # as LoRAConfig: α = 2 r0
     dropout: float = 0.0
     heads: int = 1
@@ -75,6 +75,8 @@ class ARDLoRAConfig(AdapterConfig):
 @register("ard_lora", ARDLoRAConfig)
 class ARDLoRA(Delta):
     """ARD-LoRA-style: LoRA per head, each head's rank r0·α learned through a gate (our reconstruction)."""
+
+    example_config = {"rank": 2}
 
     def __init__(self, w0: Tensor, config: ARDLoRAConfig) -> None:
         super().__init__(w0, config)

@@ -52,6 +52,7 @@ class Bat(Reparam):
     # The r × r blocks of a flattened k × k kernel would cut across kernel taps and channels, a layout
     # neither paper nor PEFT defines; and since W' is non-linear in W0's blocks, the layout matters.
     spatial_conv = False
+    example_config = {"rank": 2}
 
     def __init__(self, w0: Tensor, config: BatConfig) -> None:
         super().__init__(w0, config)

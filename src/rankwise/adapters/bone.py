@@ -51,6 +51,8 @@ class BoneConfig(AdapterConfig):
 class Bone(Delta):
     """Bone / MiSS: ΔW repeats one trainable r × out shard across the input; r·out parameters."""
 
+    example_config = {"rank": 2}
+
     def __init__(self, w0: Tensor, config: BoneConfig) -> None:
         super().__init__(w0, config)
         if config.rank > self.in_features:

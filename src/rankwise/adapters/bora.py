@@ -47,6 +47,8 @@ class BoRAConfig(DoRAConfig):
 class BoRA(LowRank, Reparam):
     """BoRA: row and column magnitudes around a LoRA-updated direction; ≥ DoRA by small margins."""
 
+    exact_gradients = False  # both norms are detached in backward, unless detach_norms=False
+
     def __init__(self, w0: Tensor, config: BoRAConfig) -> None:
         super().__init__(w0, config)
         dtype = at_least_fp32(w0.dtype)

@@ -72,6 +72,8 @@ def _block_size(in_features: int, out_features: int, config: C3AConfig) -> int:
 class C3A(Delta):
     """C3A: block-circulant ΔW by FFT; in·out/b parameters at any rank, needs a large learning rate."""
 
+    example_config = {"block_size": 4}
+
     def __init__(self, w0: Tensor, config: C3AConfig) -> None:
         super().__init__(w0, config)
         self.block_size = _block_size(self.in_features, self.out_features, config)

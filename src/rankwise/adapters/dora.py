@@ -38,6 +38,7 @@ class DoRA(LowRank, Reparam):
     """DoRA: magnitude × direction, the direction updated by LoRA; ≈ LoRA's quality, sometimes better."""
 
     supported_bases = frozenset({"linear", "conv1d"})
+    exact_gradients = False  # the row norm is detached in backward (DoRA paper §4.3)
 
     def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
         super().__init__(w0, config)

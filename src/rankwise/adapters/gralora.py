@@ -76,6 +76,8 @@ class GraLoRA(Delta):
     hybrid_rank) when ``hybrid_rank > 0``.
     """
 
+    example_config = {"rank": 2, "k": 2}
+
     def __init__(self, w0: Tensor, config: GraLoRAConfig) -> None:
         super().__init__(w0, config)
         k = config.k

@@ -56,6 +56,8 @@ class LoLDUConfig(AdapterConfig):
 class LoLDU(Delta):
     """LoLDU: the diagonal of W0's LU factors is trained, L and U frozen; r parameters per layer."""
 
+    example_config = {"rank": 2}
+
     def __init__(self, w0: Tensor, config: LoLDUConfig) -> None:
         super().__init__(w0, config)
         rank = config.rank

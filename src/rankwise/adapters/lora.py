@@ -58,8 +58,11 @@ class LoRAConfig(AdapterConfig):
 class LowRank(Adapter):
     """The factors ``A`` (rank, in) and ``B`` (out, rank) and the branch ``s · B A x``.
 
-    Shared by LoRA and the methods that build on its direction update (DoRA, BoRA).
+    Shared by LoRA and the methods that build on its direction update (DoRA, BoRA); each is
+    :class:`~rankwise.core.capabilities.Factored` through :meth:`factors`.
     """
+
+    example_config = {"rank": 2}
 
     def __init__(self, w0: Tensor, config: LoRAConfig) -> None:
         super().__init__(w0, config)
@@ -78,7 +81,9 @@ class LowRank(Adapter):
         return config.rank * (in_features + out_features)
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter, float]:
-        """``(A, B, s)`` with ``ΔW = s · B A``: how optimizers such as LoRA-Pro find the factors."""
+        """``(A, B, s)``, how optimizers such as LoRA-Pro find the factors. ``s · B A`` is LoRA's
+        (and GoRA's) whole update ``ΔW``; for DoRA and BoRA it is the update of the direction
+        ``V = W0 + s · B A``, which their magnitudes then rescale, so their ``ΔW`` is not ``s · B A``."""
         return self.A, self.B, self.scale
 
     def lowrank(self, x: Tensor) -> Tensor:

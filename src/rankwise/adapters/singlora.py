@@ -12,6 +12,7 @@ t is the number of optimizer steps taken, advanced by :func:`rankwise.step` or t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,18 +35,18 @@ class SingLoRAConfig(AdapterConfig):
         rank: r, the columns of ``A``; r >= 1.
         alpha: α; the update is scaled by ``α / r``; α > 0.
         ramp_steps: T, the optimizer steps over which ``u(t)`` rises from 0 to 1; T >= 1. Set it
-            to about 10% of the run's optimizer steps.
+            to about 10% of the run's optimizer steps (:meth:`SingLoRA.for_run` does).
         dropout: dropout probability on the adapter branch's input only; in [0, 1).
     """
 
     size_knob: ClassVar[str | None] = "rank"
     # kyegomez/SingLoRA's example, said to follow the paper (unverified; the paper's value was not
-    # retrieved). The spec recommends sweeping LoRA's grid as well.
+    # retrieved). LoRA's learning-rate grid is worth sweeping as well.
     recommended_lr: ClassVar[float] = 1e-3
 
     rank: int = 8  # kyegomez/SingLoRA and peft-singlora examples
-    alpha: float = 8.0  # α = r (spec's recommendation), so s = 1
-    ramp_steps: int = 1000  # peft-singlora default; the spec recommends ~10% of the optimizer steps
+    alpha: float = 8.0  # α = r, as in the kyegomez/SingLoRA and peft-singlora examples, so s = 1
+    ramp_steps: int = 1000  # peft-singlora default; for a given run, ~10% of its optimizer steps
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class SingLoRA(Delta, Stepped):
     once the step count advances: register :func:`rankwise.step_with` on the optimizer.
     """
 
+    example_config = {"rank": 2}
+
     def __init__(self, w0: Tensor, config: SingLoRAConfig) -> None:
         super().__init__(w0, config)
         size = max(self.in_features, self.out_features)
@@ -85,6 +88,12 @@ class SingLoRA(Delta, Stepped):
     @classmethod
     def num_params(cls, in_features: int, out_features: int, config: SingLoRAConfig) -> int:
         return config.rank * max(in_features, out_features)
+
+    @classmethod
+    def for_run(cls, config: SingLoRAConfig, steps: int) -> SingLoRAConfig:
+        # The default ramp of 1000 steps (peft-singlora's) would keep the update near zero through
+        # a run of a few dozen steps; a ramp of ~10% of the run leaves it fully on for the rest.
+        return dataclasses.replace(config, ramp_steps=max(1, steps // 10))
 
     def advance(self) -> None:
         with torch.no_grad():

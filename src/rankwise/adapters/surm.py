@@ -196,6 +196,8 @@ def _offsets(n: int, device: torch.device) -> Tensor:
 class SURM(Delta):
     """SURM: ΔW circulant, Toeplitz, Kronecker or LDR; O(d) parameters at unrestricted rank."""
 
+    double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
+
     def __init__(self, w0: Tensor, config: SURMConfig) -> None:
         super().__init__(w0, config)
         self.structure = config.structure
@@ -270,6 +272,8 @@ class SURM(Delta):
 @register("surm_adapter", SURMAdapterConfig)
 class SURMAdapter(OutputAdapter):
     """SURM adapter: h + GELU(M h) + β after a layer, M a structured d × d matrix; 3d parameters (circulant)."""
+
+    double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
 
     def __init__(self, w0: Tensor, config: SURMAdapterConfig) -> None:
         super().__init__(w0, config)

@@ -36,7 +36,7 @@ ROLES = (("A", 0), ("e", 0), ("B", 1))  # each triplet parameter and its rank di
 
 
 class Sensitivity:
-    """Smoothed sensitivity and uncertainty of every entry of A, e and B (spec S2).
+    """Smoothed sensitivity Ī and uncertainty Ū of every entry of A, e and B (module docstring).
 
     Args:
         beta1: β1, the sensitivity EMA's decay; in (0, 1).
@@ -117,7 +117,7 @@ class TripletAllocator(RankAllocator):
 
     def penalty(self) -> Tensor:
         """``γ · mean over all A and B matrices of ||A Aᵀ − I||_F`` (resp. ``||Bᵀ B − I||_F``),
-        all triplets included, masked ones too (spec S1)."""
+        all ``r_init`` triplets included, masked ones too, as in the official code and PEFT."""
         if self.orth_weight == 0:
             return super().penalty()
         terms = [layer.delta.orthogonality(self.squared_orth) for layer in self.layers.values()]
@@ -259,3 +259,8 @@ class AdaLoRA(TripletAllocator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.masks, self._budget = state["masks"], state["budget"]
+
+
+# The method declares the allocator that trains it; declared from here because allocate imports
+# adapters, not the other way.
+AdaLoRAModule.allocator = AdaLoRA

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
+from ..adapters.elalora import ElaLoRA as ElaLoRAModule
 from .adalora import TripletAllocator
 from .base import MomentFill, check_int, from_rank_zero, migrate
 
@@ -30,7 +31,7 @@ class ElaLoRA(TripletAllocator):
     Unlike the official code, the optimizer is not rebuilt at an event: the replaced parameters
     take their predecessors' places in the same param groups (the LR schedule keeps running), the
     surviving triplets keep their exact Adam moments, and new triplets start with zero first
-    moments and second moments at ``moment_fill`` (spec S3).
+    moments and second moments at ``moment_fill`` (:func:`rankwise.allocate.base.migrate`).
 
     Args:
         model: a model adapted with ``ElaLoRAConfig`` (or ``AdaLoRAConfig``).
@@ -158,3 +159,7 @@ class ElaLoRA(TripletAllocator):
     @property
     def budget(self) -> int:
         return self.init_budget
+
+
+# The method declares the allocator that trains it (see rankwise.allocate.adalora).
+ElaLoRAModule.allocator = ElaLoRA

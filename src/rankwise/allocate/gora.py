@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..adapters.gora import GoRA as GoRAModule
 from ..adapters.lora import LoRA
 from ..core import geometry
 from ..core.adapted import Adapted
@@ -214,3 +215,8 @@ def _initialize(layer: Adapted, gradient: Tensor, rank: int, step_size: float, s
         new.B.copy_(from_rank_zero(B.to(device)))
     new.train(old.training)
     layer.delta = new
+
+
+# The method declares its data-driven start; declared from here because allocate imports adapters,
+# not the other way.
+GoRAModule.initializer = staticmethod(gora)

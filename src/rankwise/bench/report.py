@@ -23,7 +23,14 @@ CURVES = "curves.jsonl"
 LOWER_IS_BETTER = {"perplexity"}
 PERCENT = {"accuracy", "macro_f1"}  # shown ×100
 LABELS = {"accuracy": "accuracy (%)", "macro_f1": "macro-F1 (%)", "perplexity": "perplexity"}
-REFERENCES = ("frozen", "full")
+REFERENCES = {"frozen": "s", "full": "D"}  # reference rows and their markers, drawn in black
+# Every method row of a plot gets its own (colour, marker): ten colours and eleven markers give 110
+# pairs before one repeats.
+MARKERS = "o^sDvP<X>p*"
+# Methods sized to one budget often share a parameter count, and their points would hide one
+# another: points closer than a marker's width, SPREAD of the axis's span in decades (about 9 of
+# its 750 pixels), are placed that far apart.
+SPREAD = 0.012
 
 
 @dataclass(frozen=True)
@@ -138,28 +145,66 @@ def read_curves(path: Path) -> dict[tuple[str, str, str, str], list[float]]:
     return curves
 
 
+def spread(counts: Sequence[int], step: float) -> list[float]:
+    """x positions on a log axis for positive ``counts``, so that no two points are closer than
+    ``step`` decades: a count with no other that close stays where it is; a run of closer counts is
+    spaced ``step`` apart around its middle, in the order of the counts (ties in the given order).
+    Runs whose points would collide are one run."""
+    order = sorted(range(len(counts)), key=lambda i: counts[i])
+    logs = [math.log10(counts[i]) for i in order]
+
+    def extent(run: list[int]) -> tuple[float, float]:
+        middle, half = (logs[run[0]] + logs[run[-1]]) / 2, step * (len(run) - 1) / 2
+        return middle - half, middle + half
+
+    runs: list[list[int]] = []
+    for k in range(len(order)):
+        runs.append([k])
+        while len(runs) > 1 and extent(runs[-1])[0] - extent(runs[-2])[1] < step:
+            last = runs.pop()
+            runs[-1].extend(last)
+    positions = [float(count) for count in counts]
+    for run in runs:
+        if len(run) > 1:
+            left = extent(run)[0]
+            for j, k in enumerate(run):
+                positions[order[k]] = 10 ** (left + step * j)
+    return positions
+
+
 def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: type[Task]) -> None:
     """The primary test metric against trainable parameters (no file when the task has no runs)."""
     aggregated, _ = aggregate(rows, task)
     if not aggregated:
         return
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
     scale = 100 if task.primary in PERCENT else 1
+    trained = [row for row in aggregated if row.trainable_params > 0]
+    counts = [row.trainable_params for row in trained]
+    # A log axis shows at least about one decade, however close the counts.
+    decades = max(1.0, math.log10(max(counts) / min(counts))) if counts else 1.0
+    positions = dict(zip((row.method for row in trained), spread(counts, SPREAD * decades)))
+    methods = 0
     for row in aggregated:
         mean, std = (v * scale for v in row.metrics[task.primary])
         if row.trainable_params == 0:  # nothing trained: a line at the untrained model's value
             axes.axhline(mean, color="grey", linestyle="--", linewidth=1)
             axes.annotate(row.method, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=8, color="grey")
             continue
-        marker = "s" if row.method in REFERENCES else "o"
-        axes.errorbar(row.trainable_params, mean, yerr=std, fmt=marker, capsize=3)
-        axes.annotate(row.method, (row.trainable_params, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if row.method in REFERENCES:
+            style = {"color": "black", "marker": REFERENCES[row.method]}
+        else:
+            style = {"color": f"C{methods % 10}", "marker": MARKERS[methods % len(MARKERS)]}
+            methods += 1
+        axes.errorbar(positions[row.method], mean, yerr=std, linestyle="none", capsize=3, markersize=5,
+                      label=row.method, **style)
     axes.set_xscale("log")
-    axes.set_xlabel("trainable parameters (incl. head)")
+    axes.set_xlabel("trainable parameters (incl. head); points of near-equal counts spread sideways")
     axes.set_ylabel(f"test {LABELS[task.primary]}")
     axes.set_title(task.description, fontsize=9)
     axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.savefig(path, dpi=120)
 
 

@@ -1,10 +1,11 @@
 """The benchmark runner: tasks × recipes × seeds at one trainable-parameter budget, resumable.
 
 A *recipe* is how one row of the results is trained. The default recipe of a registered method is
-its config sized to the budget (:mod:`rankwise.bench.budget`), ``rankwise.adapt`` and AdamW. Other
-recipes change the optimizer (LoRA-Pro, LoRA+), drive the adapters with a rank allocator
-(AdaLoRA, ElaLoRA, ARD-LoRA) or initialize them from data (GoRA); two references bracket every
-task: ``frozen`` (only the task head trains) and ``full`` (every parameter trains).
+its config sized to the budget (:mod:`rankwise.bench.budget`) and fitted to the run's length,
+``rankwise.adapt`` and AdamW, with what the method declares (:mod:`rankwise.core.capabilities`): a
+rank allocator that drives its adapters, a start computed from data. Other recipes change the
+optimizer (LoRA-Pro, LoRA+); two references bracket every task: ``frozen`` (only the task head
+trains) and ``full`` (every parameter trains).
 
 Learning rates: each recipe starts from its config's ``recommended_lr`` (the references from
 ``HEAD_LR`` and the task's ``full_lr``). With more than one ``lr_factors`` the first seed runs once
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +39,8 @@ from tqdm.auto import tqdm
 
 import rankwise as rw
 
-from ..allocate import AdaLoRA, ARDLoRA, ElaLoRA, RankAllocator, gora
 from ..core import registry
+from ..core.capabilities import AllocatorFactory, Initializer
 from ..core.config import AdapterConfig
 from ..core.inject import adapted_modules, module_overrides
 from . import report
@@ -49,13 +51,14 @@ HEAD_LR = 1e-3  # Adam's usual rate for a linear probe
 WEIGHT_DECAY = 0.0  # decay pulls an adapter toward the base model and DoRA's magnitude toward zero
 GRAD_CLIP = 1.0
 WARMUP = 0.1  # fraction of steps with a linear warm-up; then linear decay to zero
-GORA_BATCHES = 8  # GoRA's gradient batches; the official scripts use 32 or 64 for far longer runs
+# Batches a start from data reads gradients from; GoRA's official scripts use 32 or 64, for far
+# longer runs.
+INIT_BATCHES = 8
 RESULTS = "results.csv"
 SETTINGS = "settings.json"
 
 OptimizerFactory = Callable[[nn.Module, float], torch.optim.Optimizer]
-AllocatorFactory = Callable[..., RankAllocator]  # called as factory(model, total_steps=steps)
-Initializer = Callable[[nn.Module, Task, int, torch.device], None]  # (model, task, seed, device)
+TaskInitializer = Callable[[nn.Module, Task, int, torch.device], None]  # (model, task, seed, device)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -80,8 +83,8 @@ class Recipe:
         optimizer: builds the optimizer from the prepared model and the learning rate.
         allocator: a rank allocator driving the adapters during training (its penalty is added to
             the loss; its ``step`` runs after each optimizer step).
-        initialize: runs on the adapted model before the optimizer is built (GoRA's
-            gradient-driven ranks and init); its time counts as training time.
+        initialize: runs on the adapted model before the optimizer is built (a method's start
+            from data: ranks and values from gradients); its time counts as training time.
         reference: for a reference, what trains: ``"head"`` (the task head) or ``"all"``.
         lr_from: where the starting learning rate comes from: ``"method"`` (the config's
             ``recommended_lr``), ``"head"`` (``HEAD_LR``) or ``"full"`` (the task's full
@@ -93,10 +96,10 @@ class Recipe:
     method: str | None = None
     optimizer: OptimizerFactory = adamw
     allocator: AllocatorFactory | None = None
-    initialize: Initializer | None = None
+    initialize: TaskInitializer | None = None
     reference: Literal["head", "all"] | None = None
     lr_from: Literal["method", "head", "full"] = "method"
-    # Adjusts the budget-sized config to the task (e.g. a schedule measured in optimizer steps).
+    # Adjusts the config to the task, after the method's own fit to the run (``for_run``).
     configure: Callable[[AdapterConfig, Task], AdapterConfig] | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +112,12 @@ class Recipe:
         if self.lr_from == "method":
             return registry.get(self.method).config_class.recommended_lr
         return HEAD_LR if self.lr_from == "head" else task.full_lr
+
+    def configured(self, config: AdapterConfig, task: Task) -> AdapterConfig:
+        """The budget-sized ``config`` as this recipe trains it on ``task``: fitted by the method to
+        a run of the task's steps (a schedule measured in steps), then by ``configure``."""
+        config = registry.get(self.method).module_class.for_run(config, task.sizes.steps)
+        return config if self.configure is None else self.configure(config, task)
 
     def trains(self, task: Task) -> bool:
         """Whether anything trains (the frozen reference of a task without a head trains nothing)."""
@@ -132,30 +141,27 @@ def _lora_plus(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return rw.optim.LoRAPlus(model, lr=lr, weight_decay=WEIGHT_DECAY)  # B at 16 × lr, the paper's ratio
 
 
-def _gora(model: nn.Module, task: Task, seed: int, device: torch.device) -> None:
-    # GoRA's default budget is uniform LoRA at the config's rank: the budget the config was sized to.
+def _from_data(initializer: Initializer, model: nn.Module, task: Task, seed: int, device: torch.device) -> None:
+    """Run a method's start from data on ``INIT_BATCHES`` training batches, with the initializer's
+    defaults: they keep the parameter count of the config, the budget it was sized to."""
     generator = torch.Generator().manual_seed(seed)
-    indices = _batch_indices(task.num_examples("train"), task.sizes.batch_size, GORA_BATCHES, generator)
-    gora(model, [task.batch("train", index, device) for index in indices], loss_fn=task.loss, seed=seed)
+    indices = _batch_indices(task.num_examples("train"), task.sizes.batch_size, INIT_BATCHES, generator)
+    initializer(model, [task.batch("train", index, device) for index in indices], loss_fn=task.loss, seed=seed)
 
 
-def _singlora_ramp(config: AdapterConfig, task: Task) -> AdapterConfig:
-    # SingLoRA's ramp u(t) defaults to 1000 steps (peft-singlora); in a run of a few dozen steps the
-    # adapter would stay near zero. The spec recommends a ramp of about 10% of the optimizer steps.
-    return dataclasses.replace(config, ramp_steps=max(1, task.sizes.steps // 10))
+def _default_recipe(name: str) -> Recipe:
+    """The row of registered method ``name``: its config and what its module declares, a rank
+    allocator (without which it would be a fixed-rank adapter) and a start from data."""
+    method = registry.get(name)
+    initializer = method.module_class.initializer
+    return Recipe(name, method.summary, method=name, allocator=method.module_class.allocator,
+                  initialize=None if initializer is None else partial(_from_data, initializer))
 
 
 def recipes() -> dict[str, Recipe]:
-    """Every benchmark row: each registered method's default recipe (the rank allocators' methods
-    with their allocator), the optimizer recipes, then the two references. Read at call time, so
-    methods registered later appear."""
-    table = {name: Recipe(name, registry.get(name).summary, method=name) for name in rw.methods()}
-    # An allocator's adapter is registered under the allocator's own name (one name everywhere);
-    # without its allocator it would be a fixed-rank adapter.
-    for name, allocator in (("adalora", AdaLoRA), ("elalora", ElaLoRA), ("ard_lora", ARDLoRA)):
-        table[name] = dataclasses.replace(table[name], allocator=allocator)
-    table["gora"] = dataclasses.replace(table["gora"], initialize=_gora)
-    table["singlora"] = dataclasses.replace(table["singlora"], configure=_singlora_ramp)
+    """Every benchmark row: each registered method's default recipe, the optimizer recipes, then the
+    two references. Read at call time, so methods registered later appear."""
+    table = {name: _default_recipe(name) for name in rw.methods()}
     # LoRA-Pro makes LoRA's step approximate a full-fine-tuning AdamW step, so it starts from the
     # full fine-tuning rate (the paper uses 2e-5 on Llama-2-7B, a full fine-tuning rate).
     table["lora-pro"] = Recipe("lora-pro", "LoRA trained by LoRA-Pro (full-gradient approximation)",
@@ -190,6 +196,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # All methods on one task, one seed, short tweets: README's first command and the CI smoke test.
+    # About 3 minutes on 2 CPU cores (measured: docs/benchmarks.md, Cost).
     "quick": Preset(
         "quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,),
         sizes={
@@ -200,8 +207,8 @@ PRESETS: dict[str, Preset] = {
             "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
         },
     ),
-    # About 80 minutes on 2 CPU cores with the 19 recipes of now (per-recipe costs measured in
-    # docs/benchmarks.md). Each run sees its training subset once (train = steps × batch_size).
+    # About 80 minutes on 2 CPU cores with the 19 recipes of now (measured: docs/benchmarks.md,
+    # Cost). Each run sees its training subset once (train = steps × batch_size).
     "full": Preset(
         "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
         sizes={
@@ -499,9 +506,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
             bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")
             bar.update(planned)
             return
-    config = sizing.config if sizing else None
-    if config is not None and recipe.configure is not None:
-        config = recipe.configure(config, task)
+    config = recipe.configured(sizing.config, task) if sizing else None
     base_lr = recipe.base_lr(task)
 
     def run(seed: int, factor: float, splits: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Trained]:

@@ -15,11 +15,13 @@ merging, the merged flag and layouts.
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .capabilities import AllocatorFactory, Initializer
 from .config import AdapterConfig
 from .geometry import BaseKind
 from .precision import apply_in, compute_dtype
@@ -42,6 +44,20 @@ class Adapter(nn.Module, abc.ABC):
     identity_at_init: ClassVar[bool] = True  # step 0 reproduces the base model exactly
     mergeable: ClassVar[bool] = True  # has an explicit merged weight
     spatial_conv: ClassVar[bool] = True  # accepts k × k convolutions, not only 1 × 1 ("conv2d" bases)
+    # The rank allocator that trains this method; without it the adapter keeps its initial ranks.
+    # Set by the allocator's module (allocate imports adapters, not the other way).
+    allocator: ClassVar[AllocatorFactory | None] = None
+    # A start computed from data before training (new ranks and values); set like ``allocator``.
+    initializer: ClassVar[Initializer | None] = None
+    # Backward can itself be differentiated (``create_graph=True``: gradient penalties,
+    # Hessian-vector products); False where it is once-differentiable, and differentiating it raises.
+    double_backward: ClassVar[bool] = True
+    # Gradients are the derivatives of forward; False where backward holds part of forward
+    # constant by design (DoRA's detached norm), so a numerical gradient check does not apply.
+    exact_gradients: ClassVar[bool] = True
+    # Overrides of the config's defaults that give a small config for tests on narrow layers (any
+    # width from 4 up that is a multiple of 4); the defaults are sized for real models.
+    example_config: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, w0: Tensor, config: AdapterConfig) -> None:
         super().__init__()
@@ -53,6 +69,13 @@ class Adapter(nn.Module, abc.ABC):
     def num_params(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
         """Trainable parameters of this method on an (out_features, in_features) layer."""
         ...
+
+    @classmethod
+    def for_run(cls, config: AdapterConfig, steps: int) -> AdapterConfig:
+        """``config`` as a training run of ``steps`` optimizer steps should use it: a method with
+        a schedule measured in steps (a :class:`~rankwise.core.steps.Stepped` ramp) fits it to the
+        run; the others return ``config`` unchanged."""
+        return config
 
     @abc.abstractmethod
     def merged_weight(self, w0: Tensor) -> Tensor:

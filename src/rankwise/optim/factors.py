@@ -1,6 +1,6 @@
-"""The factor pairs ``(A, B, s)`` of an adapted model, with ``ΔW = s · B A``, and the param groups
-for everything else: what the optimizers that treat the two factors of a layer together (LoRA-Pro,
-LoRA+) start from."""
+"""The factor pairs ``(A, B, s)`` of an adapted model's :class:`~rankwise.core.capabilities.Factored`
+adapters, and the param groups for everything else: what the optimizers that treat the two factors
+of a layer together (LoRA-Pro, LoRA+) start from."""
 
 from __future__ import annotations
 
@@ -8,20 +8,22 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..core.capabilities import Factored
 from ..core.inject import adapted_modules
 
 
 class FactorPair(NamedTuple):
-    """One adapted layer's factors, as its adapter declares them through ``factors()``."""
+    """One adapted layer's factors, as its adapter declares them through ``factors()``: ``s · B A`` is
+    the method's low-rank update (see :class:`~rankwise.core.capabilities.Factored`)."""
 
     path: str
     A: nn.Parameter  # (rank, in_features)
     B: nn.Parameter  # (out_features, rank)
-    scale: float  # s in ΔW = s · B A
+    scale: float  # s in s · B A
 
 
 def factor_pairs(model: nn.Module, user: str) -> list[FactorPair]:
-    """The trainable ``(A, B, s)`` of every adapted layer whose adapter declares ``factors()``.
+    """The trainable ``(A, B, s)`` of every adapted layer whose adapter is ``Factored``.
 
     Args:
         model: a model adapted with :func:`rankwise.adapt`.
@@ -34,7 +36,7 @@ def factor_pairs(model: nn.Module, user: str) -> list[FactorPair]:
     pairs, methods = [], set()
     for path, layer in adapted_modules(model):
         methods.add(layer.config.method)
-        if not hasattr(layer.delta, "factors"):
+        if not isinstance(layer.delta, Factored):
             continue
         A, B, scale = layer.delta.factors()
         if A.requires_grad != B.requires_grad:
