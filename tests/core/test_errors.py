@@ -3,8 +3,11 @@ the model and the files on disk exactly as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 import rankwise as rw
+from rankwise.core import registry
 
 
 class Net(nn.Module):
@@ -99,6 +103,11 @@ CASES = [
     Case("method without that base", _fresh, lambda m, f: rw.adapt(m, rw.DoRAConfig(targets="conv")), TypeError, "dora does not support Conv2d.*'conv'"),
     Case("trainable matches nothing", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj", trainable="classifier")), ValueError, "classifier"),
     Case("target also trainable", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="head", trainable="head")), ValueError, "both targets and trainable"),
+    Case("NaN alpha", _fresh, lambda m, f: rw.LoRAConfig(alpha=float("nan")), ValueError, "LoRAConfig: alpha=nan must be a finite number"),
+    Case("infinite alpha", _fresh, lambda m, f: rw.DoRAConfig(alpha=float("inf")), ValueError, "DoRAConfig: alpha=inf must be a finite number"),
+    Case("NaN dropout", _fresh, lambda m, f: rw.LoRAConfig(dropout=float("nan")), ValueError, "LoRAConfig: dropout=nan must be a finite number"),
+    Case("NaN alpha in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "alpha=nan must be a finite number",
+         corrupt=_edit_json(lambda meta: meta["config"].update(alpha=float("nan")))),
     Case("unknown method name", _fresh, lambda m, f: rw.make_config("lorra"), ValueError, "unknown method 'lorra'"),
     Case("non-finite merge", lambda: (m := _adapted(), _poison(m))[0], lambda m, f: rw.merge(m), ValueError, "'head'.*non-finite"),
     Case("disable a merged model", lambda: rw.merge(_adapted()), lambda m, f: rw.disabled(m).__enter__(), ValueError, "unmerge"),
@@ -158,3 +167,21 @@ def test_bad_input_raises_and_changes_nothing(case: Case, tmp_path: Path) -> Non
     for key in state:
         assert torch.equal(after[key], state[key]), key
     assert _files(folder) == files
+
+
+def _float_fields() -> list[tuple[str, str]]:
+    """(method, field) for every float field of every registered method's config."""
+    pairs = []
+    for name in rw.methods():
+        config_class = registry.get(name).config_class
+        hints = typing.get_type_hints(config_class)
+        pairs += [(name, f.name) for f in dataclasses.fields(config_class) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
+    return pairs
+
+
+@pytest.mark.parametrize(("method", "field"), _float_fields(), ids=[f"{m}.{f}" for m, f in _float_fields()])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_every_float_field_refuses_non_finite_values(method: str, field: str, value: float) -> None:
+    config_class = registry.get(method).config_class
+    with pytest.raises(ValueError, match=f"{config_class.__name__}: {field}={value!r} must be a finite number"):
+        config_class(**{field: value})

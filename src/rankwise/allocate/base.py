@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core.adapted import Adapted
+from ..core.checks import check_number
 from ..core.delta import Adapter
 from ..core.inject import adapted_modules
 
@@ -92,8 +93,7 @@ class RankAllocator(abc.ABC):
     def __init__(self, model: nn.Module, total_steps: int) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError(f"{type(self).__name__} needs the model itself: pass ddp_model.module")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"{type(self).__name__}: total_steps={total_steps!r} must be an integer >= 1")
+        check_number(type(self).__name__, "total_steps", total_steps, 1, integer=True)
         self.model = model
         self.layers: dict[str, Adapted] = dict(adapted_modules(model))
         if not self.layers:
@@ -259,21 +259,3 @@ def from_rank_zero(tensor: Tensor) -> Tensor:
     shared = tensor.detach().clone().contiguous()
     dist.broadcast(shared, src=0)
     return shared
-
-
-def check_fraction(owner: str, name: str, value: float) -> None:
-    """``ValueError`` naming the argument unless 0 < value < 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{owner}: {name}={value!r} must be in (0, 1)")
-
-
-def check_int(owner: str, name: str, value: int, low: int) -> None:
-    """``ValueError`` naming the argument unless it is an integer >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {name}={value!r} must be an integer >= {low}")
-
-
-def check_nonnegative(owner: str, name: str, value: float) -> None:
-    """``ValueError`` naming the argument unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{owner}: {name}={value!r} must be a finite number >= 0")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
 from ..core.geometry import BaseKind, check_supported
 from .layers import LowRankLayer, scheme_matrix
 from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
@@ -82,12 +83,12 @@ class Cuttlefish:
                  relax: tuple[tuple[int, float], ...] = ((2, 2.5), (1, 5.0)),
                  frobenius_decay: float = 1e-4) -> None:
         for name, value, low in (("keep_leading", keep_leading, 0), ("window", window, 1), ("average", average, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Cuttlefish: {name}={value!r} must be an integer >= {low}")
-        if tolerance < 0 or frobenius_decay < 0:
-            raise ValueError(
-                f"Cuttlefish: tolerance={tolerance} and frobenius_decay={frobenius_decay} must be >= 0"
-            )
+            check_number("Cuttlefish", name, value, low, integer=True)
+        check_number("Cuttlefish", "tolerance", tolerance, 0)
+        check_number("Cuttlefish", "frobenius_decay", frobenius_decay, 0)
+        for count, factor in relax:
+            check_number("Cuttlefish", "relax count", count, 0, integer=True)
+            check_number("Cuttlefish", "relax factor", factor, 0, low_open=True)
         names = spatial_conv_targets(model) if targets is None else targets
         layers = select_layers(model, names, "Cuttlefish")[keep_leading:] if names else []
         if not layers:

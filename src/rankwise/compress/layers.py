@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
 from ..core.geometry import BaseKind
 from ..decompose import truncated_svd
 
@@ -40,7 +41,7 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_number("LowRankLinear", "rank", rank, 1, integer=True)
         self.V = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.U = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
@@ -86,7 +87,7 @@ class LowRankConv2d(nn.Module):
                  dilation: tuple[int, int] = (1, 1), bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_number("LowRankConv2d", "rank", rank, 1, integer=True)
         if scheme not in SCHEMES:
             raise ValueError(f"LowRankConv2d: scheme={scheme!r} is not allowed; expected one of {SCHEMES}")
         self.scheme = scheme
@@ -209,7 +210,3 @@ def svd_factors(matrix: Tensor, rank: int, scheme: Scheme) -> tuple[Tensor, Tens
     root = svd.S.sqrt()
     return svd.U * root, root[:, None] * svd.Vh, svd.error
 
-
-def _check_rank(rank: int) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be an integer >= 1")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
 from ..core.config import ALL_LINEAR
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import rank_for_energy
@@ -95,8 +96,8 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
             f"lord: give exactly one of rank_ratio and energy; got rank_ratio={rank_ratio}, energy={energy}"
         )
     for name, value in (("rank_ratio", rank_ratio), ("energy", energy)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"lord: {name}={value} is outside (0, 1]")
+        if value is not None:
+            check_number("lord", name, value, 0, 1, low_open=True)
     layers = select_layers(model, targets, "lord")
     if not layers:
         raise ValueError(f"lord: targets {targets!r} select no layer")

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import truncated_svd
 from .layers import SCHEMES, Scheme, from_scheme_matrix, scheme_matrix, write_scheme_matrix
@@ -60,12 +61,9 @@ class TRP:
 
     def __init__(self, model: nn.Module, *, targets: str | Iterable[str] | None = None, energy: float = 0.9,
                  period: int = 20, nuclear_weight: float = 3e-4, scheme: Scheme = "channel") -> None:
-        if not 0 < energy <= 1:
-            raise ValueError(f"TRP: energy={energy} is outside (0, 1]")
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"TRP: period={period!r} must be an integer >= 1")
-        if nuclear_weight < 0:
-            raise ValueError(f"TRP: nuclear_weight={nuclear_weight} must be >= 0")
+        check_number("TRP", "energy", energy, 0, 1, low_open=True)
+        check_number("TRP", "period", period, 1, integer=True)
+        check_number("TRP", "nuclear_weight", nuclear_weight, 0)
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: scheme={scheme!r} is not allowed; expected one of {SCHEMES}")
         names = spatial_conv_targets(model) if targets is None else targets

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from .checks import check_number
+
 ALL_LINEAR = "all-linear"
 
 
@@ -43,15 +45,21 @@ class AdapterConfig:
                 object.__setattr__(self, name, (value,))
             elif isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        owner = type(self).__name__
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
-            _check_type(type(self).__name__, field.name, getattr(self, field.name), hints[field.name])
+            value = getattr(self, field.name)
+            _check_type(owner, field.name, value, hints[field.name])
+            if isinstance(value, float):
+                # A NaN or infinite alpha or dropout passes every range check and poisons the
+                # outputs (and the saved JSON), whether or not the method checks the field itself.
+                check_number(owner, field.name, value)
         if not self.targets:
-            raise ValueError(f"{type(self).__name__}: targets must name at least one module, got ()")
+            raise ValueError(f"{owner}: targets must name at least one module, got ()")
         for name in ("targets", "trainable"):
             for entry in getattr(self, name):
                 if not entry:
-                    raise ValueError(f"{type(self).__name__}: {name} contains an empty name")
+                    raise ValueError(f"{owner}: {name} contains an empty name")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
@@ -80,15 +88,9 @@ class AdapterConfig:
 
 def check_range(config: AdapterConfig, name: str, low: float | None = None, high: float | None = None,
                 *, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` naming the field unless ``low <= value <= high`` (bounds optional)."""
-    value = getattr(config, name)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{type(config).__name__}: {name}={value!r} is outside {allowed}")
+    """Raise ``ValueError`` naming the config and the field unless its value is a finite number
+    within the bounds (each optional, inclusive unless open); see :func:`.checks.check_number`."""
+    check_number(type(config).__name__, name, getattr(config, name), low, high, low_open=low_open, high_open=high_open)
 
 
 def _is_tuple_type(hint: Any) -> bool:
