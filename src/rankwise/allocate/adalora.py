@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
 from ..core.checks import check_number
-from .base import RankAllocator, from_rank_zero, mean_across_ranks, migrate
+from ..core.distributed import from_rank_zero, mean_across_ranks
+from .base import RankAllocator, migrate
 
 ROLES = (("A", 0), ("e", 0), ("B", 1))  # each triplet parameter and its rank dimension
 

@@ -1,5 +1,6 @@
-"""What every rank allocator shares: the training-loop interface, the rank history, optimizer-state
-surgery for resized parameters (spec S3) and the cross-process agreement of decisions (spec S5).
+"""What every rank allocator shares: the training-loop interface, the rank history and optimizer-state
+surgery for resized parameters. Decisions are taken from statistics all processes agree on
+(``core.distributed``), so that every replica resizes identically.
 
 The loop, for any allocator::
 
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core.adapted import Adapted
@@ -236,26 +236,3 @@ def _resize_state(optimizer: torch.optim.Optimizer, key: str, value: Any, shape:
     if key in _SECOND_MOMENTS and fill == "mean" and kept.numel():
         pad += kept.mean()
     return torch.cat([kept, pad], dim=dim)
-
-
-def world_size() -> int:
-    """Processes in the default group; 1 without ``torch.distributed``."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def mean_across_ranks(tensor: Tensor) -> Tensor:
-    """The all-reduced mean of a statistic that drives a decision (a copy; itself on one process)."""
-    if world_size() == 1:
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total / world_size()
-
-
-def from_rank_zero(tensor: Tensor) -> Tensor:
-    """Rank 0's copy of a decision, so that ties and kernels cannot make processes disagree."""
-    if world_size() == 1:
-        return tensor
-    shared = tensor.detach().clone().contiguous()
-    dist.broadcast(shared, src=0)
-    return shared

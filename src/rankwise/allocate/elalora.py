@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
 from .adalora import TripletAllocator
 from ..core.checks import check_number
-from .base import MomentFill, from_rank_zero, migrate
+from ..core.distributed import from_rank_zero
+from .base import MomentFill, migrate
 
 NEW_E = 1e-13  # a new triplet's e: essentially 0, so the model's function does not change (official)
 

@@ -29,8 +29,9 @@ from ..adapters.lora import LoRA
 from ..core import geometry
 from ..core.adapted import Adapted
 from ..core.checks import check_number
+from ..core.distributed import from_rank_zero, mean_across_ranks
 from ..core.inject import adapted_modules
-from .base import History, from_rank_zero, mean_across_ranks
+from .base import History
 
 PINV_RIDGE = 1e-8  # (A Aᵀ + 1e-8 I)⁻¹: the official code's regularized pseudo-inverse
 

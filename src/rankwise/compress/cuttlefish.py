@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_number
+from ..core.distributed import from_rank_zero
 from ..core.geometry import BaseKind, check_supported
 from .layers import LowRankLayer, scheme_matrix
-from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .replace import replace_at_ranks, select_layers, spatial_conv_targets
 from .report import CompressionReport, saves_parameters
 
 
@@ -190,7 +191,7 @@ class Cuttlefish:
     def _agree(self, value: int) -> int:
         """Rank 0's value on every replica (SVDs may round differently across devices)."""
         tensor = torch.tensor(value, dtype=torch.int64, device=self.layers[0][1].weight.device)
-        return int(broadcast_(tensor).item())
+        return int(from_rank_zero(tensor).item())
 
     def _flat(self, series: list[int], threshold: float) -> bool:
         if self.epoch < self.window:

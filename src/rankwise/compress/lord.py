@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from ..core.checks import check_number
 from ..core.config import ALL_LINEAR
+from ..core.distributed import sum_across_ranks
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import rank_for_energy
 from .layers import LowRankLayer, from_factors, scheme_matrix, svd_factors
-from .replace import all_reduce_sum_, install, select_layers
+from .replace import install, select_layers
 from .report import CompressionReport, LayerReport, layer_report, saves_parameters
 
 
@@ -186,8 +187,8 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]],
     moments = {}
     for path, total in sums.items():
         # Under torch.distributed each rank saw its own shard: sum the moments and counts first.
-        count = all_reduce_sum_(torch.tensor([counts[path]], dtype=torch.float64, device=total.device))
-        moments[path] = all_reduce_sum_(total) / count
+        count = sum_across_ranks(torch.tensor([counts[path]], dtype=torch.float64, device=total.device))
+        moments[path] = sum_across_ranks(total) / count
     return moments
 
 

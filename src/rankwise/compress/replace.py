@@ -1,12 +1,10 @@
-"""What every compressor shares: choosing the layers, putting low-rank layers in their place, and
-keeping replicas in step under torch.distributed."""
+"""What every compressor shares: choosing the layers and putting low-rank layers in their place."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from ..core.config import ALL_LINEAR
 from ..core.geometry import base_kind, check_supported
@@ -78,21 +76,3 @@ def replace_at_ranks(model: nn.Module, ranks: dict[str, int], scheme: Scheme,
         new = from_factors(layer, kind, scheme, left, right)
         built[path] = (new, layer_report(path, layer, kind, scheme, rank, error))
     return install(model, built, kept)
-
-
-def broadcast_(tensor: Tensor) -> Tensor:
-    """Under torch.distributed, overwrite ``tensor`` on every rank with rank 0's (a no-op otherwise).
-
-    Rank decisions (TRP's truncation, Cuttlefish's ranks) are taken on rank 0 and broadcast, so all
-    replicas change identically even where SVDs round differently (the spec's DDP section).
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(tensor, src=0)
-    return tensor
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Under torch.distributed, sum ``tensor`` over ranks in place (a no-op otherwise)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

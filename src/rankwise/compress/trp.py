@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_number
+from ..core.distributed import from_rank_zero
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import truncated_svd
 from .layers import SCHEMES, Scheme, from_scheme_matrix, scheme_matrix, write_scheme_matrix
-from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .replace import replace_at_ranks, select_layers, spatial_conv_targets
 from .report import CompressionReport, saves_parameters
 
 
@@ -86,11 +87,11 @@ class TRP:
         for path, layer, kind in self.layers:
             matrix = scheme_matrix(layer, kind, self.scheme)
             svd = truncated_svd(matrix.detach().float(), energy=self.energy)
-            truncated = broadcast_(svd.reconstruct().to(matrix.dtype).contiguous())
+            truncated = from_rank_zero(svd.reconstruct().to(matrix.dtype))
             write_scheme_matrix(layer, kind, self.scheme, truncated)
-            self.ranks[path] = int(broadcast_(torch.tensor(svd.rank, device=truncated.device)).item())
+            self.ranks[path] = int(from_rank_zero(torch.tensor(svd.rank, device=truncated.device)).item())
             if self.nuclear_weight > 0:
-                self._subgradients[path] = broadcast_((svd.U @ svd.Vh).to(matrix.dtype).contiguous())
+                self._subgradients[path] = from_rank_zero((svd.U @ svd.Vh).to(matrix.dtype))
         return True
 
     def add_nuclear_gradient(self) -> None:
@@ -131,7 +132,7 @@ class TRP:
                 rank = self.ranks[path]
             else:
                 rank = truncated_svd(scheme_matrix(layer, kind, self.scheme).detach().float(), threshold=threshold).rank
-                rank = int(broadcast_(torch.tensor(rank, device=layer.weight.device)).item())
+                rank = int(from_rank_zero(torch.tensor(rank, device=layer.weight.device)).item())
             if saves_parameters(layer, kind, self.scheme, rank):
                 ranks[path] = rank
             else:
