@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -183,7 +182,7 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
             loss_fn(model, batch).backward()
             for path, layer in layers.items():
                 # Averaged over processes at every batch, as the official hook does.
-                grad = geometry.weight_matrix(types.SimpleNamespace(weight=layer.base.weight.grad), layer.kind)
+                grad = geometry.as_matrix(layer.base.weight.grad, layer.kind)
                 sums[path] += mean_across_ranks(grad.float()).cpu()
                 layer.base.weight.grad = None  # the running mean is on the CPU: free the device copy
             count += 1

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.checks import check_number
 from ..core.geometry import BaseKind
 from ..decompose import truncated_svd
@@ -135,7 +136,7 @@ class LowRankConv2d(nn.Module):
         """The dense (N, C, kh, kw) kernel the pair computes."""
         left, right = self.factor_matrices()
         shape = (self.U.out_channels, self.V.in_channels, *self.kernel_size)
-        return from_scheme_matrix(left @ right, shape, self.scheme)
+        return from_scheme_matrix(left @ right, "conv2d", self.scheme, shape)
 
     def layout(self) -> dict[str, Any]:
         """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
@@ -149,32 +150,26 @@ LowRankLayer = LowRankLinear | LowRankConv2d
 
 
 def scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme) -> Tensor:
-    """The matrix a scheme factors: (out, in) for Linear/Conv1D; see the module docstring for convs."""
-    if kind == "linear":
-        return layer.weight
-    if kind == "conv1d":
-        return layer.weight.t()
-    if scheme == "channel":
-        return layer.weight.flatten(1)
-    n, c, kh, kw = layer.weight.shape
-    return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+    """The matrix a scheme factors: the layer's (out, in) weight matrix (``core.geometry``), except
+    for a conv in the spatial scheme (see the module docstring)."""
+    if kind == "conv2d" and scheme == "spatial":
+        n, c, kh, kw = layer.weight.shape
+        return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+    return geometry.weight_matrix(layer, kind)
 
 
-def from_scheme_matrix(matrix: Tensor, shape: tuple[int, ...], scheme: Scheme) -> Tensor:
-    """Inverse of :func:`scheme_matrix` for a conv kernel of ``shape`` (N, C, kh, kw)."""
-    if scheme == "channel":
-        return matrix.reshape(shape)
-    n, c, kh, kw = shape
-    return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+def from_scheme_matrix(matrix: Tensor, kind: BaseKind, scheme: Scheme, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`scheme_matrix`: ``matrix`` in the layout of a weight of ``shape``."""
+    if kind == "conv2d" and scheme == "spatial":
+        n, c, kh, kw = shape
+        return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+    return geometry.as_weight(matrix, kind, shape)
 
 
 def write_scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme, matrix: Tensor) -> None:
     """Copy a scheme matrix back into the layer's weight, in place."""
     with torch.no_grad():
-        if kind == "conv2d":
-            layer.weight.copy_(from_scheme_matrix(matrix, tuple(layer.weight.shape), scheme))
-        else:
-            layer.weight.copy_(matrix.t() if kind == "conv1d" else matrix)
+        layer.weight.copy_(from_scheme_matrix(matrix, kind, scheme, tuple(layer.weight.shape)))
 
 
 def empty_like_layer(layer: nn.Module, kind: BaseKind, rank: int, scheme: Scheme) -> LowRankLayer:

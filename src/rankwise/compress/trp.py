@@ -104,7 +104,8 @@ class TRP:
             if layer.weight.grad is None:
                 raise ValueError(f"TRP: '{path}' has no gradient; call add_nuclear_gradient() after backward()")
             with torch.no_grad():
-                layer.weight.grad.add_(self._to_weight_layout(subgradient, layer, kind), alpha=self.nuclear_weight)
+                gradient = from_scheme_matrix(subgradient, kind, self.scheme, tuple(layer.weight.shape))
+                layer.weight.grad.add_(gradient, alpha=self.nuclear_weight)
 
     def convert(self, *, threshold: float | None = None) -> CompressionReport:
         """Replace each target by its truncated-SVD pair of the current weights.
@@ -138,8 +139,3 @@ class TRP:
             else:
                 kept.append(path)
         return replace_at_ranks(self.model, ranks, self.scheme, kept)
-
-    def _to_weight_layout(self, matrix: Tensor, layer: nn.Module, kind: BaseKind) -> Tensor:
-        if kind == "conv2d":
-            return from_scheme_matrix(matrix, tuple(layer.weight.shape), self.scheme)
-        return matrix.t() if kind == "conv1d" else matrix
