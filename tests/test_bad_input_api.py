@@ -29,6 +29,10 @@ def _conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(2))
 
 
+def _lora() -> nn.Module:
+    return rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0",)))
+
+
 def _ard_lora() -> nn.Module:
     return rw.adapt(_mlp(), rw.ARDLoRAConfig(rank=2, targets=("0", "2")))
 
@@ -48,6 +52,14 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], object], s
     ("LoRD target missing", _mlp, lambda m: rw.compress.lord(m, targets=("q_proj",), rank_ratio=0.5), "q_proj"),
     ("TRP energy 0", _conv, lambda m: rw.compress.TRP(m, energy=0.0), "energy=0.0"),
     ("TRP period 0", _conv, lambda m: rw.compress.TRP(m, period=0), "period=0"),
+    ("LoRD on an adapted model", _lora, lambda m: rw.compress.lord(m, rank_ratio=0.5), "lord: '0' is already adapted \\(lora\\); unwrap"),
+    ("LoRD on an adapted layer", _lora, lambda m: rw.compress.lord(m, targets=("0",), rank_ratio=0.5), "lord: '0' is already adapted"),
+    ("LoRD calibration on an adapted layer", _lora, lambda m: rw.compress.calibrate(m, [torch.randn(2, 8)], targets=("0",)),
+     "calibrate: '0' is already adapted"),
+    ("TRP on an adapted layer", _lora, lambda m: rw.compress.TRP(m, targets=("0",)), "TRP: '0' is already adapted"),
+    ("Cuttlefish on an adapted layer", _lora, lambda m: rw.compress.Cuttlefish(m, targets=("0",)), "Cuttlefish: '0' is already adapted"),
+    ("LoRD invalid regex target", _mlp, lambda m: rw.compress.lord(m, targets=("re:[0-",), rank_ratio=0.5),
+     "lord: target 're:\\[0-' is not a valid regular expression"),
     ("LoRD energy NaN", _mlp, lambda m: rw.compress.lord(m, energy=float("nan")), "lord: energy=nan must be a finite number"),
     ("TRP nuclear weight NaN", _conv, lambda m: rw.compress.TRP(m, nuclear_weight=float("nan")), "TRP: nuclear_weight=nan must be a finite number"),
     ("TRP energy NaN", _conv, lambda m: rw.compress.TRP(m, energy=float("nan")), "TRP: energy=nan must be a finite number"),

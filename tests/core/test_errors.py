@@ -38,6 +38,36 @@ def _fresh(width: int = 16) -> Net:
     return Net(width)
 
 
+class Shared(nn.Module):
+    """One Linear used at two paths (``self.b = self.a``), and one block at two paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.block1 = nn.Sequential(nn.Linear(8, 8))
+        self.block2 = self.block1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.b(self.a(x))))
+
+
+def _shared() -> Shared:
+    torch.manual_seed(0)
+    return Shared()
+
+
+def _attention() -> nn.Module:
+    """A layer inside a module that could be made trainable, and a layer with a child module."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.self_attn = nn.Module()
+    model.self_attn.q_proj = nn.Linear(8, 8)
+    model.up_proj = nn.Linear(8, 8)
+    model.up_proj.scale = nn.LayerNorm(8)
+    return model
+
+
 def _adapted() -> Net:
     model = rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets=("proj", "head")))
     nn.init.normal_(model.proj.delta.B)
@@ -103,6 +133,18 @@ CASES = [
     Case("method without that base", _fresh, lambda m, f: rw.adapt(m, rw.DoRAConfig(targets="conv")), TypeError, "dora does not support Conv2d.*'conv'"),
     Case("trainable matches nothing", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj", trainable="classifier")), ValueError, "classifier"),
     Case("target also trainable", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="head", trainable="head")), ValueError, "both targets and trainable"),
+    Case("target inside a trainable module", _attention, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj", trainable="self_attn")),
+         ValueError, "target 'self_attn.q_proj' is inside trainable 'self_attn'"),
+    Case("target holds a trainable module", _attention, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="up_proj", trainable="scale")),
+         ValueError, "target 'up_proj' contains trainable 'up_proj.scale'"),
+    Case("one layer at two paths, both targeted", _shared, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="re:a|b")),
+         ValueError, "'a' is the same module as \\['b'\\]"),
+    Case("target shared with an untargeted path", _shared, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="block1.0")),
+         ValueError, "'block1.0' is the same module as \\['block2.0'\\]"),
+    Case("invalid regex target", _fresh, lambda m, f: rw.LoRAConfig(targets="re:proj[0-"), ValueError,
+         "targets: 're:proj\\[0-' is not a valid regular expression"),
+    Case("invalid regex trainable", _fresh, lambda m, f: rw.LoRAConfig(targets="proj", trainable="re:(head"), ValueError,
+         "trainable: 're:\\(head' is not a valid regular expression"),
     Case("NaN alpha", _fresh, lambda m, f: rw.LoRAConfig(alpha=float("nan")), ValueError, "LoRAConfig: alpha=nan must be a finite number"),
     Case("infinite alpha", _fresh, lambda m, f: rw.DoRAConfig(alpha=float("inf")), ValueError, "DoRAConfig: alpha=inf must be a finite number"),
     Case("NaN dropout", _fresh, lambda m, f: rw.LoRAConfig(dropout=float("nan")), ValueError, "LoRAConfig: dropout=nan must be a finite number"),

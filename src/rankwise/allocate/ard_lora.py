@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ..adapters.ard_lora import ARDLoRA as ARDLoRAModule
 from ..core import geometry
 from ..core.checks import check_number
+from ..core.config import matches
 from ..core.distributed import from_rank_zero
-from ..core.inject import matches
 from .base import RankAllocator, migrate
 
 _BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution

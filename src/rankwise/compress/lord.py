@@ -20,7 +20,7 @@ from ..core.distributed import sum_across_ranks
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import rank_for_energy
 from .layers import LowRankLayer, from_factors, scheme_matrix, svd_factors
-from .replace import install, select_layers
+from .replace import replace_layers, select_layers
 from .report import CompressionReport, LayerReport, layer_report, saves_parameters
 
 
@@ -89,7 +89,8 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
 
     Raises:
         ValueError: not exactly one of ``rank_ratio``/``energy``, or one out of (0, 1]; a target
-            matches nothing; a :class:`Calibration` lacks a target layer.
+            matches nothing or selects a layer that is adapted or reachable at two paths; a
+            :class:`Calibration` lacks a target layer.
         TypeError: a target is not a Linear, Conv1D or Conv2d (groups 1).
     """
     if (rank_ratio is None) == (energy is None):
@@ -100,8 +101,6 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
         if value is not None:
             check_number("lord", name, value, 0, 1, low_open=True)
     layers = select_layers(model, targets, "lord")
-    if not layers:
-        raise ValueError(f"lord: targets {targets!r} select no layer")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration(_output_moments(model, layers, calibration))
     if calibration is not None:
@@ -125,7 +124,7 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
             continue
         new = from_factors(layer, kind, "channel", left, right)
         built[path] = (new, layer_report(path, layer, kind, "channel", rank, error, output_error))
-    return install(model, built, kept)
+    return replace_layers(model, built, kept)
 
 
 def _rank(weight: Tensor, rank_ratio: float | None, energy: float | None, eigenvalues: Tensor | None) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 from ..core.adapted import Adapted
 from ..core.checkpoint import CheckpointError, atomic_write
 from ..core.config import AdapterConfig
-from ..core.inject import adapted_modules, build, find_targets, install, module_overrides, trainable_paths
+from ..core.inject import adapted_modules, build, find_targets, install_wrappers, module_overrides, trainable_paths
 from .formats import _ANY_TYPE, FORMATS, PeftFormat
 
 PEFT_TENSORS = "adapter_model.safetensors"
@@ -102,7 +102,7 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"{folder / PEFT_TENSORS} does not fit this model: missing keys {missing}, unexpected keys "
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
-    model = install(model, wrappers, config)
+    model = install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
             target.copy_(tensors[key].reshape(target.shape))
