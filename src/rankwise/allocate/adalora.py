@@ -30,7 +30,7 @@ ROLES = (("A", 0), ("e", 0), ("B", 1))  # each triplet parameter and its rank di
 
 
 class Sensitivity:
-    """Smoothed sensitivity and uncertainty of every entry of A, e and B (spec S2).
+    """Smoothed sensitivity and uncertainty of every entry of A, e and B.
 
     Args:
         beta1: β1, the sensitivity EMA's decay; in (0, 1).
@@ -111,7 +111,7 @@ class TripletAllocator(RankAllocator):
 
     def penalty(self) -> Tensor:
         """``γ · mean over all A and B matrices of ||A Aᵀ − I||_F`` (resp. ``||Bᵀ B − I||_F``),
-        all triplets included, masked ones too (spec S1)."""
+        all triplets included, masked ones too."""
         if self.orth_weight == 0:
             return super().penalty()
         terms = [layer.delta.orthogonality(self.squared_orth) for layer in self.layers.values()]

@@ -4,7 +4,7 @@ warm-up with α frozen, projection onto [0, α_max] (and an optional parameter b
 Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
 Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. The
 abstract names the meta-objective (task loss + ℓ1 sparsity + total variation); its exact form is
-our reconstruction (the spec's [rec]):
+our reconstruction:
 
     L = L_task + λ1 Σ_g |α_g| + λ_tv Σ_{m,h} Σ_l (α_{l+1,m,h} − α_{l,m,h})²
 
@@ -50,9 +50,9 @@ class ARDLoRA(RankAllocator):
     Args:
         model: a model adapted with ``ARDLoRAConfig``.
         total_steps: T, optimizer steps in the run.
-        l1: λ1, weight of ``Σ |α|``; >= 0. 1e-3 (spec's starting point; no published value).
-        tv: λ_tv, weight of the squared differences between adjacent layers; >= 0. 1e-2 (spec).
-        warmup: T_w, steps with α frozen; default ``round(0.05 · T)`` (spec: 5%).
+        l1: λ1, weight of ``Σ |α|``; >= 0. 1e-3, our starting point (no published value).
+        tv: λ_tv, weight of the squared differences between adjacent layers; >= 0. 1e-2, our starting point.
+        warmup: T_w, steps with α frozen; default ``round(0.05 · T)``, our starting point.
         budget: the most adapter parameters the effective ranks may use,
             ``Σ_g r0 α_g (in_g + out_g)``; ``None`` leaves it to λ1 (the achieved count is in
             ``history``).

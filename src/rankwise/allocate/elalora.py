@@ -32,7 +32,7 @@ class ElaLoRA(TripletAllocator):
     Unlike the official code, the optimizer is not rebuilt at an event: the replaced parameters
     take their predecessors' places in the same param groups (the LR schedule keeps running), the
     surviving triplets keep their exact Adam moments, and new triplets start with zero first
-    moments and second moments at ``moment_fill`` (spec S3).
+    moments and second moments at ``moment_fill``.
 
     Args:
         model: a model adapted with ``ElaLoRAConfig`` (or ``AdaLoRAConfig``).
