@@ -38,36 +38,6 @@ def _fresh(width: int = 16) -> Net:
     return Net(width)
 
 
-class Shared(nn.Module):
-    """One Linear used at two paths (``self.b = self.a``), and one block at two paths."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = self.a
-        self.block1 = nn.Sequential(nn.Linear(8, 8))
-        self.block2 = self.block1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block2(self.block1(self.b(self.a(x))))
-
-
-def _shared() -> Shared:
-    torch.manual_seed(0)
-    return Shared()
-
-
-def _attention() -> nn.Module:
-    """A layer inside a module that could be made trainable, and a layer with a child module."""
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.self_attn = nn.Module()
-    model.self_attn.q_proj = nn.Linear(8, 8)
-    model.up_proj = nn.Linear(8, 8)
-    model.up_proj.scale = nn.LayerNorm(8)
-    return model
-
-
 def _adapted() -> Net:
     model = rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets=("proj", "head")))
     nn.init.normal_(model.proj.delta.B)
@@ -118,6 +88,36 @@ def _rename_tensor(folder: Path) -> None:
 def _poison(model: nn.Module) -> None:
     with torch.no_grad():
         model.head.delta.B.fill_(float("inf"))
+
+
+class Shared(nn.Module):
+    """One Linear used at two paths (``self.b = self.a``), and one block at two paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.block1 = nn.Sequential(nn.Linear(8, 8))
+        self.block2 = self.block1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.b(self.a(x))))
+
+
+def _shared() -> Shared:
+    torch.manual_seed(0)
+    return Shared()
+
+
+def _attention() -> nn.Module:
+    """A layer inside a module that could be made trainable, and a layer with a child module."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.self_attn = nn.Module()
+    model.self_attn.q_proj = nn.Linear(8, 8)
+    model.up_proj = nn.Linear(8, 8)
+    model.up_proj.scale = nn.LayerNorm(8)
+    return model
 
 
 CASES = [
