@@ -45,10 +45,10 @@ def select(model: nn.Module, targets: Iterable[str], *, trainable: Iterable[str]
         except ValueError as error:
             raise ValueError(f"{prefix}target {error}") from None
     modules = dict(outer_modules(model, skip))
-    kept = outermost_matches(modules, trainable)
+    trained = outermost_matches(modules, trainable)  # trained in full: no target may overlap them
     selected: set[str] = set()
     for entry in targets:
-        hits = _all_linear(model, modules, kept) if entry == ALL_LINEAR else {p for p in modules if matches(p, entry)}
+        hits = _all_linear(model, modules, trained) if entry == ALL_LINEAR else {p for p in modules if matches(p, entry)}
         if not hits:
             raise ValueError(f"{prefix}target {entry!r} matches no module; some module names: {examples(modules)}")
         selected |= hits
@@ -60,7 +60,7 @@ def select(model: nn.Module, targets: Iterable[str], *, trainable: Iterable[str]
         if isinstance(module, Adapted):
             raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
         geometry.check_supported(module, path)
-    _check_overlap(paths, kept, prefix)
+    _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
     return paths
 
