@@ -29,6 +29,14 @@ def _conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(2))
 
 
+def _lora() -> nn.Module:
+    return rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0",)))
+
+
+def _ard_lora() -> nn.Module:
+    return rw.adapt(_mlp(), rw.ARDLoRAConfig(rank=2, targets=("0", "2")))
+
+
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], object], str]] = [
     ("allocator on a model without adapters", _mlp, lambda m: rw.allocate.AdaLoRA(m, total_steps=10), "no rankwise adapters"),
     ("allocator total_steps 0", _adalora, lambda m: rw.allocate.AdaLoRA(m, total_steps=0), "total_steps=0"),
@@ -44,6 +52,28 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], object], s
     ("LoRD target missing", _mlp, lambda m: rw.compress.lord(m, targets=("q_proj",), rank_ratio=0.5), "q_proj"),
     ("TRP energy 0", _conv, lambda m: rw.compress.TRP(m, energy=0.0), "energy=0.0"),
     ("TRP period 0", _conv, lambda m: rw.compress.TRP(m, period=0), "period=0"),
+    ("LoRD on an adapted model", _lora, lambda m: rw.compress.lord(m, rank_ratio=0.5), "lord: '0' is already adapted \\(lora\\); unwrap"),
+    ("LoRD on an adapted layer", _lora, lambda m: rw.compress.lord(m, targets=("0",), rank_ratio=0.5), "lord: '0' is already adapted"),
+    ("LoRD calibration on an adapted layer", _lora, lambda m: rw.compress.calibrate(m, [torch.randn(2, 8)], targets=("0",)),
+     "calibrate: '0' is already adapted"),
+    ("TRP on an adapted layer", _lora, lambda m: rw.compress.TRP(m, targets=("0",)), "TRP: '0' is already adapted"),
+    ("Cuttlefish on an adapted layer", _lora, lambda m: rw.compress.Cuttlefish(m, targets=("0",)), "Cuttlefish: '0' is already adapted"),
+    ("LoRD invalid regex target", _mlp, lambda m: rw.compress.lord(m, targets=("re:[0-",), rank_ratio=0.5),
+     "lord: target 're:\\[0-' is not a valid regular expression"),
+    ("LoRD energy NaN", _mlp, lambda m: rw.compress.lord(m, energy=float("nan")), "lord: energy=nan must be a finite number"),
+    ("TRP nuclear weight NaN", _conv, lambda m: rw.compress.TRP(m, nuclear_weight=float("nan")), "TRP: nuclear_weight=nan must be a finite number"),
+    ("TRP energy NaN", _conv, lambda m: rw.compress.TRP(m, energy=float("nan")), "TRP: energy=nan must be a finite number"),
+    ("Cuttlefish tolerance NaN", _conv, lambda m: rw.compress.Cuttlefish(m, tolerance=float("nan")), "Cuttlefish: tolerance=nan must be a finite number"),
+    ("Cuttlefish Frobenius decay inf", _conv, lambda m: rw.compress.Cuttlefish(m, frobenius_decay=float("inf")),
+     "Cuttlefish: frobenius_decay=inf must be a finite number"),
+    ("Cuttlefish relax factor NaN", _conv, lambda m: rw.compress.Cuttlefish(m, relax=((1, float("nan")),)), "relax factor=nan must be a finite number"),
+    ("LoRAE nuclear weight NaN", _mlp, lambda m: rw.compress.LoRAE(m, m, 8, nuclear_weight=float("nan")), "LoRAE: nuclear_weight=nan must be a finite number"),
+    ("AdaLoRA orthogonality weight NaN", _adalora, lambda m: rw.allocate.AdaLoRA(m, total_steps=10, orth_weight=float("nan")),
+     "AdaLoRA: orth_weight=nan must be a finite number"),
+    ("AdaLoRA beta1 NaN", _adalora, lambda m: rw.allocate.AdaLoRA(m, total_steps=10, beta1=float("nan")), "AdaLoRA: beta1=nan must be a finite number"),
+    ("ARD-LoRA l1 inf", _ard_lora, lambda m: rw.allocate.ARDLoRA(m, total_steps=10, l1=float("inf")), "ARDLoRA: l1=inf must be a finite number"),
+    ("GoRA step size inf", lambda: rw.adapt(_mlp(), rw.GoRAConfig(rank=2, targets=("0", "2"))),
+     lambda m: rw.allocate.gora(m, [torch.randn(2, 8)], step_size=float("inf")), "gora: step_size=inf must be a finite number"),
 ]
 
 

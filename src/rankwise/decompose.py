@@ -1,7 +1,7 @@
 """Matrix decompositions: each returns its factors and its relative error in a small dataclass.
 
 The forms follow the survey Jun Lu, "Low-Rank Approximation, Adaptation, and Other Tales",
-https://arxiv.org/abs/2408.05883 (§10 of ``shared/methods/adapters.md``):
+https://arxiv.org/abs/2408.05883:
 
 * :func:`truncated_svd`: ``A ≈ U diag(S) Vh`` at a rank, an energy or a singular-value threshold
   (Eckart–Young: the best rank-k approximation in Frobenius norm).
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .core.checks import check_number
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def rank_for_energy(values: Tensor, energy: float) -> int:
     Raises:
         ValueError: ``energy`` outside (0, 1].
     """
-    _check_unit("energy", energy)
+    check_number("rank_for_energy", "energy", energy, 0, 1, low_open=True)
     total = values.sum()
     if total <= 0:  # a zero matrix: any rank is exact, and a layer needs at least one
         return 1
@@ -127,14 +129,12 @@ def truncated_svd(A: Tensor, *, rank: int | None = None, energy: float | None = 
         raise ValueError(f"truncated_svd: give exactly one of rank, energy, threshold; got {given or 'none'}")
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if rank is not None:
-        if not 1 <= rank <= S.shape[0]:
-            raise ValueError(f"truncated_svd: rank={rank} is outside [1, {S.shape[0]}] for a {tuple(A.shape)} matrix")
+        check_number("truncated_svd", "rank", rank, 1, S.shape[0], integer=True)
         k = rank
     elif energy is not None:
         k = rank_for_energy(S.square(), energy)
     else:
-        if threshold < 0:
-            raise ValueError(f"truncated_svd: threshold={threshold} must be >= 0")
+        check_number("truncated_svd", "threshold", threshold, 0)
         k = max(1, int((S >= threshold).sum().item()))
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     return SVDResult(U, S, Vh, _relative_error(A, (U * S) @ Vh))
@@ -179,7 +179,7 @@ def weighted_als(A: Tensor, weights: Tensor, rank: int, *, ridge: float = 0.0, i
         raise ValueError(f"weighted_als: weights shape {tuple(weights.shape)} must equal A's {tuple(A.shape)}")
     if (weights < 0).any():
         raise ValueError("weighted_als: weights must be >= 0")
-    _check_fit_args(A, rank, ridge, iterations)
+    _check_fit_args("weighted_als", A, rank, ridge, iterations)
     W, Z = _random_factors(A, rank, seed)
     target = weights * A
     previous = float("inf")
@@ -209,7 +209,7 @@ def hadamard(A: Tensor, ranks: tuple[int, int], *, ridge: float = 0.0, iteration
     """
     _check_matrix(A)
     for r in ranks:
-        _check_fit_args(A, r, ridge, iterations)
+        _check_fit_args("hadamard", A, r, ridge, iterations)
     generator = torch.Generator().manual_seed(seed)
     W1, Z1 = _random_factors(A, ranks[0], generator)
     W2, Z2 = _random_factors(A, ranks[1], generator)
@@ -246,8 +246,7 @@ def nearest_kronecker(A: Tensor, b_shape: tuple[int, int], *, terms: int = 1) ->
         raise ValueError(f"nearest_kronecker: b_shape={b_shape} must divide A's shape {(m, n)}")
     m2, n2 = m // m1, n // n1
     rearranged = A.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
-    if not 1 <= terms <= min(rearranged.shape):
-        raise ValueError(f"nearest_kronecker: terms={terms} is outside [1, {min(rearranged.shape)}]")
+    check_number("nearest_kronecker", "terms", terms, 1, min(rearranged.shape), integer=True)
     svd = truncated_svd(rearranged, rank=terms)
     root = svd.S.sqrt()
     B = (svd.U * root).T.reshape(terms, m1, n1)
@@ -315,15 +314,7 @@ def _check_matrix(A: Tensor) -> None:
         raise ValueError(f"expected a floating-point matrix, got {A.dtype}")
 
 
-def _check_fit_args(A: Tensor, rank: int, ridge: float, iterations: int) -> None:
-    if not 1 <= rank <= min(A.shape):
-        raise ValueError(f"rank={rank} is outside [1, {min(A.shape)}] for a {tuple(A.shape)} matrix")
-    if ridge < 0:
-        raise ValueError(f"ridge={ridge} must be >= 0")
-    if iterations < 1:
-        raise ValueError(f"iterations={iterations} must be >= 1")
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"{name}={value} is outside (0, 1]")
+def _check_fit_args(owner: str, A: Tensor, rank: int, ridge: float, iterations: int) -> None:
+    check_number(owner, "rank", rank, 1, min(A.shape), integer=True)
+    check_number(owner, "ridge", ridge, 0)
+    check_number(owner, "iterations", iterations, 1, integer=True)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .allocate.base import RankAllocator, world_size
+from .allocate.base import RankAllocator
+from .core.distributed import world_size
 
 
 class RankAllocationCallback(TrainerCallback):

@@ -119,7 +119,7 @@ def test_convert_by_value_threshold() -> None:
 
 
 def test_bad_values_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"energy=0 is outside \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"energy=0 must be in \(0, 1\]"):
         TRP(TinyCNN(), energy=0)
     with pytest.raises(ValueError, match="period=0 must be an integer >= 1"):
         TRP(TinyCNN(), period=0)

@@ -3,8 +3,11 @@ the model and the files on disk exactly as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rankwise as rw
+from rankwise.core import registry
 
 
 class Net(nn.Module):
@@ -126,6 +130,36 @@ def _train_step(model: nn.Module) -> None:
     model(torch.randn(2, 8)).sum().backward()
 
 
+class Shared(nn.Module):
+    """One Linear used at two paths (``self.b = self.a``), and one block at two paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.block1 = nn.Sequential(nn.Linear(8, 8))
+        self.block2 = self.block1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.b(self.a(x))))
+
+
+def _shared() -> Shared:
+    torch.manual_seed(0)
+    return Shared()
+
+
+def _attention() -> nn.Module:
+    """A layer inside a module that could be made trainable, and a layer with a child module."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.self_attn = nn.Module()
+    model.self_attn.q_proj = nn.Linear(8, 8)
+    model.up_proj = nn.Linear(8, 8)
+    model.up_proj.scale = nn.LayerNorm(8)
+    return model
+
+
 CASES = [
     Case("unknown target", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj")), ValueError, "'q_proj' matches no module.*proj"),
     Case("adapt twice", _adapted, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj")), ValueError, "already"),
@@ -143,6 +177,23 @@ CASES = [
          "loldu on 'proj'.*meta device"),
     Case("trainable matches nothing", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="proj", trainable="classifier")), ValueError, "classifier"),
     Case("target also trainable", _fresh, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="head", trainable="head")), ValueError, "both targets and trainable"),
+    Case("target inside a trainable module", _attention, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj", trainable="self_attn")),
+         ValueError, "target 'self_attn.q_proj' is inside trainable 'self_attn'"),
+    Case("target holds a trainable module", _attention, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="up_proj", trainable="scale")),
+         ValueError, "target 'up_proj' contains trainable 'up_proj.scale'"),
+    Case("one layer at two paths, both targeted", _shared, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="re:a|b")),
+         ValueError, "'a' is the same module as \\['b'\\]"),
+    Case("target shared with an untargeted path", _shared, lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="block1.0")),
+         ValueError, "'block1.0' is the same module as \\['block2.0'\\]"),
+    Case("invalid regex target", _fresh, lambda m, f: rw.LoRAConfig(targets="re:proj[0-"), ValueError,
+         "targets: 're:proj\\[0-' is not a valid regular expression"),
+    Case("invalid regex trainable", _fresh, lambda m, f: rw.LoRAConfig(targets="proj", trainable="re:(head"), ValueError,
+         "trainable: 're:\\(head' is not a valid regular expression"),
+    Case("NaN alpha", _fresh, lambda m, f: rw.LoRAConfig(alpha=float("nan")), ValueError, "LoRAConfig: alpha=nan must be a finite number"),
+    Case("infinite alpha", _fresh, lambda m, f: rw.DoRAConfig(alpha=float("inf")), ValueError, "DoRAConfig: alpha=inf must be a finite number"),
+    Case("NaN dropout", _fresh, lambda m, f: rw.LoRAConfig(dropout=float("nan")), ValueError, "LoRAConfig: dropout=nan must be a finite number"),
+    Case("NaN alpha in JSON", _fresh, lambda m, f: rw.load_adapter(m, f), rw.CheckpointError, "alpha=nan must be a finite number",
+         corrupt=_edit_json(lambda meta: meta["config"].update(alpha=float("nan")))),
     Case("unknown method name", _fresh, lambda m, f: rw.make_config("lorra"), ValueError, "unknown method 'lorra'"),
     Case("non-finite merge", lambda: (m := _adapted(), _poison(m))[0], lambda m, f: rw.merge(m), ValueError, "'head'.*non-finite"),
     Case("disable a merged model", lambda: rw.merge(_adapted()), lambda m, f: rw.disabled(m).__enter__(), ValueError, "unmerge"),
@@ -224,3 +275,21 @@ def test_bad_input_raises_and_changes_nothing(case: Case, tmp_path: Path) -> Non
     for key in state:
         assert _same(after[key], state[key]), key
     assert _files(folder) == files
+
+
+def _float_fields() -> list[tuple[str, str]]:
+    """(method, field) for every float field of every registered method's config."""
+    pairs = []
+    for name in rw.methods():
+        config_class = registry.get(name).config_class
+        hints = typing.get_type_hints(config_class)
+        pairs += [(name, f.name) for f in dataclasses.fields(config_class) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
+    return pairs
+
+
+@pytest.mark.parametrize(("method", "field"), _float_fields(), ids=[f"{m}.{f}" for m, f in _float_fields()])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_every_float_field_refuses_non_finite_values(method: str, field: str, value: float) -> None:
+    config_class = registry.get(method).config_class
+    with pytest.raises(ValueError, match=f"{config_class.__name__}: {field}={value!r} must be a finite number"):
+        config_class(**{field: value})

@@ -65,6 +65,13 @@ def test_all_linear_leaves_out_the_trainable_head_and_freezes_the_rest() -> None
     }
 
 
+def test_all_linear_leaves_out_the_layers_inside_a_trainable_module() -> None:
+    model = rw.adapt(Net(), rw.LoRAConfig(rank=2, targets="all-linear", trainable="layers.0"))
+    paths = [path for path, _ in adapted_modules(model)]
+    assert len(paths) == 7 and not any(path.startswith("layers.0.") for path in paths)
+    assert all(p.requires_grad for p in model.layers[0].parameters())
+
+
 def test_all_linear_leaves_out_the_output_embedding_of_a_transformers_model() -> None:
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
     model = rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2))

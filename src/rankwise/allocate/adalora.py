@@ -22,15 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
-from .base import (
-    RankAllocator,
-    check_fraction,
-    check_int,
-    check_nonnegative,
-    from_rank_zero,
-    mean_across_ranks,
-    migrate,
-)
+from ..core.checks import check_number
+from ..core.distributed import from_rank_zero, mean_across_ranks
+from .base import RankAllocator, migrate
 
 ROLES = (("A", 0), ("e", 0), ("B", 1))  # each triplet parameter and its rank dimension
 
@@ -109,9 +103,9 @@ class TripletAllocator(RankAllocator):
                  orth_weight: float, squared_orth: bool) -> None:
         super().__init__(model, total_steps)
         name = type(self).__name__
-        check_fraction(name, "beta1", beta1)
-        check_fraction(name, "beta2", beta2)
-        check_nonnegative(name, "orth_weight", orth_weight)
+        check_number(name, "beta1", beta1, 0, 1, low_open=True, high_open=True)
+        check_number(name, "beta2", beta2, 0, 1, low_open=True, high_open=True)
+        check_number(name, "orth_weight", orth_weight, 0)
         self.tracker = Sensitivity(beta1, beta2)
         self.orth_weight, self.squared_orth = orth_weight, squared_orth
 
@@ -175,15 +169,15 @@ class AdaLoRA(TripletAllocator):
         super().__init__(model, total_steps, beta1, beta2, orth_weight, squared_orth)
         self.init_budget = sum(layer.delta.rank for layer in self.layers.values())
         budget = round(self.init_budget / 1.5) if budget is None else budget
-        check_int("AdaLoRA", "budget", budget, 0)
+        check_number("AdaLoRA", "budget", budget, 0, integer=True)
         if budget > self.init_budget:
             raise ValueError(f"AdaLoRA: budget={budget} exceeds the starting total rank {self.init_budget}")
         self.target_budget = budget
         self.t_init = total_steps // 6 if t_init is None else t_init
         self.t_final = total_steps // 2 if t_final is None else t_final
-        check_int("AdaLoRA", "t_init", self.t_init, 0)
-        check_int("AdaLoRA", "t_final", self.t_final, 1)
-        check_int("AdaLoRA", "delta_t", delta_t, 1)
+        check_number("AdaLoRA", "t_init", self.t_init, 0, integer=True)
+        check_number("AdaLoRA", "t_final", self.t_final, 1, integer=True)
+        check_number("AdaLoRA", "delta_t", delta_t, 1, integer=True)
         if self.t_init >= total_steps - self.t_final:
             raise ValueError(
                 f"AdaLoRA: t_init={self.t_init} must be < total_steps - t_final = {total_steps - self.t_final}, "

@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from ..adapters.ard_lora import ARDLoRA as ARDLoRAModule
 from ..core import geometry
-from ..core.inject import matches
-from .base import RankAllocator, check_int, check_nonnegative, from_rank_zero, migrate
+from ..core.checks import check_number
+from ..core.config import matches
+from ..core.distributed import from_rank_zero
+from .base import RankAllocator, migrate
 
 _BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
 
@@ -71,12 +73,12 @@ class ARDLoRA(RankAllocator):
                  warmup: int | None = None, budget: int | None = None,
                  heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None) -> None:
         super().__init__(model, total_steps)
-        check_nonnegative("ARDLoRA", "l1", l1)
-        check_nonnegative("ARDLoRA", "tv", tv)
+        check_number("ARDLoRA", "l1", l1, 0)
+        check_number("ARDLoRA", "tv", tv, 0)
         self.warmup = round(0.05 * total_steps) if warmup is None else warmup
-        check_int("ARDLoRA", "warmup", self.warmup, 0)
+        check_number("ARDLoRA", "warmup", self.warmup, 0, integer=True)
         if budget is not None:
-            check_int("ARDLoRA", "budget", budget, 0)
+            check_number("ARDLoRA", "budget", budget, 0, integer=True)
         self.l1, self.tv, self._budget = l1, tv, budget
         for pattern, (count, side) in (heads or {}).items():
             self._split_heads(pattern, count, side)

@@ -1,5 +1,6 @@
-"""What every rank allocator shares: the training-loop interface, the rank history, optimizer-state
-surgery for resized parameters (spec S3) and the cross-process agreement of decisions (spec S5).
+"""What every rank allocator shares: the training-loop interface, the rank history and optimizer-state
+surgery for resized parameters. Decisions are taken from statistics all processes agree on
+(``core.distributed``), so that every replica resizes identically.
 
 The loop, for any allocator::
 
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core.adapted import Adapted
+from ..core.checks import check_number
 from ..core.delta import Adapter
 from ..core.inject import adapted_modules
 
@@ -92,8 +93,7 @@ class RankAllocator(abc.ABC):
     def __init__(self, model: nn.Module, total_steps: int) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError(f"{type(self).__name__} needs the model itself: pass ddp_model.module")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"{type(self).__name__}: total_steps={total_steps!r} must be an integer >= 1")
+        check_number(type(self).__name__, "total_steps", total_steps, 1, integer=True)
         self.model = model
         self.layers: dict[str, Adapted] = dict(adapted_modules(model))
         if not self.layers:
@@ -159,7 +159,7 @@ class RankAllocator(abc.ABC):
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to make the same decisions (spec S4); ``torch.save``-able."""
+        """What a resumed run needs to make the same decisions; ``torch.save``-able."""
         return {"t": self.t, "history": self.history.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,7 +179,7 @@ def migrate(
     grown: int,
     fill: MomentFill = "mean",
 ) -> None:
-    """Move optimizer state from replaced parameters to their replacements (spec S3).
+    """Move optimizer state from replaced parameters to their replacements.
 
     Each new parameter takes the old one's place in its param group (same group, same position),
     so the group's ``lr`` and ``weight_decay`` and any LR scheduler stay attached. Its state is the
@@ -236,44 +236,3 @@ def _resize_state(optimizer: torch.optim.Optimizer, key: str, value: Any, shape:
     if key in _SECOND_MOMENTS and fill == "mean" and kept.numel():
         pad += kept.mean()
     return torch.cat([kept, pad], dim=dim)
-
-
-def world_size() -> int:
-    """Processes in the default group; 1 without ``torch.distributed``."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def mean_across_ranks(tensor: Tensor) -> Tensor:
-    """The all-reduced mean of a statistic that drives a decision (a copy; itself on one process)."""
-    if world_size() == 1:
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total / world_size()
-
-
-def from_rank_zero(tensor: Tensor) -> Tensor:
-    """Rank 0's copy of a decision, so that ties and kernels cannot make processes disagree."""
-    if world_size() == 1:
-        return tensor
-    shared = tensor.detach().clone().contiguous()
-    dist.broadcast(shared, src=0)
-    return shared
-
-
-def check_fraction(owner: str, name: str, value: float) -> None:
-    """``ValueError`` naming the argument unless 0 < value < 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{owner}: {name}={value!r} must be in (0, 1)")
-
-
-def check_int(owner: str, name: str, value: int, low: int) -> None:
-    """``ValueError`` naming the argument unless it is an integer >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {name}={value!r} must be an integer >= {low}")
-
-
-def check_nonnegative(owner: str, name: str, value: float) -> None:
-    """``ValueError`` naming the argument unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{owner}: {name}={value!r} must be a finite number >= 0")

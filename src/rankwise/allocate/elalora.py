@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
 from ..adapters.elalora import ElaLoRA as ElaLoRAModule
 from .adalora import TripletAllocator
-from .base import MomentFill, check_int, from_rank_zero, migrate
+from ..core.checks import check_number
+from ..core.distributed import from_rank_zero
+from .base import MomentFill, migrate
 
 NEW_E = 1e-13  # a new triplet's e: essentially 0, so the model's function does not change (official)
 
@@ -72,7 +74,7 @@ class ElaLoRA(TripletAllocator):
         self.delta_t = max(1, total_steps // 30) if delta_t is None else delta_t
         for name, value, low in (("changes", changes, 1), ("candidates", candidates, 1), ("t_init", self.t_init, 0),
                                  ("t_final", self.t_final, 0), ("delta_t", self.delta_t, 1), ("seed", seed, 0)):
-            check_int("ElaLoRA", name, value, low)
+            check_number("ElaLoRA", name, value, low, integer=True)
         if self.t_init >= total_steps - self.t_final:
             raise ValueError(
                 f"ElaLoRA: t_init={self.t_init} must be < total_steps - t_final = {total_steps - self.t_final}, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from ..adapters.gora import GoRA as GoRAModule
 from ..adapters.lora import LoRA
 from ..core import geometry
 from ..core.adapted import Adapted
+from ..core.checks import check_number
+from ..core.distributed import from_rank_zero, mean_across_ranks
 from ..core.inject import adapted_modules
-from .base import History, check_int, from_rank_zero, mean_across_ranks
+from .base import History
 
 PINV_RIDGE = 1e-8  # (A Aᵀ + 1e-8 I)⁻¹: the official code's regularized pseudo-inverse
 
@@ -126,16 +127,15 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
     r_ref = next(iter(layers.values())).config.rank
     r_min = max(1, r_ref // 2) if r_min is None else r_min
     r_max = 4 * r_ref if r_max is None else r_max
-    check_int("gora", "r_min", r_min, 1)
-    check_int("gora", "r_max", r_max, r_min)
-    check_int("gora", "seed", seed, 0)
+    check_number("gora", "r_min", r_min, 1, integer=True)
+    check_number("gora", "r_max", r_max, r_min, integer=True)
+    check_number("gora", "seed", seed, 0, integer=True)
     if sign not in (-1, 1):
         raise ValueError(f"gora: sign={sign!r} must be -1 (descent) or 1 (the official code)")
-    if not step_size > 0:
-        raise ValueError(f"gora: step_size={step_size!r} must be > 0")
+    check_number("gora", "step_size", step_size, 0, low_open=True)
     sizes = [layer.delta.in_features + layer.delta.out_features for layer in layers.values()]
     budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values())) if budget is None else budget
-    check_int("gora", "budget", budget, 1)
+    check_number("gora", "budget", budget, 1, integer=True)
 
     gradients = _mean_gradients(model, layers, batches, loss_fn or _model_loss)
     importance = [_importance(layer, gradients[path]) for path, layer in layers.items()]
@@ -183,7 +183,7 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
             loss_fn(model, batch).backward()
             for path, layer in layers.items():
                 # Averaged over processes at every batch, as the official hook does.
-                grad = geometry.weight_matrix(types.SimpleNamespace(weight=layer.base.weight.grad), layer.kind)
+                grad = geometry.as_matrix(layer.base.weight.grad, layer.kind)
                 sums[path] += mean_across_ranks(grad.float()).cpu()
                 layer.base.weight.grad = None  # the running mean is on the CPU: free the device copy
             count += 1

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
+from ..core.distributed import from_rank_zero
 from ..core.geometry import BaseKind, check_supported
 from .layers import LowRankLayer, scheme_matrix
-from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .replace import replace_at_ranks, select_layers, spatial_conv_targets
 from .report import CompressionReport, saves_parameters
 
 
@@ -82,12 +84,12 @@ class Cuttlefish:
                  relax: tuple[tuple[int, float], ...] = ((2, 2.5), (1, 5.0)),
                  frobenius_decay: float = 1e-4) -> None:
         for name, value, low in (("keep_leading", keep_leading, 0), ("window", window, 1), ("average", average, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Cuttlefish: {name}={value!r} must be an integer >= {low}")
-        if tolerance < 0 or frobenius_decay < 0:
-            raise ValueError(
-                f"Cuttlefish: tolerance={tolerance} and frobenius_decay={frobenius_decay} must be >= 0"
-            )
+            check_number("Cuttlefish", name, value, low, integer=True)
+        check_number("Cuttlefish", "tolerance", tolerance, 0)
+        check_number("Cuttlefish", "frobenius_decay", frobenius_decay, 0)
+        for count, factor in relax:
+            check_number("Cuttlefish", "relax count", count, 0, integer=True)
+            check_number("Cuttlefish", "relax factor", factor, 0, low_open=True)
         names = spatial_conv_targets(model) if targets is None else targets
         layers = select_layers(model, names, "Cuttlefish")[keep_leading:] if names else []
         if not layers:
@@ -189,7 +191,7 @@ class Cuttlefish:
     def _agree(self, value: int) -> int:
         """Rank 0's value on every replica (SVDs may round differently across devices)."""
         tensor = torch.tensor(value, dtype=torch.int64, device=self.layers[0][1].weight.device)
-        return int(broadcast_(tensor).item())
+        return int(from_rank_zero(tensor).item())
 
     def _flat(self, series: list[int], threshold: float) -> bool:
         if self.epoch < self.window:

@@ -5,7 +5,7 @@ channels and ``U`` maps them to the output and carries the bias. Because the fac
 ``nn.Linear`` / ``nn.Conv2d`` children, the model stays a normal PyTorch model: it trains, saves and
 takes adapters (``rw.adapt(model, LoRAConfig(targets=("U",)))`` adapts every output factor).
 
-Convolutions factor in one of two schemes (``shared/methods/rank-and-compression.md`` §B1):
+Convolutions factor in one of two schemes:
 
 * ``"channel"`` (Zhang et al. 2016): ``M = W.reshape(N, C·kh·kw)``; ``V`` is a kh × kw conv C → r with
   the original stride, padding and dilation, ``U`` a 1 × 1 conv r → N.
@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core import geometry
+from ..core.checks import check_number
 from ..core.geometry import BaseKind
 from ..decompose import truncated_svd
 
@@ -40,7 +42,7 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_number("LowRankLinear", "rank", rank, 1, integer=True)
         self.V = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.U = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
@@ -86,7 +88,7 @@ class LowRankConv2d(nn.Module):
                  dilation: tuple[int, int] = (1, 1), bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_number("LowRankConv2d", "rank", rank, 1, integer=True)
         if scheme not in SCHEMES:
             raise ValueError(f"LowRankConv2d: scheme={scheme!r} is not allowed; expected one of {SCHEMES}")
         self.scheme = scheme
@@ -134,7 +136,7 @@ class LowRankConv2d(nn.Module):
         """The dense (N, C, kh, kw) kernel the pair computes."""
         left, right = self.factor_matrices()
         shape = (self.U.out_channels, self.V.in_channels, *self.kernel_size)
-        return from_scheme_matrix(left @ right, shape, self.scheme)
+        return from_scheme_matrix(left @ right, "conv2d", self.scheme, shape)
 
     def layout(self) -> dict[str, Any]:
         """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
@@ -148,32 +150,26 @@ LowRankLayer = LowRankLinear | LowRankConv2d
 
 
 def scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme) -> Tensor:
-    """The matrix a scheme factors: (out, in) for Linear/Conv1D; see the module docstring for convs."""
-    if kind == "linear":
-        return layer.weight
-    if kind == "conv1d":
-        return layer.weight.t()
-    if scheme == "channel":
-        return layer.weight.flatten(1)
-    n, c, kh, kw = layer.weight.shape
-    return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+    """The matrix a scheme factors: the layer's (out, in) weight matrix (``core.geometry``), except
+    for a conv in the spatial scheme (see the module docstring)."""
+    if kind == "conv2d" and scheme == "spatial":
+        n, c, kh, kw = layer.weight.shape
+        return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+    return geometry.weight_matrix(layer, kind)
 
 
-def from_scheme_matrix(matrix: Tensor, shape: tuple[int, ...], scheme: Scheme) -> Tensor:
-    """Inverse of :func:`scheme_matrix` for a conv kernel of ``shape`` (N, C, kh, kw)."""
-    if scheme == "channel":
-        return matrix.reshape(shape)
-    n, c, kh, kw = shape
-    return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+def from_scheme_matrix(matrix: Tensor, kind: BaseKind, scheme: Scheme, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`scheme_matrix`: ``matrix`` in the layout of a weight of ``shape``."""
+    if kind == "conv2d" and scheme == "spatial":
+        n, c, kh, kw = shape
+        return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+    return geometry.as_weight(matrix, kind, shape)
 
 
 def write_scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme, matrix: Tensor) -> None:
     """Copy a scheme matrix back into the layer's weight, in place."""
     with torch.no_grad():
-        if kind == "conv2d":
-            layer.weight.copy_(from_scheme_matrix(matrix, tuple(layer.weight.shape), scheme))
-        else:
-            layer.weight.copy_(matrix.t() if kind == "conv1d" else matrix)
+        layer.weight.copy_(from_scheme_matrix(matrix, kind, scheme, tuple(layer.weight.shape)))
 
 
 def empty_like_layer(layer: nn.Module, kind: BaseKind, rank: int, scheme: Scheme) -> LowRankLayer:
@@ -209,7 +205,3 @@ def svd_factors(matrix: Tensor, rank: int, scheme: Scheme) -> tuple[Tensor, Tens
     root = svd.S.sqrt()
     return svd.U * root, root[:, None] * svd.Vh, svd.error
 
-
-def _check_rank(rank: int) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be an integer >= 1")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.checks import check_number
+
 
 class Autoencoder(nn.Module):
     """The plain baseline ``x̂ = D(E(x))``; :class:`LoRAE` inserts ``M`` between the two.
@@ -67,10 +69,8 @@ class LoRAE(Autoencoder):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, nuclear_weight: float = 1e-5) -> None:
         super().__init__(encoder, decoder)
-        if latent_dim < 1:
-            raise ValueError(f"LoRAE: latent_dim={latent_dim} must be >= 1")
-        if nuclear_weight < 0:
-            raise ValueError(f"LoRAE: nuclear_weight={nuclear_weight} must be >= 0")
+        check_number("LoRAE", "latent_dim", latent_dim, 1, integer=True)
+        check_number("LoRAE", "nuclear_weight", nuclear_weight, 0)
         # PyTorch's default (kaiming-uniform) init, as the official code: a zero M would leave the
         # SVD's gradient undefined (repeated zero singular values).
         self.M = nn.Linear(latent_dim, latent_dim, bias=False)
@@ -117,8 +117,9 @@ def train_autoencoder(model: Autoencoder, images: Tensor, *, steps: int, batch_s
     Returns:
         The loss of every step.
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"train_autoencoder: steps={steps} and batch_size={batch_size} must be >= 1")
+    check_number("train_autoencoder", "steps", steps, 1, integer=True)
+    check_number("train_autoencoder", "batch_size", batch_size, 1, integer=True)
+    check_number("train_autoencoder", "lr", lr, 0, low_open=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -223,8 +224,7 @@ class GaussianMixture:
         ``reg`` is added to each covariance's diagonal (scikit-learn's ``reg_covar``)."""
         data = data.double()
         n, d = data.shape
-        if not 1 <= components <= n:
-            raise ValueError(f"GaussianMixture: components={components} is outside [1, {n}]")
+        check_number("GaussianMixture", "components", components, 1, n, integer=True)
         generator = torch.Generator().manual_seed(seed)
         seeds = [int(torch.randint(n, (1,), generator=generator))]
         for _ in range(components - 1):

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
 from ..core.config import ALL_LINEAR
+from ..core.distributed import sum_across_ranks
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import rank_for_energy
 from .layers import LowRankLayer, from_factors, scheme_matrix, svd_factors
-from .replace import all_reduce_sum_, install, select_layers
+from .replace import replace_layers, select_layers
 from .report import CompressionReport, LayerReport, layer_report, saves_parameters
 
 
@@ -61,7 +63,7 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
     """Replace each target layer by a rank-r pair, in place.
 
     Without ``calibration`` the factors are the weight's truncated SVD, ``W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ)``.
-    With it they are activation-aware (the spec's reading of LoRD, after Yu & Wu 2023, "features are
+    With it they are activation-aware (our reading of LoRD, after Yu & Wu 2023, "features are
     low-rank, weights are not"): from the layer outputs ``z = W x`` (bias excluded) on the
     calibration batches, ``C = (1/N) Σ z zᵀ = Q Λ Qᵀ``, and ``B = Q_r``, ``A = Q_rᵀ W``, which
     minimizes the expected output error ``E‖W x − B A x‖²`` over the calibration distribution.
@@ -87,7 +89,8 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
 
     Raises:
         ValueError: not exactly one of ``rank_ratio``/``energy``, or one out of (0, 1]; a target
-            matches nothing; a :class:`Calibration` lacks a target layer.
+            matches nothing or selects a layer that is adapted or reachable at two paths; a
+            :class:`Calibration` lacks a target layer.
         TypeError: a target is not a Linear, Conv1D or Conv2d (groups 1).
     """
     if (rank_ratio is None) == (energy is None):
@@ -95,11 +98,9 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
             f"lord: give exactly one of rank_ratio and energy; got rank_ratio={rank_ratio}, energy={energy}"
         )
     for name, value in (("rank_ratio", rank_ratio), ("energy", energy)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"lord: {name}={value} is outside (0, 1]")
+        if value is not None:
+            check_number("lord", name, value, 0, 1, low_open=True)
     layers = select_layers(model, targets, "lord")
-    if not layers:
-        raise ValueError(f"lord: targets {targets!r} select no layer")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration(_output_moments(model, layers, calibration))
     if calibration is not None:
@@ -123,7 +124,7 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
             continue
         new = from_factors(layer, kind, "channel", left, right)
         built[path] = (new, layer_report(path, layer, kind, "channel", rank, error, output_error))
-    return install(model, built, kept)
+    return replace_layers(model, built, kept)
 
 
 def _rank(weight: Tensor, rank_ratio: float | None, energy: float | None, eigenvalues: Tensor | None) -> int:
@@ -185,8 +186,8 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]],
     moments = {}
     for path, total in sums.items():
         # Under torch.distributed each rank saw its own shard: sum the moments and counts first.
-        count = all_reduce_sum_(torch.tensor([counts[path]], dtype=torch.float64, device=total.device))
-        moments[path] = all_reduce_sum_(total) / count
+        count = sum_across_ranks(torch.tensor([counts[path]], dtype=torch.float64, device=total.device))
+        moments[path] = sum_across_ranks(total) / count
     return moments
 
 

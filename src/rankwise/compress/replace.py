@@ -1,51 +1,33 @@
-"""What every compressor shares: choosing the layers, putting low-rank layers in their place, and
-keeping replicas in step under torch.distributed."""
+"""What every compressor shares: choosing the layers and putting low-rank layers in their place."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from ..core.config import ALL_LINEAR
-from ..core.geometry import base_kind, check_supported
-from ..core.inject import matches, replace_module
-from .layers import LowRankLayer, Scheme, from_factors, scheme_matrix, svd_factors
+from ..core import targets as core_targets
+from ..core.geometry import check_supported
+from ..core.inject import replace_module
+from .layers import LowRankConv2d, LowRankLayer, LowRankLinear, Scheme, from_factors, scheme_matrix, svd_factors
 from .report import CompressionReport, LayerReport, count_params, layer_report
 
 
 def select_layers(model: nn.Module, targets: str | Iterable[str], who: str) -> list[tuple[str, nn.Module]]:
-    """The layers ``targets`` select, in module order: names, ``"re:"`` patterns or ``"all-linear"``
-    (every Linear and Conv1D but the output embedding), as in ``rw.adapt``; one string is one target.
+    """The layers ``targets`` select, in module order, by the rule ``rw.adapt`` uses
+    (:func:`rankwise.core.targets.select`); one string is one target. Low-rank layers and their
+    factors are already compressed and never selected.
 
     Raises:
-        ValueError: a target matches no module.
+        ValueError: a target matches no module; a selected layer is adapted (compress before
+            adapting, or unwrap first), shared with another path, or the model itself.
         TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1.
     """
-    modules, inside = [], []
-    for path, module in model.named_modules():
-        # A low-rank layer and its factors are already compressed; they are never targets.
-        if not path or any(path.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, LowRankLayer):
-            inside.append(path + ".")
-            continue
-        modules.append((path, module))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    chosen: set[str] = set()
-    for pattern in (targets,) if isinstance(targets, str) else targets:
-        if pattern == ALL_LINEAR:
-            hits = {path for path, m in modules if base_kind(m) in ("linear", "conv1d") and m is not head}
-        else:
-            hits = {path for path, _ in modules if matches(path, pattern)}
-        if not hits:
-            raise ValueError(f"{who}: target {pattern!r} matches no module")
-        chosen |= hits
-    selected = [(path, m) for path, m in modules if path in chosen]
-    for path, module in selected:
-        check_supported(module, path)
-    return selected
+    entries = (targets,) if isinstance(targets, str) else tuple(targets)
+    paths = core_targets.select(model, entries, skip=(LowRankLinear, LowRankConv2d), owner=who)
+    if "" in paths:
+        raise ValueError(f"{who}: the model itself is a target; a compressor replaces layers inside a model")
+    return [(path, model.get_submodule(path)) for path in paths]
 
 
 def spatial_conv_targets(model: nn.Module) -> list[str]:
@@ -56,9 +38,10 @@ def spatial_conv_targets(model: nn.Module) -> list[str]:
     return [path for path, m in convs[1:] if m.kernel_size != (1, 1) and m.groups == 1]
 
 
-def install(model: nn.Module, built: dict[str, tuple[LowRankLayer, LayerReport]],
-            kept: Iterable[str]) -> CompressionReport:
-    """Put every built layer in place (all were built first, so a failure left the model whole)."""
+def replace_layers(model: nn.Module, built: dict[str, tuple[LowRankLayer, LayerReport]],
+                   kept: Iterable[str]) -> CompressionReport:
+    """Put every built low-rank layer in place of the layer at its path (all were built first, so a
+    failure left the model whole) and report what changed."""
     before = count_params(model)
     for path, (layer, _) in built.items():
         replace_module(model, path, layer)
@@ -77,22 +60,4 @@ def replace_at_ranks(model: nn.Module, ranks: dict[str, int], scheme: Scheme,
         left, right, error = svd_factors(scheme_matrix(layer, kind, scheme), rank, scheme)
         new = from_factors(layer, kind, scheme, left, right)
         built[path] = (new, layer_report(path, layer, kind, scheme, rank, error))
-    return install(model, built, kept)
-
-
-def broadcast_(tensor: Tensor) -> Tensor:
-    """Under torch.distributed, overwrite ``tensor`` on every rank with rank 0's (a no-op otherwise).
-
-    Rank decisions (TRP's truncation, Cuttlefish's ranks) are taken on rank 0 and broadcast, so all
-    replicas change identically even where SVDs round differently (the spec's DDP section).
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(tensor, src=0)
-    return tensor
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Under torch.distributed, sum ``tensor`` over ranks in place (a no-op otherwise)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return replace_layers(model, built, kept)

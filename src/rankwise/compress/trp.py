@@ -16,10 +16,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_number
+from ..core.distributed import from_rank_zero
 from ..core.geometry import BaseKind, check_supported
 from ..decompose import truncated_svd
 from .layers import SCHEMES, Scheme, from_scheme_matrix, scheme_matrix, write_scheme_matrix
-from .replace import broadcast_, replace_at_ranks, select_layers, spatial_conv_targets
+from .replace import replace_at_ranks, select_layers, spatial_conv_targets
 from .report import CompressionReport, saves_parameters
 
 
@@ -46,7 +48,7 @@ class TRP:
             shortcuts and the classifier whole). Linear and Conv1D targets are allowed.
         energy: e in (0, 1], the fraction of ``Σ σ²`` kept at each truncation; 0.9 as in the
             official CIFAR code (hard-coded there).
-        period: m >= 1, truncate every m steps; 20 is the spec's recommendation for large models
+        period: m >= 1, truncate every m steps; 20 spreads the cost of the SVDs on large models
             (the CIFAR README uses 1).
         nuclear_weight: λ >= 0 of the nuclear-norm sub-gradient; 3e-4 (official README, CIFAR-10).
         scheme: how a conv kernel becomes a matrix: ``"channel"`` (N × C·kh·kw, a kh × kw conv to
@@ -60,12 +62,9 @@ class TRP:
 
     def __init__(self, model: nn.Module, *, targets: str | Iterable[str] | None = None, energy: float = 0.9,
                  period: int = 20, nuclear_weight: float = 3e-4, scheme: Scheme = "channel") -> None:
-        if not 0 < energy <= 1:
-            raise ValueError(f"TRP: energy={energy} is outside (0, 1]")
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"TRP: period={period!r} must be an integer >= 1")
-        if nuclear_weight < 0:
-            raise ValueError(f"TRP: nuclear_weight={nuclear_weight} must be >= 0")
+        check_number("TRP", "energy", energy, 0, 1, low_open=True)
+        check_number("TRP", "period", period, 1, integer=True)
+        check_number("TRP", "nuclear_weight", nuclear_weight, 0)
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: scheme={scheme!r} is not allowed; expected one of {SCHEMES}")
         names = spatial_conv_targets(model) if targets is None else targets
@@ -88,11 +87,11 @@ class TRP:
         for path, layer, kind in self.layers:
             matrix = scheme_matrix(layer, kind, self.scheme)
             svd = truncated_svd(matrix.detach().float(), energy=self.energy)
-            truncated = broadcast_(svd.reconstruct().to(matrix.dtype).contiguous())
+            truncated = from_rank_zero(svd.reconstruct().to(matrix.dtype))
             write_scheme_matrix(layer, kind, self.scheme, truncated)
-            self.ranks[path] = int(broadcast_(torch.tensor(svd.rank, device=truncated.device)).item())
+            self.ranks[path] = int(from_rank_zero(torch.tensor(svd.rank, device=truncated.device)).item())
             if self.nuclear_weight > 0:
-                self._subgradients[path] = broadcast_((svd.U @ svd.Vh).to(matrix.dtype).contiguous())
+                self._subgradients[path] = from_rank_zero((svd.U @ svd.Vh).to(matrix.dtype))
         return True
 
     def add_nuclear_gradient(self) -> None:
@@ -105,7 +104,8 @@ class TRP:
             if layer.weight.grad is None:
                 raise ValueError(f"TRP: '{path}' has no gradient; call add_nuclear_gradient() after backward()")
             with torch.no_grad():
-                layer.weight.grad.add_(self._to_weight_layout(subgradient, layer, kind), alpha=self.nuclear_weight)
+                gradient = from_scheme_matrix(subgradient, kind, self.scheme, tuple(layer.weight.shape))
+                layer.weight.grad.add_(gradient, alpha=self.nuclear_weight)
 
     def convert(self, *, threshold: float | None = None) -> CompressionReport:
         """Replace each target by its truncated-SVD pair of the current weights.
@@ -133,14 +133,9 @@ class TRP:
                 rank = self.ranks[path]
             else:
                 rank = truncated_svd(scheme_matrix(layer, kind, self.scheme).detach().float(), threshold=threshold).rank
-                rank = int(broadcast_(torch.tensor(rank, device=layer.weight.device)).item())
+                rank = int(from_rank_zero(torch.tensor(rank, device=layer.weight.device)).item())
             if saves_parameters(layer, kind, self.scheme, rank):
                 ranks[path] = rank
             else:
                 kept.append(path)
         return replace_at_ranks(self.model, ranks, self.scheme, kept)
-
-    def _to_weight_layout(self, matrix: Tensor, layer: nn.Module, kind: BaseKind) -> Tensor:
-        if kind == "conv2d":
-            return from_scheme_matrix(matrix, tuple(layer.weight.shape), self.scheme)
-        return matrix.t() if kind == "conv1d" else matrix

@@ -34,7 +34,7 @@ from ..version import __version__
 from . import geometry, registry
 from .adapted import Adapted
 from .config import AdapterConfig
-from .inject import adapted_modules, build, install, module_overrides, trainable_paths
+from .inject import adapted_modules, build, install_wrappers, module_overrides, trainable_paths
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -182,7 +182,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if problems:
         raise CheckpointError(f"{folder / TENSORS_FILE} does not fit this model:\n  " + "\n  ".join(problems))
 
-    installed = install(model, wrappers, config)
+    installed = install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key])

@@ -1,12 +1,15 @@
-"""The base of every method's config: target selection, validation, JSON round trip."""
+"""The base of every method's config: what a target entry is, validation, JSON round trip."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
+
+from .checks import check_number
 
 ALL_LINEAR = "all-linear"
 
@@ -21,9 +24,11 @@ class AdapterConfig:
             matched against the whole path when prefixed with ``"re:"``
             (``"re:.*layers\\.[0-3]\\..*proj"``), or ``"all-linear"``: every ``nn.Linear`` and
             transformers ``Conv1D`` except the model's output embedding and the ``trainable``
-            modules. A single string is accepted and stored as a one-element tuple.
+            modules and the layers inside them. A single string is accepted and stored as a
+            one-element tuple. A ``"re:"`` entry that does not compile is refused here.
         trainable: names (matched like ``targets``) of modules left trainable in full and saved
-            with the adapter, such as a new classifier head (PEFT's ``modules_to_save``).
+            with the adapter, such as a new classifier head (PEFT's ``modules_to_save``). A
+            trainable module may not be, hold or lie inside a target (``adapt`` refuses it).
     """
 
     method: ClassVar[str] = ""  # set by the registry
@@ -43,15 +48,25 @@ class AdapterConfig:
                 object.__setattr__(self, name, (value,))
             elif isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        owner = type(self).__name__
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
-            _check_type(type(self).__name__, field.name, getattr(self, field.name), hints[field.name])
+            value = getattr(self, field.name)
+            _check_type(owner, field.name, value, hints[field.name])
+            if isinstance(value, float):
+                # A NaN or infinite alpha or dropout passes every range check and poisons the
+                # outputs (and the saved JSON), whether or not the method checks the field itself.
+                check_number(owner, field.name, value)
         if not self.targets:
-            raise ValueError(f"{type(self).__name__}: targets must name at least one module, got ()")
+            raise ValueError(f"{owner}: targets must name at least one module, got ()")
         for name in ("targets", "trainable"):
             for entry in getattr(self, name):
                 if not entry:
-                    raise ValueError(f"{type(self).__name__}: {name} contains an empty name")
+                    raise ValueError(f"{owner}: {name} contains an empty name")
+                try:
+                    check_entry(entry)
+                except ValueError as error:
+                    raise ValueError(f"{owner}: {name}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
@@ -80,15 +95,34 @@ class AdapterConfig:
 
 def check_range(config: AdapterConfig, name: str, low: float | None = None, high: float | None = None,
                 *, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` naming the field unless ``low <= value <= high`` (bounds optional)."""
-    value = getattr(config, name)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{type(config).__name__}: {name}={value!r} is outside {allowed}")
+    """Raise ``ValueError`` naming the config and the field unless its value is a finite number
+    within the bounds (each optional, inclusive unless open); see :func:`.checks.check_number`."""
+    check_number(type(config).__name__, name, getattr(config, name), low, high, low_open=low_open, high_open=high_open)
+
+
+def matches(path: str, entry: str) -> bool:
+    """Whether a module path is selected by one ``targets``/``trainable`` entry (not ``"all-linear"``).
+
+    Raises:
+        ValueError: a ``"re:"`` entry that is not a valid regular expression (quoted).
+    """
+    if entry.startswith("re:"):
+        return _compile(entry).fullmatch(path) is not None
+    return path == entry or path.endswith("." + entry)
+
+
+def check_entry(entry: str) -> None:
+    """Raise ``ValueError`` quoting ``entry`` if it is a ``"re:"`` entry that does not compile."""
+    if entry.startswith("re:"):
+        _compile(entry)
+
+
+def _compile(entry: str) -> re.Pattern[str]:
+    # re keeps its own cache of compiled patterns, so matching every module path stays cheap.
+    try:
+        return re.compile(entry[3:])
+    except re.error as error:
+        raise ValueError(f"{entry!r} is not a valid regular expression ({error})") from None
 
 
 def _is_tuple_type(hint: Any) -> bool:

@@ -69,20 +69,27 @@ def overrides_forward(module: nn.Module, kind: BaseKind) -> bool:
 
 def weight_matrix(base: nn.Module, kind: BaseKind) -> Tensor:
     """The base weight as an (out_features, in_features) view, sharing storage with the layer."""
+    return as_matrix(base.weight, kind)
+
+
+def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
+    """A tensor in a layer's weight layout (the weight, its gradient) as an (out, in) view."""
     if kind == "conv1d":
-        return base.weight.t()
+        return weight.t()
     if kind == "conv2d":
-        return base.weight.flatten(1)
-    return base.weight
+        return weight.flatten(1)
+    return weight
+
+
+def as_weight(matrix: Tensor, kind: BaseKind, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`as_matrix`: an (out, in) matrix in the layout of a weight of ``shape``."""
+    return matrix.t() if kind == "conv1d" else matrix.reshape(shape)
 
 
 def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
     """Copy an (out, in) matrix into the layer's weight, in its own layout and dtype."""
     with torch.no_grad():
-        if kind == "conv1d":
-            base.weight.copy_(matrix.t())
-        else:
-            base.weight.copy_(matrix.view_as(base.weight))
+        base.weight.copy_(as_weight(matrix, kind, tuple(base.weight.shape)))
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:

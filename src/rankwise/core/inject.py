@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from . import geometry, registry
+from . import geometry, registry, targets
 from .adapted import Adapted
-from .config import ALL_LINEAR, AdapterConfig
+from .config import AdapterConfig, matches
 from .delta import Reparam
 from .precision import at_least_fp32
 from .ties import shared_tensors
-
-_EXAMPLES = 12  # module names shown when a target matches nothing
 
 
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
@@ -27,38 +24,19 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
             yield path, module
 
 
-def matches(path: str, pattern: str) -> bool:
-    """Whether a module path is selected by one ``targets``/``trainable`` entry."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
-    return path == pattern or path.endswith("." + pattern)
-
-
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Paths of the layers ``config.targets`` selects, in module order.
+    """Paths of the layers ``config.targets`` selects (:func:`.targets.select`), in module order.
 
     Raises:
-        ValueError: a target matches no module, or a matched layer is already adapted.
-        TypeError: a matched module is not a layer the method supports.
+        ValueError: a target matches no module, or a selected layer is already adapted, shared
+            with another path, or overlaps a ``trainable`` module.
+        TypeError: a selected module is not a layer the method supports.
     """
     method = registry.for_config(config)
-    modules = dict(_outer_modules(model))
-    selected: set[str] = set()
-    for pattern in config.targets:
-        if pattern == ALL_LINEAR:
-            selected |= _all_linear(model, modules, config)
-            continue
-        hits = {path for path in modules if matches(path, pattern)}
-        if not hits:
-            raise ValueError(f"target {pattern!r} matches no module; some module names: {_examples(modules)}")
-        selected |= hits
-    if not selected:
-        raise ValueError(f"targets {config.targets} select no layer; some module names: {_examples(modules)}")
-    for path in selected:
-        module = modules[path]
-        if isinstance(module, Adapted):
-            raise ValueError(f"'{path}' is already adapted ({module.config.method}); unwrap the model first")
-        kind = geometry.check_supported(module, path)
+    paths = targets.select(model, config.targets, trainable=config.trainable)
+    for path in paths:
+        module = model.get_submodule(path)
+        kind = geometry.base_kind(module)
         if kind not in method.module_class.supported_bases:
             raise TypeError(
                 f"{method.name} does not support {type(module).__name__} ('{path}'); "
@@ -66,10 +44,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             )
         if kind == "conv2d" and module.kernel_size != (1, 1) and not method.module_class.spatial_conv:
             raise TypeError(f"{method.name} supports only 1 x 1 convolutions; '{path}' has kernel {module.kernel_size}")
-    overlap = sorted(selected & set(_trainable_paths(modules, config)))
-    if overlap:
-        raise ValueError(f"{overlap} are both targets and trainable modules; choose one")
-    return [path for path in modules if path in selected]
+    return paths
 
 
 def build(model: nn.Module, path: str, config: AdapterConfig, module_config: AdapterConfig | None = None) -> Adapted:
@@ -104,13 +79,13 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
     return wrapper.train(base.training)  # a model adapted in eval mode stays in eval mode
 
 
-def install(model: nn.Module, wrappers: dict[str, Adapted], config: AdapterConfig) -> nn.Module:
+def install_wrappers(model: nn.Module, wrappers: dict[str, Adapted], config: AdapterConfig) -> nn.Module:
     """Put the wrappers in place, freeze every other parameter, unfreeze ``config.trainable``."""
-    modules = dict(_outer_modules(model))
-    trainable = _trainable_paths(modules, config)
-    missing = [pattern for pattern in config.trainable if not any(matches(p, pattern) for p in modules if p)]
+    modules = dict(targets.outer_modules(model))
+    trainable = targets.outermost_matches(modules, config.trainable)
+    missing = [entry for entry in config.trainable if not any(matches(p, entry) for p in modules if p)]
     if missing:
-        raise ValueError(f"trainable modules {missing} match no module; some module names: {_examples(modules)}")
+        raise ValueError(f"trainable modules {missing} match no module; some module names: {targets.examples(modules)}")
     if any(isinstance(m, Adapted) for m in modules.values()):
         raise ValueError("the model already has rankwise adapters; unwrap it before adapting again")
     model.requires_grad_(False)
@@ -145,7 +120,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError("the model already has rankwise adapters; unwrap it before adapting again")
     paths = find_targets(model, config)
     wrappers = {path: build(model, path, config) for path in paths}
-    return install(model, wrappers, config)
+    return install_wrappers(model, wrappers, config)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -297,37 +272,6 @@ def _key(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules, not descending into ``Adapted`` wrappers (their base is not a target)."""
-    inside: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, Adapted):
-            inside.append(path + "." if path else "")
-        yield path, module
-
-
-def _all_linear(model: nn.Module, modules: dict[str, nn.Module], config: AdapterConfig) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    excluded = set(_trainable_paths(modules, config))
-    return {
-        path
-        for path, module in modules.items()
-        if geometry.base_kind(module) in ("linear", "conv1d") and module is not head and path not in excluded
-    }
-
-
 def trainable_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Paths of the modules ``config.trainable`` selects (outermost matches only)."""
-    return _trainable_paths(dict(_outer_modules(model)), config)
-
-
-def _trainable_paths(modules: dict[str, nn.Module], config: AdapterConfig) -> list[str]:
-    hits = [path for path in modules if path and any(matches(path, p) for p in config.trainable)]
-    return [path for path in hits if not any(path.startswith(outer + ".") for outer in hits)]
-
-
-def _examples(modules: dict[str, nn.Module]) -> list[str]:
-    names = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if path and geometry.base_kind(m)})
-    return names[:_EXAMPLES] or sorted(p for p in modules if p)[:_EXAMPLES]
+    return targets.outermost_matches(dict(targets.outer_modules(model)), config.trainable)

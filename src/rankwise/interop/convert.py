@@ -19,8 +19,8 @@ from torch import nn
 
 from ..core.adapted import Adapted
 from ..core.checkpoint import CheckpointError, uncompiled, write_files
-from ..core.config import AdapterConfig
-from ..core.inject import adapted_modules, build, find_targets, install, matches, module_overrides, trainable_paths
+from ..core.config import AdapterConfig, matches
+from ..core.inject import adapted_modules, build, find_targets, install_wrappers, module_overrides, trainable_paths
 from ..core.ties import shared_tensors
 from .formats import _ANY_TYPE, FORMATS, PeftFormat
 
@@ -102,7 +102,7 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     try:
         paths = find_targets(model, config)
         wrappers = {path: build(model, path, config, _layer_config(fmt, config, meta, path)) for path in paths}
-    except (ValueError, TypeError, re.error) as error:
+    except (ValueError, TypeError) as error:
         raise CheckpointError(f"{folder}: {error}") from None
 
     targets = {f"{_PREFIX}{path}.{name}": pair for path, wrapper in wrappers.items()
@@ -119,7 +119,7 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
     _check_saved_modules_untied(model, trainable, tensors, folder)
-    installed = install(model, wrappers, config)
+    installed = install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
             target.copy_(tensors[key].reshape(target.shape))

@@ -1,0 +1,137 @@
+"""Which layers of a model a list of targets selects: one rule for ``rw.adapt`` and every compressor.
+
+A target is a module name, a ``"re:"`` pattern or ``"all-linear"`` (see :class:`.config.AdapterConfig`).
+The selection is refused, before anything changes, where replacing a layer could not mean what the
+caller asked: a layer already adapted, a layer reachable at two paths, a target inside or around a
+module trained in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from . import geometry
+from .adapted import Adapted
+from .config import ALL_LINEAR, check_entry, matches
+
+_EXAMPLES = 12  # module names shown when a target matches nothing
+
+
+def select(model: nn.Module, targets: Iterable[str], *, trainable: Iterable[str] = (),
+           skip: tuple[type[nn.Module], ...] = (), owner: str = "") -> list[str]:
+    """Paths of the layers ``targets`` selects, in module order.
+
+    ``"all-linear"`` is every ``nn.Linear`` and transformers ``Conv1D`` except the model's output
+    embedding and the ``trainable`` modules with everything inside them.
+
+    Args:
+        trainable: entries (as in ``targets``) of modules trained in full, which no target may be,
+            hold or lie in.
+        skip: module types left out with everything inside them (a compressor's low-rank layers).
+        owner: who selects, first in every message (``"lord"``); empty for ``rw.adapt``.
+
+    Raises:
+        ValueError: a target matches no module or is an invalid regular expression; a selected
+            layer is adapted, is the same module as another path, or overlaps a trainable module.
+        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1.
+    """
+    prefix = f"{owner}: " if owner else ""
+    targets = tuple(targets)
+    for entry in targets:
+        try:
+            check_entry(entry)
+        except ValueError as error:
+            raise ValueError(f"{prefix}target {error}") from None
+    modules = dict(outer_modules(model, skip))
+    trained = outermost_matches(modules, trainable)  # trained in full: no target may overlap them
+    selected: set[str] = set()
+    for entry in targets:
+        hits = _all_linear(model, modules, trained) if entry == ALL_LINEAR else {p for p in modules if matches(p, entry)}
+        if not hits:
+            raise ValueError(f"{prefix}target {entry!r} matches no module; some module names: {examples(modules)}")
+        selected |= hits
+    if not selected:
+        raise ValueError(f"{prefix}targets {targets} select no layer; some module names: {examples(modules)}")
+    paths = [path for path in modules if path in selected]
+    for path in paths:
+        module = modules[path]
+        if isinstance(module, Adapted):
+            raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
+        geometry.check_supported(module, path)
+    _check_overlap(paths, trained, prefix)
+    _check_shared(model, paths, prefix)
+    return paths
+
+
+def outer_modules(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, not descending into ``Adapted`` wrappers (their base is not a target) and
+    leaving out modules of the ``skip`` types with everything inside them."""
+    closed: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in closed):
+            continue
+        if isinstance(module, (Adapted, *skip)):
+            closed.append(path + "." if path else "")
+        if not isinstance(module, skip):
+            yield path, module
+
+
+def outermost_matches(modules: dict[str, nn.Module], trainable: Iterable[str]) -> list[str]:
+    """The paths ``trainable`` entries select among ``modules`` (never the root), outermost only."""
+    entries = tuple(trainable)
+    hits = [path for path in modules if path and any(matches(path, entry) for entry in entries)]
+    return [path for path in hits if not any(_inside(path, outer) for outer in hits)]
+
+
+def examples(modules: dict[str, nn.Module]) -> list[str]:
+    """A few layer names of ``modules``, for an error message (module names if it has no layers)."""
+    names = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if path and geometry.base_kind(m)})
+    return names[:_EXAMPLES] or sorted(p for p in modules if p)[:_EXAMPLES]
+
+
+def _all_linear(model: nn.Module, modules: dict[str, nn.Module], trainable: list[str]) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # An adapted Linear is still one of the model's linear layers: selecting it makes the
+    # "already adapted" error fire instead of silently skipping it.
+    kinds = {path: m.kind if isinstance(m, Adapted) else geometry.base_kind(m) for path, m in modules.items()}
+    return {
+        path
+        for path, module in modules.items()
+        if kinds[path] in ("linear", "conv1d") and module is not head
+        and not any(path == t or _inside(path, t) for t in trainable)
+    }
+
+
+def _check_overlap(paths: list[str], trainable: list[str], prefix: str) -> None:
+    # A trainable module around a target would train the frozen base weight in full (and its
+    # saved copy could not be loaded back); one inside a target would be wrapped with it.
+    pairs = [
+        f"target '{path}' {'is' if path == t else 'is inside' if _inside(path, t) else 'contains'} trainable '{t}'"
+        for path in paths
+        for t in trainable
+        if path == t or _inside(path, t) or _inside(t, path)
+    ]
+    if pairs:
+        raise ValueError(f"{prefix}modules are both targets and trainable ({'; '.join(pairs)}); choose one")
+
+
+def _check_shared(model: nn.Module, paths: list[str], prefix: str) -> None:
+    # named_modules() lists a module once, under its first path: a wrapper installed there would
+    # leave every other use of the module bare, and merging would then change those uses too.
+    every_path: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        every_path.setdefault(id(module), []).append(path)
+    for path in paths:
+        others = [p for p in every_path[id(model.get_submodule(path))] if p != path]
+        if others:
+            raise ValueError(
+                f"{prefix}'{path}' is the same module as {others}; replacing it at one path would leave the "
+                "others unchanged. Give each use its own module, or select none of them"
+            )
+
+
+def _inside(path: str, outer: str) -> bool:
+    """Whether ``path`` lies strictly inside the module at ``outer`` (the root holds every path)."""
+    return path != outer and (not outer or path.startswith(outer + "."))
