@@ -11,7 +11,7 @@ ranks it describes.
 A group is one head: with ``head_side="out"`` (q, k, v projections) head h owns rows
 ``h·d : (h+1)·d`` of ΔW and A_g sees the whole input; with ``"in"`` (the output projection) it owns
 columns. ``heads=1`` is one group per matrix (MLPs). The penalties that drive α and the budget are
-in ``rankwise.allocate.ARDLoRA``.
+in ``rankwise.allocate.ARDLoRAAllocator``.
 """
 
 from __future__ import annotations
