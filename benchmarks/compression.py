@@ -1,7 +1,7 @@
 """Low-rank compression and low-rank training on real data: LoRD, TRP, Cuttlefish, LoRAE.
 
-Not a test. Three parts, each skipped with a message when its asset is missing (see
-``shared/ASSETS.md``):
+Not a test. Three parts, each skipped with a message when its asset is missing (docs/benchmarks.md,
+"Installing the models and data"):
 
 * ``lord``: SmolLM2-135M-Instruct, held-out perplexity on Grimm tales at three rank ratios, weight
   SVD against activation-aware (calibrated on other Grimm tales).
@@ -383,7 +383,7 @@ def main() -> None:
         try:
             results["lord"] = run_lord(args.quick)
         except importlib.metadata.PackageNotFoundError as error:
-            log(f"skipping lord: {error} is not installed (see shared/ASSETS.md)")
+            log(f"skipping lord: {error} is not installed (see docs/benchmarks.md, Installing the models and data)")
     if "cnn" in parts or "lorae" in parts:
         if not FASHION.exists():
             log(f"skipping cnn and lorae: {FASHION} is missing (apt-get install dataset-fashion-mnist)")

@@ -1,7 +1,7 @@
 """Matrix decompositions: each returns its factors and its relative error in a small dataclass.
 
 The forms follow the survey Jun Lu, "Low-Rank Approximation, Adaptation, and Other Tales",
-https://arxiv.org/abs/2408.05883 (§10 of ``shared/methods/adapters.md``):
+https://arxiv.org/abs/2408.05883:
 
 * :func:`truncated_svd`: ``A ≈ U diag(S) Vh`` at a rank, an energy or a singular-value threshold
   (Eckart–Young: the best rank-k approximation in Frobenius norm).

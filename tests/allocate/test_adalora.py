@@ -51,7 +51,7 @@ def _train(model: nn.Module, alloc: rw.allocate.AdaLoRAAllocator, steps: int = S
     return optimizer
 
 
-def test_schedule_is_the_spec_formula_by_hand() -> None:
+def test_schedule_is_the_formula_by_hand() -> None:
     # T = 20, t_i = 2, t_f = 5, ΔT = 3, b0 = 12, b_T = 6: b(t) = ⌊6 + 6 (1 − (t − 2)/13)³⌋ for 2 < t <= 15.
     # t = 3: 6 + 6·(12/13)³ = 10.72 → 10;  t = 6: 6 + 6·(9/13)³ = 7.991 → 7 (the floor matters).
     model = rw.adapt(Net(), rw.AdaLoRAConfig(rank=4, targets=("a", "b", "c")))

@@ -52,7 +52,7 @@ def test_at_alpha_one_the_gradient_reaches_the_two_boundary_slots() -> None:
     delta = rw.adapt(nn.Sequential(nn.Linear(3, 2)), rw.ARDLoRAConfig(rank=4, targets="0"))[0].delta
     weights = torch.arange(1.0, 9.0)  # L = Σ_i w_i g_i, so ∂L/∂g_i = w_i
     (delta.gates()[0] * weights).sum().backward()
-    # dL/dα = r0 (∂L/∂g_{r0−1} + ∂L/∂g_{r0}) = 4 (4 + 5) (spec A3).
+    # dL/dα = r0 (∂L/∂g_{r0−1} + ∂L/∂g_{r0}) = 4 (4 + 5): the linear clamp's boundary slots.
     assert delta.rank_scale.grad.item() == 4 * (4 + 5)
 
 

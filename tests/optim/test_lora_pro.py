@@ -45,7 +45,7 @@ def _least_squares_fit(A: Tensor, B: Tensor, g: Tensor, s: float) -> Tensor:
 
 
 def _closed_form(A: Tensor, B: Tensor, s: float, G_A: Tensor, G_B: Tensor) -> tuple[Tensor, Tensor]:
-    """The spec's formulas with explicit pseudo-inverses and X from the Sylvester equation written
+    """The paper's formulas with explicit pseudo-inverses and X from the Sylvester equation written
     as one linear system, (I ⊗ BᵀB + (AAᵀ) ⊗ I) vec(X) = vec(C), column-major."""
     r = A.shape[0]
     BtB_inv, AAt_inv = torch.linalg.pinv(B.T @ B), torch.linalg.inv(A @ A.T)
@@ -93,7 +93,7 @@ def test_every_X_gives_the_same_equivalent_gradient() -> None:
         X = 10 * torch.randn(3, 3, generator=gen, dtype=F64)
         g_A, g_B = adjusted_gradients(A, B, s, G_A, G_B, X=X)
         torch.testing.assert_close(s * (B @ g_A + g_B @ A), reference, rtol=1e-10, atol=1e-12)
-        # and X enters as the spec writes it: g_A = g_A(0) + X A, g_B = g_B(0) − B X
+        # and X enters as the paper writes it: g_A = g_A(0) + X A, g_B = g_B(0) − B X
         g_A0, g_B0 = adjusted_gradients(A, B, s, G_A, G_B, X=torch.zeros(3, 3, dtype=F64))
         torch.testing.assert_close(g_A, g_A0 + X @ A)
         torch.testing.assert_close(g_B, g_B0 - B @ X)

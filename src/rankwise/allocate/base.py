@@ -1,5 +1,5 @@
 """What every rank allocator shares: the training-loop interface, the rank history, optimizer-state
-surgery for resized parameters (spec S3) and the cross-process agreement of decisions (spec S5).
+surgery for resized parameters and the cross-process agreement of decisions.
 
 The loop, for any allocator::
 
@@ -159,7 +159,7 @@ class RankAllocator(abc.ABC):
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to make the same decisions (spec S4); ``torch.save``-able."""
+        """What a resumed run needs to make the same decisions; ``torch.save``-able."""
         return {"t": self.t, "history": self.history.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,7 +179,7 @@ def migrate(
     grown: int,
     fill: MomentFill = "mean",
 ) -> None:
-    """Move optimizer state from replaced parameters to their replacements (spec S3).
+    """Move optimizer state from replaced parameters to their replacements.
 
     Each new parameter takes the old one's place in its param group (same group, same position),
     so the group's ``lr`` and ``weight_decay`` and any LR scheduler stay attached. Its state is the

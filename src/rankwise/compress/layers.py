@@ -5,7 +5,7 @@ channels and ``U`` maps them to the output and carries the bias. Because the fac
 ``nn.Linear`` / ``nn.Conv2d`` children, the model stays a normal PyTorch model: it trains, saves and
 takes adapters (``rw.adapt(model, LoRAConfig(targets=("U",)))`` adapts every output factor).
 
-Convolutions factor in one of two schemes (``shared/methods/rank-and-compression.md`` §B1):
+Convolutions factor in one of two schemes:
 
 * ``"channel"`` (Zhang et al. 2016): ``M = W.reshape(N, C·kh·kw)``; ``V`` is a kh × kw conv C → r with
   the original stride, padding and dilation, ``U`` a 1 × 1 conv r → N.

@@ -61,7 +61,7 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
     """Replace each target layer by a rank-r pair, in place.
 
     Without ``calibration`` the factors are the weight's truncated SVD, ``W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ)``.
-    With it they are activation-aware (the spec's reading of LoRD, after Yu & Wu 2023, "features are
+    With it they are activation-aware (our reading of LoRD, after Yu & Wu 2023, "features are
     low-rank, weights are not"): from the layer outputs ``z = W x`` (bias excluded) on the
     calibration batches, ``C = (1/N) Σ z zᵀ = Q Λ Qᵀ``, and ``B = Q_r``, ``A = Q_rᵀ W``, which
     minimizes the expected output error ``E‖W x − B A x‖²`` over the calibration distribution.

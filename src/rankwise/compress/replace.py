@@ -84,7 +84,7 @@ def broadcast_(tensor: Tensor) -> Tensor:
     """Under torch.distributed, overwrite ``tensor`` on every rank with rank 0's (a no-op otherwise).
 
     Rank decisions (TRP's truncation, Cuttlefish's ranks) are taken on rank 0 and broadcast, so all
-    replicas change identically even where SVDs round differently (the spec's DDP section).
+    replicas change identically even where SVDs round differently.
     """
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(tensor, src=0)

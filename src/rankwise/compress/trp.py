@@ -46,7 +46,7 @@ class TRP:
             shortcuts and the classifier whole). Linear and Conv1D targets are allowed.
         energy: e in (0, 1], the fraction of ``Σ σ²`` kept at each truncation; 0.9 as in the
             official CIFAR code (hard-coded there).
-        period: m >= 1, truncate every m steps; 20 is the spec's recommendation for large models
+        period: m >= 1, truncate every m steps; 20 is our choice for large models
             (the CIFAR README uses 1).
         nuclear_weight: λ >= 0 of the nuclear-norm sub-gradient; 3e-4 (official README, CIFAR-10).
         scheme: how a conv kernel becomes a matrix: ``"channel"`` (N × C·kh·kw, a kh × kw conv to
