@@ -15,6 +15,8 @@ from torch import nn
 
 import rankwise as rw
 
+pytestmark = pytest.mark.slow  # spawns two processes per allocator
+
 STEPS = 12
 GLOBAL_BATCH = 8
 METHODS = ("adalora", "elalora", "ard_lora", "gora")

@@ -18,6 +18,8 @@ from rankwise.core.delta import Adapter
 from rankwise.bench.budget import default_budget
 from rankwise.bench.tasks import TASKS, AssetMissing, Friends, Sizes, Synthetic, Task
 
+pytestmark = pytest.mark.slow  # whole benchmark runs, if tiny ones
+
 MakePreset = Callable[..., runner.Preset]
 
 
