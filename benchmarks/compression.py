@@ -1,7 +1,7 @@
 """Low-rank compression and low-rank training on real data: LoRD, TRP, Cuttlefish, LoRAE.
 
-Not a test. Three parts, each skipped with a message when its asset is missing (see
-``shared/ASSETS.md``):
+Not a test. Three parts, each skipped with a message when its asset is missing (docs/benchmarks.md,
+"Installing the models and data"):
 
 * ``lord``: SmolLM2-135M-Instruct, held-out perplexity on Grimm tales at three rank ratios, weight
   SVD against activation-aware (calibrated on other Grimm tales).
@@ -299,7 +299,7 @@ def run_lorae(quick: bool, classifier: nn.Module | None) -> dict:
     steps = 100 if quick else 1000
     samples = 1000 if quick else 10_000
     latent = 32
-    spaces = {"pixel-PCA-64": rw.compress.pixel_pca(train_x[:20_000], 64)}
+    spaces = {"pixel-PCA-64": rw.compress.lorae_eval.pixel_pca(train_x[:20_000], 64)}
     if classifier is not None:
         classifier.eval()
         spaces["classifier-64"] = lambda images: classifier.features(images)
@@ -312,8 +312,8 @@ def run_lorae(quick: bool, classifier: nn.Module | None) -> dict:
         losses = rw.compress.train_autoencoder(model, train_x, steps=steps, batch_size=100, lr=1e-3)
         row = {"model": name, "final_loss": losses[-1]}
         for space, features in spaces.items():
-            result = rw.compress.evaluate_autoencoder(model, train_x[:10_000], test_x, features=features,
-                                                      samples=samples)
+            result = rw.compress.lorae_eval.evaluate_autoencoder(model, train_x[:10_000], test_x,
+                                                                 features=features, samples=samples)
             row |= {"reconstruction_mse": result.reconstruction_mse, "effective_rank": result.effective_rank,
                     f"frechet_{space}": result.frechet_distance,
                     "top_singular_values": [round(v, 3) for v in result.singular_values[:12].tolist()]}
@@ -383,7 +383,7 @@ def main() -> None:
         try:
             results["lord"] = run_lord(args.quick)
         except importlib.metadata.PackageNotFoundError as error:
-            log(f"skipping lord: {error} is not installed (see shared/ASSETS.md)")
+            log(f"skipping lord: {error} is not installed (see docs/benchmarks.md, Installing the models and data)")
     if "cnn" in parts or "lorae" in parts:
         if not FASHION.exists():
             log(f"skipping cnn and lorae: {FASHION} is missing (apt-get install dataset-fashion-mnist)")

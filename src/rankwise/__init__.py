@@ -4,7 +4,7 @@
     model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
 """
 
-from . import adapters, allocate, compress, decompose, interop, models, optim
+from . import adapters, allocate, compress, decompose, interop, optim
 from .adapters import *  # noqa: F403  (every method config, e.g. rw.LoRAConfig)
 from .core.adapted import Adapted
 from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
@@ -17,7 +17,7 @@ from .version import __version__
 
 __all__ = [
     *adapters.__all__,
-    "adapters", "allocate", "compress", "decompose", "interop", "models", "optim",
+    "adapters", "allocate", "compress", "decompose", "interop", "optim",
     "Adapted",
     "AdapterConfig",
     "CheckpointError",

@@ -1,6 +1,6 @@
 """The transformers ``Trainer`` driving a rank allocator: ``RankAllocationCallback``.
 
-    alloc = rw.allocate.AdaLoRA(model, total_steps=args.max_steps, budget=...)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=args.max_steps, budget=...)
     trainer = transformers.Trainer(model=model, args=args, ..., callbacks=[RankAllocationCallback(alloc)])
 
 Imports transformers, an optional dependency (``pip install rankwise[hf]``).

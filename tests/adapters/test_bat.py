@@ -1,4 +1,4 @@
-"""What Bat promises beyond the contract: the spec's block formula W'_ij = W_ij + W_ij D_i + D_i,
+"""What Bat promises beyond the contract: the paper's block formula W'_ij = W_ij + W_ij D_i + D_i,
 PEFT's MiSS "bat" on identical weights (forward, merge, unmerge), its shape checks, its parameter
 formula and that it learns."""
 
@@ -30,7 +30,7 @@ def _randomize(model: nn.Module) -> None:
 
 
 def _dense_bat(w0: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """W' block by block, straight from the spec."""
+    """W' block by block, straight from the formula."""
     r = D.shape[-1]
     merged = w0.clone()
     for i in range(w0.shape[0] // r):

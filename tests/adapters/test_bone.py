@@ -1,4 +1,4 @@
-"""What Bone (MiSS, "balance") promises beyond the contract: the spec's tiled ΔW, PEFT's MiSS on
+"""What Bone (MiSS, "balance") promises beyond the contract: the paper's tiled ΔW, PEFT's MiSS on
 identical weights (forward, merge, unmerge, a last shard that does not fill r), its parameter
 formula and that it learns."""
 

@@ -26,7 +26,7 @@ def _bora(out_features: int = 12, in_features: int = 20, **config) -> tuple[nn.M
 
 
 def _dense_weight(w0, A, B, m_r, m_c, detach: bool) -> torch.Tensor:
-    """The spec's formula: V = W0 + sBA, H = diag(m_r/||V||_row) V, W' = H diag(m_c/||H||_col)."""
+    """BoRA's weight: V = W0 + sBA, H = diag(m_r/||V||_row) V, W' = H diag(m_c/||H||_col)."""
     v = w0 + 2.0 * B @ A  # s = α / r = 2
     if detach:
         with torch.no_grad():

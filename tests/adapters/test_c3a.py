@@ -1,4 +1,4 @@
-"""What C3A promises beyond the contract: the spec's block-circulant ΔW (first-row convention), PEFT's
+"""What C3A promises beyond the contract: the block-circulant ΔW (first-row convention), PEFT's
 C3A on identical weights, the gcd block-size rule and its errors, half precision through fp32 FFTs,
 layers that do not interfere, its parameter formula, and that it learns."""
 
@@ -20,7 +20,7 @@ from _fit import fit
 
 
 def _block_circulant(kernel: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The spec's ΔW from its definition: block (i, j) has row k = w_ij shifted right by k, over in."""
+    """ΔW from its definition: block (i, j) has row k = w_ij shifted right by k, over in."""
     q, p, b = kernel.shape
     delta = torch.zeros(q * b, p * b, dtype=kernel.dtype)
     for i in range(q):
@@ -37,7 +37,7 @@ def _randomize(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize(("in_features", "out_features", "block_size"), [(10, 15, 5), (12, 8, 4), (6, 6, 6)])
-def test_delta_weight_and_forward_are_the_spec_block_circulant(in_features, out_features, block_size) -> None:
+def test_delta_weight_and_forward_are_the_block_circulant(in_features, out_features, block_size) -> None:
     config = rw.C3AConfig(block_size=block_size, targets="0")
     model = rw.adapt(nn.Sequential(nn.Linear(in_features, out_features)), config)
     _randomize(model)
@@ -132,7 +132,7 @@ def test_inits() -> None:
 @pytest.mark.parametrize(("in_features", "out_features", "block_size", "expected"), [
     (768, 768, None, 768),  # gcd 768: a single circulant, d parameters
     (768, 3072, None, 3072),
-    (3072, 1024, 64, 3072 * 1024 // 64),  # the spec's Llama-3.2-3B v_proj: 49,152 per layer
+    (3072, 1024, 64, 3072 * 1024 // 64),  # Llama-3.2-3B's v_proj: 49,152 per layer
     (144, 32, None, 144 * 32 // 16),  # a 3 × 3 convolution 16 -> 32, gcd 16
 ])
 def test_parameter_count_is_in_times_out_over_block(in_features, out_features, block_size, expected) -> None:

@@ -1,4 +1,4 @@
-"""What LoLDU promises beyond the contract: the spec's dense formula built from ``torch.linalg.lu``
+"""What LoLDU promises beyond the contract: the dense formula built from ``torch.linalg.lu``
 (an independent route to P, L, U), the trainable scale, refusal of rank-deficient weights, factors
 carried by the checkpoint, its parameter formula and that it learns."""
 
@@ -14,7 +14,7 @@ from _fit import fit
 
 
 def _reference(w0: torch.Tensor, rank: int, alpha: float, z: torch.Tensor, sigma: float) -> tuple:
-    """``(W', P L_r, Ū_r)`` from the spec, in fp64:
+    """``(W', P L_r, Ū_r)`` from their definitions, in fp64:
     W_res = W0 − σ0 P L_r diag(D_r) Ū_r and W' = W_res + σ P L_r diag(z) Ū_r."""
     P, L, U = torch.linalg.lu(w0.double())
     D = U.diagonal()
@@ -42,7 +42,7 @@ def test_forward_and_merge_equal_the_dense_formula(out_features: int, in_feature
     torch.testing.assert_close(model[0].base.weight, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_spec_formula_is_the_base_weight_at_init() -> None:
+def test_the_dense_formula_is_the_base_weight_at_init() -> None:
     torch.manual_seed(0)
     model = rw.adapt(nn.Sequential(nn.Linear(9, 12)), rw.LoLDUConfig(rank=4, targets="0"))
     delta = model[0].delta

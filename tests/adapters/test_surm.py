@@ -1,6 +1,6 @@
-"""What SURM promises beyond the contract: ΔW equal to dense matrices built here from the spec's
+"""What SURM promises beyond the contract: ΔW equal to dense matrices built here from their
 definitions (first-column circulant, skew-circulant, symmetric Toeplitz, Kronecker), on square, odd
-and non-square layers; the skew-circulant against the spec's ω-FFT closed form; the adapter form
+and non-square layers; the skew-circulant against its ω-FFT closed form; the adapter form
 against its dense formula; the parameter formulas; fp32 FFTs under half precision; and learning."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _kron(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _expected_delta(delta: nn.Module, config: rw.SURMConfig) -> torch.Tensor:
-    """The spec's ΔW, with the layer's block cropped from the n × n matrix on non-square layers."""
+    """ΔW from the definitions, with the layer's block cropped from the n × n matrix on non-square layers."""
     a, b = delta.a.detach(), delta.b.detach()
     out_features, in_features = delta.out_features, delta.in_features
     if config.structure == "kronecker":
@@ -71,7 +71,7 @@ def _adapted(in_features: int, out_features: int, config: rw.AdapterConfig) -> n
     for shape in [(8, 8), (7, 7), (6, 10), (10, 6)]
     if structure != "kronecker" or shape != (7, 7)  # f = 2 must divide both dimensions
 ])
-def test_delta_weight_and_forward_equal_the_dense_spec_matrix(structure, in_features, out_features) -> None:
+def test_delta_weight_and_forward_equal_the_dense_matrix(structure, in_features, out_features) -> None:
     config = rw.SURMConfig(structure=structure, alpha=0.7, displacement_rank=2, kron_factor=2, targets="0")
     model = _adapted(in_features, out_features, config)
     layer = model[0]
@@ -112,8 +112,8 @@ def test_non_square_circulant_is_a_general_rectangular_toeplitz() -> None:
     torch.testing.assert_close(delta.delta_weight(), expected, rtol=0, atol=0)
 
 
-def test_ldr_forward_equals_the_spec_omega_fft_skew_product() -> None:
-    """S(h) x = Re(ω⁻¹ ⊙ ifft(fft(ω ⊙ h) ⊙ fft(ω ⊙ x))), ω_k = exp(iπk/n): the spec's closed form."""
+def test_ldr_forward_equals_the_omega_fft_skew_product() -> None:
+    """S(h) x = Re(ω⁻¹ ⊙ ifft(fft(ω ⊙ h) ⊙ fft(ω ⊙ x))), ω_k = exp(iπk/n): the skew-circulant's closed form."""
     n = 9
     model = _adapted(n, n, rw.SURMConfig(structure="ldr", displacement_rank=3, targets="0"))
     delta = model[0].delta
@@ -150,7 +150,7 @@ def test_every_structure_is_the_base_model_at_init() -> None:
     (rw.SURMAdapterConfig(structure="kronecker"), 768, 768, 16 * 16 + (768 // 16) ** 2 + 768),
     (rw.SURMAdapterConfig(structure="kronecker", kron_factor=4), 16, 12, 16 + 9 + 12),
 ])
-def test_parameter_count_is_the_spec_formula(config, in_features, out_features, expected) -> None:
+def test_parameter_count_is_the_formula(config, in_features, out_features, expected) -> None:
     method = rw.core.registry.for_config(config).module_class
     assert method.num_params(in_features, out_features, config) == expected
     if in_features * out_features <= 16 * 12:

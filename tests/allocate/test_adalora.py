@@ -40,7 +40,7 @@ def _adapted(rank: int = 4) -> nn.Module:
     return model
 
 
-def _train(model: nn.Module, alloc: rw.allocate.AdaLoRA, steps: int = STEPS) -> torch.optim.Optimizer:
+def _train(model: nn.Module, alloc: rw.allocate.AdaLoRAAllocator, steps: int = STEPS) -> torch.optim.Optimizer:
     x, y = _data()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
@@ -51,18 +51,18 @@ def _train(model: nn.Module, alloc: rw.allocate.AdaLoRA, steps: int = STEPS) -> 
     return optimizer
 
 
-def test_schedule_is_the_spec_formula_by_hand() -> None:
+def test_schedule_is_the_formula_by_hand() -> None:
     # T = 20, t_i = 2, t_f = 5, ΔT = 3, b0 = 12, b_T = 6: b(t) = ⌊6 + 6 (1 − (t − 2)/13)³⌋ for 2 < t <= 15.
     # t = 3: 6 + 6·(12/13)³ = 10.72 → 10;  t = 6: 6 + 6·(9/13)³ = 7.991 → 7 (the floor matters).
     model = rw.adapt(Net(), rw.AdaLoRAConfig(rank=4, targets=("a", "b", "c")))
-    alloc = rw.allocate.AdaLoRA(model, total_steps=20, budget=6, t_init=2, t_final=5, delta_t=3)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=20, budget=6, t_init=2, t_final=5, delta_t=3)
     expected = {0: (12, False), 2: (12, False), 3: (10, True), 4: (9, False), 5: (8, False), 6: (7, True),
                 7: (7, False), 8: (6, False), 9: (6, True), 15: (6, True), 16: (6, True)}
     assert {t: alloc.schedule(t) for t in expected} == expected
 
 
 def test_defaults_follow_the_readme_proportions_and_the_paper_ratio() -> None:
-    alloc = rw.allocate.AdaLoRA(_adapted(rank=12), total_steps=3000)
+    alloc = rw.allocate.AdaLoRAAllocator(_adapted(rank=12), total_steps=3000)
     assert (alloc.t_init, alloc.t_final, alloc.delta_t) == (500, 1500, 10)
     assert alloc.target_budget == 24  # 3 layers · 12 / 1.5 = 3 · 8 (PEFT's target_r = 8)
 
@@ -76,7 +76,7 @@ def test_importance_of_a_triplet_by_hand() -> None:
         delta.B.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     for p in delta.parameters():
         p.grad = torch.ones_like(p)  # so I = |w|
-    alloc = rw.allocate.AdaLoRA(model, total_steps=10, t_init=5, t_final=2)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=10, t_init=5, t_final=2)
     alloc.step(torch.optim.SGD(delta.parameters(), lr=0.0))
     # One step: Ī = 0.15 I, Ū = 0.15 |I − 0.15 I| = 0.1275 I, s = 0.019125 I².
     # S_0 = 0.019125 (1 + (1 + 4)/2 + (1 + 0 + 1)/3),  S_1 = 0.019125 (4 + (9 + 16)/2 + (0 + 1 + 1)/3)
@@ -107,7 +107,7 @@ def test_masks_match_peft_adalora_on_identical_weights() -> None:
                 theirs_p["default"].normal_(0, 0.3)
                 ours_p.copy_(theirs_p["default"])
     # PEFT adds its orthogonality term only to a returned `.loss`; compare without it.
-    alloc = rw.allocate.AdaLoRA(ours, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2, orth_weight=0.0)
+    alloc = rw.allocate.AdaLoRAAllocator(ours, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2, orth_weight=0.0)
     x, y = _data()
     optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (theirs, ours)]
     for t in range(STEPS):
@@ -126,7 +126,7 @@ def test_masks_match_peft_adalora_on_identical_weights() -> None:
 
 def test_budget_holds_at_every_step_and_the_final_total_is_the_target() -> None:
     model = _adapted()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=STEPS, budget=5, t_init=3, t_final=8, delta_t=2)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=5, t_init=3, t_final=8, delta_t=2)
     _train(model, alloc)
     history = alloc.history
     assert all(total <= budget for total, budget in zip(history.totals, history.budgets))
@@ -139,7 +139,7 @@ def test_budget_holds_at_every_step_and_the_final_total_is_the_target() -> None:
 
 def test_ties_mask_exactly_the_budget() -> None:
     model = _adapted()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=10, budget=4, t_init=0, t_final=2, delta_t=1)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=10, budget=4, t_init=0, t_final=2, delta_t=1)
     deltas = [p for layer in (model.a, model.b, model.c) for p in layer.delta.parameters()]
     optimizer = torch.optim.SGD(deltas, lr=0.0)
     for _ in range(2):  # t = 0 warms up; t = 1 masks to b(1) = ⌊4 + 8 (7/8)³⌋ = 9
@@ -152,7 +152,7 @@ def test_ties_mask_exactly_the_budget() -> None:
 
 def test_final_removal_keeps_the_function_and_the_moments_of_kept_triplets() -> None:
     model = _adapted()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=12, budget=7, t_init=2, t_final=4, delta_t=2)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=12, budget=7, t_init=2, t_final=4, delta_t=2)
     optimizer = _train(model, alloc, steps=11)
     x, y = _data()
     nn.functional.mse_loss(model(x), y).backward()
@@ -174,7 +174,7 @@ def test_final_removal_keeps_the_function_and_the_moments_of_kept_triplets() -> 
 
 def test_checkpoint_holds_the_final_ranks_and_reloads_without_the_allocator(tmp_path) -> None:
     model = _adapted()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2)
     _train(model, alloc)
     ranks = alloc.ranks()
     assert len(set(ranks.values())) > 1  # non-uniform
@@ -196,9 +196,9 @@ def test_orthogonality_penalty_by_hand() -> None:
         model[0].delta.B.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # Bᵀ B − I = 0
         model[1].delta.A.zero_()  # −I: norm √2
         model[1].delta.B.zero_()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=10, orth_weight=0.3)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=10, orth_weight=0.3)
     torch.testing.assert_close(alloc.penalty(), torch.tensor(0.3 * (3 + 2 * math.sqrt(2)) / 4))
-    squared = rw.allocate.AdaLoRA(model, total_steps=10, orth_weight=0.3, squared_orth=True)
+    squared = rw.allocate.AdaLoRAAllocator(model, total_steps=10, orth_weight=0.3, squared_orth=True)
     torch.testing.assert_close(squared.penalty(), torch.tensor(0.3 * (9 + 2 + 2) / 4))
 
 
@@ -223,15 +223,15 @@ def test_resize_keeps_scale_and_rows() -> None:
 ])
 def test_bad_arguments_raise_naming_them(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        rw.allocate.AdaLoRA(_adapted(), **kwargs)
+        rw.allocate.AdaLoRAAllocator(_adapted(), **kwargs)
 
 
 def test_misuse_raises() -> None:
     lora = rw.adapt(Net(), rw.LoRAConfig(targets="a"))
     with pytest.raises(TypeError, match="AdaLoRA adapters"):
-        rw.allocate.AdaLoRA(lora, total_steps=10)
+        rw.allocate.AdaLoRAAllocator(lora, total_steps=10)
     model = _adapted()
-    alloc = rw.allocate.AdaLoRA(model, total_steps=10, t_init=1, t_final=2)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=10, t_init=1, t_final=2)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         alloc.step(optimizer)  # no backward: no gradients

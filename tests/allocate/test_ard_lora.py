@@ -28,7 +28,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 8, generator=generator), torch.randn(32, 4, generator=generator)
 
 
-def _train(model: nn.Module, alloc: rw.allocate.ARDLoRA, steps: int = STEPS, **adam) -> torch.optim.Optimizer:
+def _train(model: nn.Module, alloc: rw.allocate.ARDLoRAAllocator, steps: int = STEPS, **adam) -> torch.optim.Optimizer:
     x, y = _data()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, **adam)
     for _ in range(steps):
@@ -52,7 +52,7 @@ def test_at_alpha_one_the_gradient_reaches_the_two_boundary_slots() -> None:
     delta = rw.adapt(nn.Sequential(nn.Linear(3, 2)), rw.ARDLoRAConfig(rank=4, targets="0"))[0].delta
     weights = torch.arange(1.0, 9.0)  # L = Σ_i w_i g_i, so ∂L/∂g_i = w_i
     (delta.gates()[0] * weights).sum().backward()
-    # dL/dα = r0 (∂L/∂g_{r0−1} + ∂L/∂g_{r0}) = 4 (4 + 5) (spec A3).
+    # dL/dα = r0 (∂L/∂g_{r0−1} + ∂L/∂g_{r0}) = 4 (4 + 5): the linear clamp's boundary slots.
     assert delta.rank_scale.grad.item() == 4 * (4 + 5)
 
 
@@ -83,7 +83,7 @@ def test_per_head_update_is_the_dense_block_formula(side: str) -> None:
 
 def test_penalty_by_hand() -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, l1=0.1, tv=0.5, warmup=0)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, l1=0.1, tv=0.5, warmup=0)
     with torch.no_grad():
         for layer, value in zip((model[0], model[2], model[4]), (1.0, 1.5, 0.25)):
             layer.delta.rank_scale.fill_(value)
@@ -101,7 +101,7 @@ def test_tv_runs_along_layers_of_one_type_head_by_head() -> None:
     model = nn.Module()
     model.layers = nn.ModuleList(Block() for _ in range(3))
     model = rw.adapt(model, rw.ARDLoRAConfig(rank=2, targets=("q", "o")))
-    alloc = rw.allocate.ARDLoRA(model, total_steps=10, l1=0.0, tv=1.0, warmup=0, heads={"q": (2, "out")})
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=10, l1=0.0, tv=1.0, warmup=0, heads={"q": (2, "out")})
     assert alloc.chains == [["layers.0.q", "layers.1.q", "layers.2.q"], ["layers.0.o", "layers.1.o", "layers.2.o"]]
     with torch.no_grad():
         model.layers[1].q.delta.rank_scale.copy_(torch.tensor([1.0, 2.0]))  # head 1 differs by 1 from both sides
@@ -110,7 +110,7 @@ def test_tv_runs_along_layers_of_one_type_head_by_head() -> None:
 
 def test_alpha_is_frozen_during_warmup_then_trains_with_fresh_state() -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=5)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=5)
     optimizer = _train(model, alloc, steps=5, weight_decay=0.1)
     for layer in (model[0], model[2], model[4]):
         assert torch.equal(layer.delta.rank_scale, torch.ones(1))  # the steps and the decay were undone
@@ -127,7 +127,7 @@ def test_alpha_is_frozen_during_warmup_then_trains_with_fresh_state() -> None:
 def test_budget_projection_is_the_euclidean_one() -> None:
     model = _model(max_scale=2.0)
     budget = 400  # α = 1 everywhere costs r0 Σ (in + out) = 4 (24 + 32 + 20) = 304
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=0, budget=budget)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=0, budget=budget)
     wanted = torch.tensor([2.5, 1.9, 0.3])
     with torch.no_grad():
         for layer, value in zip((model[0], model[2], model[4]), wanted):
@@ -144,7 +144,7 @@ def test_budget_projection_is_the_euclidean_one() -> None:
 
 def test_budget_holds_and_the_end_keeps_only_used_slots(tmp_path) -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=2, budget=250, l1=1e-2)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2, budget=250, l1=1e-2)
     x, _ = _data()
     _train(model, alloc, steps=STEPS - 1)
     history = alloc.history
@@ -169,7 +169,7 @@ def test_budget_holds_and_the_end_keeps_only_used_slots(tmp_path) -> None:
 
 def test_heads_split_layers_and_reload(tmp_path) -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=2, heads={"2": (4, "out"), "4": (2, "in")})
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2, heads={"2": (4, "out"), "4": (2, "in")})
     assert model[2].delta.config.heads == 4 and model[2].delta.rank_scale.shape == (4,)
     assert model[4].delta.rank_scale.shape == (2,) and model[4].delta.config.head_side == "in"
     _train(model, alloc)
@@ -189,12 +189,12 @@ def test_heads_split_layers_and_reload(tmp_path) -> None:
 ])
 def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        rw.allocate.ARDLoRA(_model(), total_steps=STEPS, **kwargs)
+        rw.allocate.ARDLoRAAllocator(_model(), total_steps=STEPS, **kwargs)
 
 
 def test_alpha_outside_the_optimizer_raises() -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS)
     adapters = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("rank_scale")]
     with pytest.raises(ValueError, match="rank_scale' is not in the optimizer"):
         alloc.step(torch.optim.SGD(adapters, lr=0.1))

@@ -1,4 +1,5 @@
-"""Optimizer-state surgery (spec S3) and the history, apart from any allocator."""
+"""Optimizer-state surgery for resized parameters (``migrate``) and the history, apart from any
+allocator."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _args(tmp_path) -> transformers.TrainingArguments:
 
 def test_trainer_runs_adalora_to_its_budget_and_the_result_reloads(tmp_path) -> None:
     model = rw.adapt(_gpt2(), rw.AdaLoRAConfig(rank=4, targets=("c_attn", "c_fc")))
-    alloc = rw.allocate.AdaLoRA(model, total_steps=STEPS, budget=10, t_init=1, t_final=3, delta_t=1)
+    alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=10, t_init=1, t_final=3, delta_t=1)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
                                    callbacks=[integrations.RankAllocationCallback(alloc)])
     trainer.train()
@@ -49,7 +49,7 @@ def test_trainer_runs_adalora_to_its_budget_and_the_result_reloads(tmp_path) -> 
 
 def test_the_penalty_is_added_to_the_training_loss_only() -> None:
     model = rw.adapt(_gpt2(), rw.ElaLoRAConfig(rank=3, targets="c_attn"))
-    alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, orth_weight=0.5)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, orth_weight=0.5)
     callback = integrations.RankAllocationCallback(alloc)
     batch = {k: v[None] for k, v in _data()[0].items()}
     plain = model(**batch).loss
@@ -68,7 +68,7 @@ def test_the_penalty_is_added_to_the_training_loss_only() -> None:
 
 def test_refuses_what_it_cannot_do(monkeypatch) -> None:
     model = rw.adapt(_gpt2(), rw.ElaLoRAConfig(rank=3, targets="c_attn"))
-    callback = integrations.RankAllocationCallback(rw.allocate.ElaLoRA(model, total_steps=STEPS))
+    callback = integrations.RankAllocationCallback(rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS))
     resumed = transformers.TrainerState(global_step=3)
     with pytest.raises(ValueError, match="has run 0 steps, the Trainer 3"):
         callback.on_train_begin(None, resumed, transformers.TrainerControl())

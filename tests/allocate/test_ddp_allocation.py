@@ -15,6 +15,8 @@ from torch import nn
 
 import rankwise as rw
 
+pytestmark = pytest.mark.slow  # spawns two processes per allocator
+
 STEPS = 12
 GLOBAL_BATCH = 8
 METHODS = ("adalora", "elalora", "ard_lora", "gora")
@@ -50,11 +52,11 @@ def _train(method: str, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.
     if method == "gora":  # before DDP and before the optimizer; gradients are averaged across processes
         ranks = rw.allocate.gora(model, batches[:3], loss_fn=_loss).ranks
     elif method == "adalora":
-        alloc = rw.allocate.AdaLoRA(model, total_steps=STEPS, budget=5, t_init=2, t_final=4, delta_t=2)
+        alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=5, t_init=2, t_final=4, delta_t=2)
     elif method == "elalora":
-        alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=2, t_init=1, t_final=2, delta_t=2)
+        alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=2, t_init=1, t_final=2, delta_t=2)
     else:
-        alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=2, budget=120, l1=1e-2, heads={"2": (2, "out")})
+        alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2, budget=120, l1=1e-2, heads={"2": (2, "out")})
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for batch in batches:

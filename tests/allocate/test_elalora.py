@@ -31,7 +31,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 6, generator=generator), torch.randn(32, 4, generator=generator)
 
 
-def _train(model: nn.Module, alloc: rw.allocate.ElaLoRA, steps: int = STEPS) -> torch.optim.Optimizer:
+def _train(model: nn.Module, alloc: rw.allocate.ElaLoRAAllocator, steps: int = STEPS) -> torch.optim.Optimizer:
     x, y = _data()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
@@ -45,9 +45,9 @@ def _train(model: nn.Module, alloc: rw.allocate.ElaLoRA, steps: int = STEPS) -> 
 def test_changes_decay_cubically_by_hand() -> None:
     # b0 = 4, T = 20, t_i = 2, t_f = 4: p = (t − 2)/14, b = round(4 (1 − p³)).
     # t = 9: p = 0.5 → 3.5 → 4 (round half to even); t = 12: 4 (1 − (10/14)³) = 2.54 → 3; t = 16: 0.
-    alloc = rw.allocate.ElaLoRA(_model(), total_steps=20, changes=4, t_init=2, t_final=4, delta_t=1)
+    alloc = rw.allocate.ElaLoRAAllocator(_model(), total_steps=20, changes=4, t_init=2, t_final=4, delta_t=1)
     assert [alloc.changes_at(t) for t in (0, 2, 9, 12, 15, 16, 19)] == [4, 4, 4, 3, 1, 0, 0]
-    off = rw.allocate.ElaLoRA(_model(), total_steps=20, changes=4, t_init=2, t_final=4, schedule=False)
+    off = rw.allocate.ElaLoRAAllocator(_model(), total_steps=20, changes=4, t_init=2, t_final=4, schedule=False)
     assert off.changes_at(15) == 4
 
 
@@ -58,7 +58,7 @@ def test_one_event_by_hand() -> None:
         for layer in _layers(model):
             layer.delta.A.copy_(torch.eye(layer.delta.in_features)[:3])
             layer.delta.B.copy_(torch.eye(layer.delta.out_features, 3))
-    alloc = rw.allocate.ElaLoRA(model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1,
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1,
                                 schedule=False)
     # Scores through e alone (Ī = Ū = √S, zero A and B entries). Pool: layer 0 → {0.1, 0.5}, layer 1 →
     # {0.02, 0.03}, layer 2 → {0.3, 0.6}. Prune the two lowest (both in layer 1), grow at the two
@@ -89,7 +89,7 @@ def test_one_event_by_hand() -> None:
 
 def test_event_replaces_parameters_keeps_exact_moments_and_the_lr_schedule() -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=2, t_init=3, t_final=3, delta_t=4)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=2, t_init=3, t_final=3, delta_t=4)
     x, y = _data()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -128,7 +128,7 @@ def test_event_replaces_parameters_keeps_exact_moments_and_the_lr_schedule() -> 
 
 def test_total_rank_is_constant_and_ranks_never_fall_below_one() -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=3, t_init=2, t_final=2, delta_t=2)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=3, t_init=2, t_final=2, delta_t=2)
     _train(model, alloc)
     history = alloc.history
     assert all(total == budget == 9 for total, budget in zip(history.totals, history.budgets))
@@ -139,7 +139,7 @@ def test_total_rank_is_constant_and_ranks_never_fall_below_one() -> None:
 
 def test_reset_optimizer_drops_all_state_as_the_official_trainer() -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRA(model, total_steps=10, changes=2, t_init=1, t_final=0, delta_t=2, reset_optimizer=True)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, t_init=1, t_final=0, delta_t=2, reset_optimizer=True)
     x, y = _data()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(4):  # the first event is at t = 3
@@ -152,7 +152,7 @@ def test_reset_optimizer_drops_all_state_as_the_official_trainer() -> None:
 
 def test_checkpoint_reloads_non_uniform_ranks(tmp_path) -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=3, t_init=2, t_final=2, delta_t=2)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=3, t_init=2, t_final=2, delta_t=2)
     _train(model, alloc)
     assert len(set(alloc.ranks().values())) > 1
     rw.save_adapter(model, tmp_path)
@@ -167,9 +167,9 @@ def test_checkpoint_reloads_non_uniform_ranks(tmp_path) -> None:
 
 def test_allocator_state_round_trips() -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=2, t_init=2, t_final=2, delta_t=2)
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=2, t_init=2, t_final=2, delta_t=2)
     _train(model, alloc, steps=5)
-    resumed = rw.allocate.ElaLoRA(model, total_steps=STEPS, changes=2, t_init=2, t_final=2, delta_t=2)
+    resumed = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=2, t_init=2, t_final=2, delta_t=2)
     resumed.load_state_dict(alloc.state_dict())
     assert resumed.t == 5 and resumed.history == alloc.history
     scores = [a.tracker.triplet_scores("2", model[2].delta) for a in (resumed, alloc)]
@@ -187,4 +187,4 @@ def test_allocator_state_round_trips() -> None:
 ])
 def test_bad_arguments_raise_naming_them(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        rw.allocate.ElaLoRA(_model(), total_steps=STEPS, **kwargs)
+        rw.allocate.ElaLoRAAllocator(_model(), total_steps=STEPS, **kwargs)

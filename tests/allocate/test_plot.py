@@ -1,10 +1,10 @@
-"""``plot`` writes a PNG of the ranks over steps; ``summary`` tabulates the final ranks."""
+"""``plot`` writes a PNG of the ranks over steps; ``rank_summary`` tabulates the final ranks."""
 
 from __future__ import annotations
 
 import pytest
 
-from rankwise.allocate import History, plot, summary
+from rankwise.allocate import History, plot, rank_summary
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -25,8 +25,8 @@ def test_plot_writes_a_png_of_the_ranks(tmp_path) -> None:
     assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas
 
 
-def test_summary_shows_first_and_final_ranks_and_the_budget() -> None:
-    lines = summary(_history()).splitlines()
+def test_rank_summary_shows_first_and_final_ranks_and_the_budget() -> None:
+    lines = rank_summary(_history()).splitlines()
     assert lines[0].split() == ["layer", "rank", "at", "step", "0", "rank", "at", "step", "19"]
     assert lines[1].split() == ["layers.0.q", "4", "1"]
     assert lines[3].split() == ["layers.2.q", "4", "7"]
@@ -35,6 +35,6 @@ def test_summary_shows_first_and_final_ranks_and_the_budget() -> None:
 
 def test_an_empty_history_raises() -> None:
     with pytest.raises(ValueError, match="empty"):
-        summary(History(("a",)))
+        rank_summary(History(("a",)))
     with pytest.raises(ValueError, match="empty"):
         plot(History(("a",)), "unused.png")

@@ -18,6 +18,8 @@ from rankwise.core.delta import Adapter
 from rankwise.bench.budget import default_budget
 from rankwise.bench.tasks import TASKS, AssetMissing, Friends, Sizes, Synthetic, Task
 
+pytestmark = pytest.mark.slow  # whole benchmark runs, if tiny ones
+
 MakePreset = Callable[..., runner.Preset]
 
 
@@ -61,7 +63,7 @@ def test_one_selected_row_per_method_with_counts_metrics_report_and_plots(
 def test_every_registered_method_and_the_special_recipes_have_a_row() -> None:
     table = runner.recipes()
     assert set(rw.methods()) <= set(table)
-    assert {"lora-pro", "lora-plus", "frozen", "full"} <= set(table)
+    assert {"lora_pro", "lora_plus", "frozen", "full"} <= set(table)
 
 
 def test_a_method_s_row_carries_what_its_module_declares() -> None:

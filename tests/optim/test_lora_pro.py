@@ -45,7 +45,7 @@ def _least_squares_fit(A: Tensor, B: Tensor, g: Tensor, s: float) -> Tensor:
 
 
 def _closed_form(A: Tensor, B: Tensor, s: float, G_A: Tensor, G_B: Tensor) -> tuple[Tensor, Tensor]:
-    """The spec's formulas with explicit pseudo-inverses and X from the Sylvester equation written
+    """The paper's formulas with explicit pseudo-inverses and X from the Sylvester equation written
     as one linear system, (I ⊗ BᵀB + (AAᵀ) ⊗ I) vec(X) = vec(C), column-major."""
     r = A.shape[0]
     BtB_inv, AAt_inv = torch.linalg.pinv(B.T @ B), torch.linalg.inv(A @ A.T)
@@ -93,7 +93,7 @@ def test_every_X_gives_the_same_equivalent_gradient() -> None:
         X = 10 * torch.randn(3, 3, generator=gen, dtype=F64)
         g_A, g_B = adjusted_gradients(A, B, s, G_A, G_B, X=X)
         torch.testing.assert_close(s * (B @ g_A + g_B @ A), reference, rtol=1e-10, atol=1e-12)
-        # and X enters as the spec writes it: g_A = g_A(0) + X A, g_B = g_B(0) − B X
+        # and X enters as the paper writes it: g_A = g_A(0) + X A, g_B = g_B(0) − B X
         g_A0, g_B0 = adjusted_gradients(A, B, s, G_A, G_B, X=torch.zeros(3, 3, dtype=F64))
         torch.testing.assert_close(g_A, g_A0 + X @ A)
         torch.testing.assert_close(g_B, g_B0 - B @ X)
@@ -280,9 +280,9 @@ def test_equivalent_gradient_is_closer_to_the_full_gradient_than_loras() -> None
 def test_loss_after_100_steps_is_lower_than_lora_with_adamw() -> None:
     w0, x, y = _regression()
     losses = {}
-    for name in ("lora-pro", "lora"):
+    for name in ("lora_pro", "lora"):
         model = _regression_model(w0)
-        if name == "lora-pro":
+        if name == "lora_pro":
             optimizer = LoRAPro(model, lr=3e-3)
         else:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
@@ -294,7 +294,7 @@ def test_loss_after_100_steps_is_lower_than_lora_with_adamw() -> None:
             schedule.step()
         losses[name] = (model(x) - y).square().mean().item()
     # measured from 1.098: LoRA-Pro 0.313, LoRA + AdamW 0.428 (ratio 0.73); asserted: 20 % lower
-    assert losses["lora-pro"] < 0.8 * losses["lora"]
+    assert losses["lora_pro"] < 0.8 * losses["lora"]
 
 
 def _gpt2() -> nn.Module:

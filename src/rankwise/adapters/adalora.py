@@ -7,8 +7,8 @@ https://arxiv.org/abs/2303.10512. The paper writes ``W = W0 + P Λ Q`` (P ↔ B,
     y = x W0ᵀ + b + s · ((drop(x) Aᵀ) ⊙ eᵀ) Bᵀ,   A: (r, in), e: (r, 1), B: (out, r)
     s = α / (r_init + 1e-5)   (constant for the whole run, as in the official code and PEFT)
 
-The budget decisions live in :mod:`rankwise.allocate` (``AdaLoRA``, ``ElaLoRA``); this file is the
-mathematics and the resize operations they use.
+The budget decisions live in :mod:`rankwise.allocate` (``AdaLoRAAllocator``, ``ElaLoRAAllocator``);
+this file is the mathematics and the resize operations they use.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class AdaLoRAConfig(AdapterConfig):
 
 @register("adalora", AdaLoRAConfig)
 class AdaLoRA(Delta):
-    """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRA``."""
+    """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRAAllocator``."""
 
     example_config = {"rank": 2}
 

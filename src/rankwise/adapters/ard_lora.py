@@ -11,7 +11,7 @@ ranks it describes.
 A group is one head: with ``head_side="out"`` (q, k, v projections) head h owns rows
 ``h·d : (h+1)·d`` of ΔW and A_g sees the whole input; with ``"in"`` (the output projection) it owns
 columns. ``heads=1`` is one group per matrix (MLPs). The penalties that drive α and the budget are
-in ``rankwise.allocate.ARDLoRA``.
+in ``rankwise.allocate.ARDLoRAAllocator``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ARDLoRAConfig(AdapterConfig):
         alpha: lora_alpha; the branch is scaled by ``alpha / r0`` whatever the ranks become; > 0.
         dropout: dropout probability on the adapter branch's input only; in [0, 1).
         heads: groups per layer, each with its own α (the layer's attention heads); >= 1 and must
-            divide the split side. Set per layer by the allocator (``ARDLoRA(heads=...)``).
+            divide the split side. Set per layer by the allocator (``ARDLoRAAllocator(heads=...)``).
         head_side: which side the heads split: ``"out"`` (rows; q/k/v) or ``"in"`` (columns; o).
         slots: R, the rank components allocated per group; ``None`` means ``ceil(r0 · max_scale)``.
             The allocator lowers it at the end of training to the largest rank a group uses.

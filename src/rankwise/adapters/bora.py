@@ -37,10 +37,10 @@ class BoRAConfig(DoRAConfig):
     """
 
     size_knob: ClassVar[str | None] = "rank"
-    # The paper's value was not retrieved; DoRA's (LLaMA-7B commonsense), per the spec.
+    # The paper's value was not retrieved; DoRA's (LLaMA-7B commonsense) instead.
     recommended_lr: ClassVar[float] = 2e-4
 
-    detach_norms: bool = True  # the spec's recommendation (DoRA's convention)
+    detach_norms: bool = True  # DoRA's convention (DoRA paper §4.3); the paper's was not verified
 
 
 @register("bora", BoRAConfig)

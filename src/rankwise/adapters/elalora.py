@@ -5,8 +5,8 @@ https://arxiv.org/abs/2504.00254. The mathematics is AdaLoRA's (:mod:`rankwise.a
 
     ΔW = s · B diag(e) A,   s = α / (r_init + 1e-5)
 
-``rankwise.allocate.ElaLoRA`` prunes and grows triplets; the total rank stays ``N · rank``. A method
-of its own (not an ``AdaLoRAConfig``) so that its defaults are ElaLoRA's and a checkpoint names it.
+``rankwise.allocate.ElaLoRAAllocator`` prunes and grows triplets; the total rank stays ``N · rank``.
+A method of its own (not an ``AdaLoRAConfig``) so that its defaults are ElaLoRA's and a checkpoint names it.
 """
 
 from __future__ import annotations
@@ -32,4 +32,4 @@ class ElaLoRAConfig(AdaLoRAConfig):
 
 @register("elalora", ElaLoRAConfig)
 class ElaLoRA(AdaLoRA):
-    """ElaLoRA: AdaLoRA's triplets, pruned and grown between layers by ``rankwise.allocate.ElaLoRA``."""
+    """ElaLoRA: AdaLoRA's triplets, pruned and grown between layers by ``rankwise.allocate.ElaLoRAAllocator``."""

@@ -42,7 +42,7 @@ class LoLDUConfig(AdapterConfig):
     size_knob: ClassVar[str | None] = "rank"
     recommended_lr: ClassVar[float] = 1e-3  # official code's demo (SKDDJ/LoLDU, AdamW)
 
-    rank: int = 16  # spec's recommendation among {16, 64, full}; the code's from_linear default is 4
+    rank: int = 16  # ours (64 or full rank are the larger options); the code's from_linear default is 4
     alpha: float = 1.0  # official code's lora_alpha default, σ0 = 1 / r
     train_scale: bool = False
 

@@ -13,7 +13,7 @@ Building blocks on length-n vectors, each applied by FFT in O(n log n), never fo
     circulant  ΔW = s · C(b ⊙ a)            toeplitz   ΔW = s · T(b) T(a)
     ldr        ΔW = s · Σ_i C(b_i) S(a_i)    kronecker  ΔW = (α / f) · b ⊗ a
 
-n = in on square layers (the paper). For in ≠ out (our extension, the spec's rectangular Toeplitz)
+n = in on square layers (the paper). For in ≠ out (our extension, a rectangular Toeplitz)
 n = in + out − 1, the input is zero-padded to n and ΔW is the top-left out × in block: for the
 circulant, a general rectangular Toeplitz matrix with all in + out − 1 diagonals free.
 
@@ -260,7 +260,7 @@ class SURM(Delta):
         elif self.structure == "toeplitz":
             matrix = b[offsets.abs()][:rows] @ a[offsets.abs()][:, :cols]
         else:
-            # S(a_i)[j, k] = [a_i, −a_i][(j − k) mod 2n]: the spec's definition, as one gather
+            # S(a_i)[j, k] = [a_i, −a_i][(j − k) mod 2n]: the skew-circulant's definition, as one gather
             skew = torch.cat([a, -a], -1)[:, offsets % (2 * n)]  # (ρ, n, n)
             matrix = (b[:, offsets % n][:, :rows] @ skew[:, :, :cols]).sum(0)
         return self.scale * matrix

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters.adalora import AdaLoRA as AdaLoRAModule
+from ..adapters.adalora import AdaLoRA
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero, mean_across_ranks
 from .base import RankAllocator, migrate
@@ -41,7 +41,7 @@ class Sensitivity:
         self.beta1, self.beta2 = beta1, beta2
         self.ema: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}  # path -> role -> (Ī, Ū)
 
-    def update(self, path: str, module: AdaLoRAModule) -> None:
+    def update(self, path: str, module: AdaLoRA) -> None:
         """Fold this step's ``|w · g|`` into the EMAs; ``w`` after the step, ``g`` the step's gradient.
 
         Raises:
@@ -61,7 +61,7 @@ class Sensitivity:
                 spread = self.beta2 * spread + (1 - self.beta2) * (sensitivity - mean).abs()  # the new Ī
                 entries[role] = (mean, spread)
 
-    def triplet_scores(self, path: str, module: AdaLoRAModule) -> Tensor:
+    def triplet_scores(self, path: str, module: AdaLoRA) -> Tensor:
         """``S_i`` for each triplet of the layer, shape (rank,); zeros before any update."""
         entries = self.ema.get(path, {})
         scores = []
@@ -97,7 +97,7 @@ class TripletAllocator(RankAllocator):
         squared_orth: use the paper's squared norms instead of the code's plain ones.
     """
 
-    module_class = AdaLoRAModule
+    module_class = AdaLoRA
 
     def __init__(self, model: nn.Module, total_steps: int, beta1: float, beta2: float,
                  orth_weight: float, squared_orth: bool) -> None:
@@ -135,7 +135,7 @@ class TripletAllocator(RankAllocator):
         self.tracker.ema = state["ema"]
 
 
-class AdaLoRA(TripletAllocator):
+class AdaLoRAAllocator(TripletAllocator):
     """AdaLoRA: shrink the total rank from N·r_init to ``budget`` on a cubic schedule, masking the
     triplets with the lowest importance; at the last step the masked triplets are removed.
 
@@ -169,18 +169,19 @@ class AdaLoRA(TripletAllocator):
         super().__init__(model, total_steps, beta1, beta2, orth_weight, squared_orth)
         self.init_budget = sum(layer.delta.rank for layer in self.layers.values())
         budget = round(self.init_budget / 1.5) if budget is None else budget
-        check_number("AdaLoRA", "budget", budget, 0, integer=True)
+        check_number("AdaLoRAAllocator", "budget", budget, 0, integer=True)
         if budget > self.init_budget:
-            raise ValueError(f"AdaLoRA: budget={budget} exceeds the starting total rank {self.init_budget}")
+            raise ValueError(f"AdaLoRAAllocator: budget={budget} exceeds the starting total rank {self.init_budget}")
         self.target_budget = budget
         self.t_init = total_steps // 6 if t_init is None else t_init
         self.t_final = total_steps // 2 if t_final is None else t_final
-        check_number("AdaLoRA", "t_init", self.t_init, 0, integer=True)
-        check_number("AdaLoRA", "t_final", self.t_final, 1, integer=True)
-        check_number("AdaLoRA", "delta_t", delta_t, 1, integer=True)
+        check_number("AdaLoRAAllocator", "t_init", self.t_init, 0, integer=True)
+        check_number("AdaLoRAAllocator", "t_final", self.t_final, 1, integer=True)
+        check_number("AdaLoRAAllocator", "delta_t", delta_t, 1, integer=True)
         if self.t_init >= total_steps - self.t_final:
             raise ValueError(
-                f"AdaLoRA: t_init={self.t_init} must be < total_steps - t_final = {total_steps - self.t_final}, "
+                f"AdaLoRAAllocator: t_init={self.t_init} must be < total_steps - t_final = "
+                f"{total_steps - self.t_final}, "
                 "or there is no budget phase"
             )
         self.delta_t = delta_t
@@ -257,4 +258,4 @@ class AdaLoRA(TripletAllocator):
 
 # The method declares the allocator that trains it; declared from here because allocate imports
 # adapters, not the other way.
-AdaLoRAModule.allocator = AdaLoRA
+AdaLoRA.allocator = AdaLoRAAllocator

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..adapters.ard_lora import ARDLoRA as ARDLoRAModule
+from ..adapters.ard_lora import ARDLoRA
 from ..core import geometry
 from ..core.checks import check_number
 from ..core.config import matches
@@ -32,7 +32,7 @@ from .base import RankAllocator, migrate
 _BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
 
 
-class ARDLoRA(RankAllocator):
+class ARDLoRAAllocator(RankAllocator):
     """ARD-LoRA-style: each (layer, head) group's rank r0·α is learned under ℓ1 and TV penalties.
 
     α trains with the adapter (keep it in the optimizer, in a group without weight decay if the
@@ -66,19 +66,19 @@ class ARDLoRA(RankAllocator):
             a layer already trained.
     """
 
-    module_class = ARDLoRAModule
+    module_class = ARDLoRA
     unit = "parameters"
 
     def __init__(self, model: nn.Module, *, total_steps: int, l1: float = 1e-3, tv: float = 1e-2,
                  warmup: int | None = None, budget: int | None = None,
                  heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None) -> None:
         super().__init__(model, total_steps)
-        check_number("ARDLoRA", "l1", l1, 0)
-        check_number("ARDLoRA", "tv", tv, 0)
+        check_number("ARDLoRAAllocator", "l1", l1, 0)
+        check_number("ARDLoRAAllocator", "tv", tv, 0)
         self.warmup = round(0.05 * total_steps) if warmup is None else warmup
-        check_number("ARDLoRA", "warmup", self.warmup, 0, integer=True)
+        check_number("ARDLoRAAllocator", "warmup", self.warmup, 0, integer=True)
         if budget is not None:
-            check_number("ARDLoRA", "budget", budget, 0, integer=True)
+            check_number("ARDLoRAAllocator", "budget", budget, 0, integer=True)
         self.l1, self.tv, self._budget = l1, tv, budget
         for pattern, (count, side) in (heads or {}).items():
             self._split_heads(pattern, count, side)
@@ -89,18 +89,20 @@ class ARDLoRA(RankAllocator):
     def _split_heads(self, pattern: str, count: int, side: str) -> None:
         hits = [path for path in self.layers if matches(path, pattern)]
         if not hits:
-            raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}")
+            raise ValueError(
+                f"ARDLoRAAllocator: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}"
+            )
         for path in hits:
             layer = self.layers[path]
             old = layer.delta
             if old.B.abs().max() > 0:
-                raise ValueError(f"ARDLoRA: '{path}' has been trained; split heads right after rankwise.adapt")
+                raise ValueError(f"ARDLoRAAllocator: '{path}' has been trained; split heads right after rankwise.adapt")
             config = dataclasses.replace(old.config, heads=count, head_side=side)
             w0 = geometry.weight_matrix(layer.base, layer.kind).detach().to(old.A.dtype)
             try:
                 layer.delta = type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype)
             except ValueError as error:
-                raise ValueError(f"ARDLoRA on '{path}': {error}") from error
+                raise ValueError(f"ARDLoRAAllocator on '{path}': {error}") from error
 
     def penalty(self) -> Tensor:
         """``λ1 Σ|α| + λ_tv Σ (α_{l+1} − α_l)²``; zero during the warm-up (α is frozen then)."""
@@ -193,7 +195,7 @@ class ARDLoRA(RankAllocator):
         self.frozen = state["frozen"]
 
 
-def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
+def _chains(modules: dict[str, ARDLoRA]) -> list[list[str]]:
     """Layers of one type, ordered by their indices: paths equal up to their integer components,
     with the same head layout (heads are compared one to one)."""
     groups: dict[tuple[str, int, str], list[tuple[tuple[int, ...], str]]] = {}
@@ -207,8 +209,10 @@ def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
 
 def _check_in_optimizer(optimizer: torch.optim.Optimizer, p: nn.Parameter, path: str) -> None:
     if not any(q is p for group in optimizer.param_groups for q in group["params"]):
-        raise ValueError(f"ARDLoRA: '{path}.delta.rank_scale' is not in the optimizer; α must train with the adapter")
+        raise ValueError(
+            f"ARDLoRAAllocator: '{path}.delta.rank_scale' is not in the optimizer; α must train with the adapter"
+        )
 
 
 # The method declares the allocator that trains it (see rankwise.allocate.adalora).
-ARDLoRAModule.allocator = ARDLoRA
+ARDLoRA.allocator = ARDLoRAAllocator

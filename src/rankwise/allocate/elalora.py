@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..adapters.adalora import AdaLoRA as AdaLoRAModule
-from ..adapters.elalora import ElaLoRA as ElaLoRAModule
+from ..adapters.adalora import AdaLoRA
+from ..adapters.elalora import ElaLoRA
 from .adalora import TripletAllocator
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero
@@ -27,7 +27,7 @@ from .base import MomentFill, migrate
 NEW_E = 1e-13  # a new triplet's e: essentially 0, so the model's function does not change (official)
 
 
-class ElaLoRA(TripletAllocator):
+class ElaLoRAAllocator(TripletAllocator):
     """ElaLoRA: move rank between layers during training; the total stays N·r_init.
 
     Unlike the official code, the optimizer is not rebuilt at an event: the replaced parameters
@@ -74,14 +74,15 @@ class ElaLoRA(TripletAllocator):
         self.delta_t = max(1, total_steps // 30) if delta_t is None else delta_t
         for name, value, low in (("changes", changes, 1), ("candidates", candidates, 1), ("t_init", self.t_init, 0),
                                  ("t_final", self.t_final, 0), ("delta_t", self.delta_t, 1), ("seed", seed, 0)):
-            check_number("ElaLoRA", name, value, low, integer=True)
+            check_number("ElaLoRAAllocator", name, value, low, integer=True)
         if self.t_init >= total_steps - self.t_final:
             raise ValueError(
-                f"ElaLoRA: t_init={self.t_init} must be < total_steps - t_final = {total_steps - self.t_final}, "
+                f"ElaLoRAAllocator: t_init={self.t_init} must be < total_steps - t_final = "
+                f"{total_steps - self.t_final}, "
                 "or there is no adjustment phase"
             )
         if moment_fill not in ("mean", "zero"):
-            raise ValueError(f"ElaLoRA: moment_fill={moment_fill!r} must be 'mean' or 'zero'")
+            raise ValueError(f"ElaLoRAAllocator: moment_fill={moment_fill!r} must be 'mean' or 'zero'")
         self.changes, self.candidates, self.use_schedule = changes, candidates, schedule
         self.moment_fill, self.reset_optimizer, self.seed = moment_fill, reset_optimizer, seed
         self.init_budget = sum(layer.delta.rank for layer in self.layers.values())
@@ -138,7 +139,7 @@ class ElaLoRA(TripletAllocator):
             optimizer.state.clear()
         return True
 
-    def _new_triplets(self, module: AdaLoRAModule, keep: Tensor, count: int,
+    def _new_triplets(self, module: AdaLoRA, keep: Tensor, count: int,
                       index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``count`` new ``(a, e, b)``, each a and b orthogonalized against the kept and the new ones."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.t) * 1_000_003 + index)
@@ -164,4 +165,4 @@ class ElaLoRA(TripletAllocator):
 
 
 # The method declares the allocator that trains it (see rankwise.allocate.adalora).
-ElaLoRAModule.allocator = ElaLoRA
+ElaLoRA.allocator = ElaLoRAAllocator

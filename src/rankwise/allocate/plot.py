@@ -1,4 +1,4 @@
-"""Reading a rank history: ``summary`` (a table of final ranks) and ``plot`` (a PNG over steps)."""
+"""Reading a rank history: ``rank_summary`` (a table of final ranks) and ``plot`` (a PNG over steps)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from .base import History
 
 
-def summary(history: History) -> str:
+def rank_summary(history: History) -> str:
     """A table of each layer's rank at the first and the last recorded step, then the total."""
     if not history.ranks:
         raise ValueError("the history is empty: no allocator step has run")

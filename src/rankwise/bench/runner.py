@@ -164,9 +164,9 @@ def recipes() -> dict[str, Recipe]:
     table = {name: _default_recipe(name) for name in rw.methods()}
     # LoRA-Pro makes LoRA's step approximate a full-fine-tuning AdamW step, so it starts from the
     # full fine-tuning rate (the paper uses 2e-5 on Llama-2-7B, a full fine-tuning rate).
-    table["lora-pro"] = Recipe("lora-pro", "LoRA trained by LoRA-Pro (full-gradient approximation)",
+    table["lora_pro"] = Recipe("lora_pro", "LoRA trained by LoRA-Pro (full-gradient approximation)",
                                method="lora", optimizer=_lora_pro, lr_from="full")
-    table["lora-plus"] = Recipe("lora-plus", "LoRA with B's learning rate 16x A's (LoRA+)",
+    table["lora_plus"] = Recipe("lora_plus", "LoRA with B's learning rate 16x A's (LoRA+)",
                                 method="lora", optimizer=_lora_plus)
     table["frozen"] = Recipe("frozen", "reference: the pretrained model frozen, only the (linear-probed) head trains",
                              reference="head", lr_from="head")

@@ -1,45 +1,34 @@
 """Low-rank compression and low-rank training: layers are replaced, not adapted.
 
 ``lord`` compresses a trained model in one shot; ``TRP`` and ``Cuttlefish`` train a model into
-low rank; ``LoRAE`` learns a low-rank latent. Compressed layers are :class:`LowRankLinear` and
-:class:`LowRankConv2d`, whose factors are plain ``nn.Linear``/``nn.Conv2d`` children.
+low rank; ``LoRAE`` learns a low-rank latent (``lorae_eval`` measures it as its paper does).
+Compressed layers are :class:`LowRankLinear` and :class:`LowRankConv2d`, whose factors are plain
+``nn.Linear``/``nn.Conv2d`` children.
 """
 
+from . import lorae_eval
 from .checkpoint import load_compressed, save_compressed
 from .cuttlefish import Cuttlefish, stable_rank
 from .layers import LowRankConv2d, LowRankLinear
-from .lorae import (
-    Autoencoder,
-    AutoencoderEval,
-    GaussianMixture,
-    LoRAE,
-    evaluate_autoencoder,
-    frechet_distance,
-    pixel_pca,
-    train_autoencoder,
-)
+from .lorae import Autoencoder, LoRAE, train_autoencoder
 from .lord import Calibration, calibrate, lord
 from .report import CompressionReport, LayerReport
 from .trp import TRP
 
 __all__ = [
     "Autoencoder",
-    "AutoencoderEval",
     "Calibration",
     "CompressionReport",
     "Cuttlefish",
-    "GaussianMixture",
     "LayerReport",
     "LoRAE",
     "LowRankConv2d",
     "LowRankLinear",
     "TRP",
     "calibrate",
-    "evaluate_autoencoder",
-    "frechet_distance",
     "load_compressed",
     "lord",
-    "pixel_pca",
+    "lorae_eval",
     "save_compressed",
     "stable_rank",
     "train_autoencoder",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -12,6 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import rankwise as rw
+
+pytestmark = pytest.mark.slow  # spawns two processes per test: the suite's longest tests
 
 STEPS = 5
 GLOBAL_BATCH = 8

@@ -38,11 +38,11 @@ def _ard_lora() -> nn.Module:
 
 
 CASES: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], object], str]] = [
-    ("allocator on a model without adapters", _mlp, lambda m: rw.allocate.AdaLoRA(m, total_steps=10), "no rankwise adapters"),
-    ("allocator total_steps 0", _adalora, lambda m: rw.allocate.AdaLoRA(m, total_steps=0), "total_steps=0"),
-    ("AdaLoRA budget above the starting rank", _adalora, lambda m: rw.allocate.AdaLoRA(m, total_steps=10, budget=100), "budget=100"),
+    ("allocator on a model without adapters", _mlp, lambda m: rw.allocate.AdaLoRAAllocator(m, total_steps=10), "no rankwise adapters"),
+    ("allocator total_steps 0", _adalora, lambda m: rw.allocate.AdaLoRAAllocator(m, total_steps=0), "total_steps=0"),
+    ("AdaLoRA budget above the starting rank", _adalora, lambda m: rw.allocate.AdaLoRAAllocator(m, total_steps=10, budget=100), "budget=100"),
     ("ElaLoRA moment fill", lambda: rw.adapt(_mlp(), rw.ElaLoRAConfig(targets=("0", "2"))),
-     lambda m: rw.allocate.ElaLoRA(m, total_steps=10, moment_fill="median"), "moment_fill='median'"),
+     lambda m: rw.allocate.ElaLoRAAllocator(m, total_steps=10, moment_fill="median"), "moment_fill='median'"),
     ("GoRA with no batches", lambda: rw.adapt(_mlp(), rw.GoRAConfig(rank=2, targets=("0", "2"))), lambda m: rw.allocate.gora(m, []), "batches is empty"),
     ("GoRA sign", lambda: rw.adapt(_mlp(), rw.GoRAConfig(rank=2, targets=("0", "2"))),
      lambda m: rw.allocate.gora(m, [torch.randn(2, 8)], sign=0), "sign=0"),

@@ -15,6 +15,8 @@ import rankwise as rw
 from rankwise.core import registry
 from rankwise.core.inject import adapted_modules
 
+pytestmark = pytest.mark.slow  # a dynamo trace per method: about a sixth of the suite's time
+
 
 @pytest.mark.parametrize("name", registry.methods())
 def test_compiles_without_graph_breaks(name: str) -> None:
