@@ -91,7 +91,8 @@ def inspect(args: argparse.Namespace) -> None:
     if meta["trainable_modules"]:
         try:
             with safetensors.safe_open(tensors, framework="pt") as file:
-                shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}
+                # safe_open has keys() but is not iterable, so `in file` would fail.
+                shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118
         except safetensors.SafetensorError as error:
             raise rw.CheckpointError(f"{tensors} is not a readable safetensors file: {error}") from None
         for path in meta["trainable_modules"]:

@@ -162,12 +162,12 @@ def test_parameter_count_is_the_spec_formula(config, in_features, out_features, 
 def test_kron_factor_must_divide_both_dims() -> None:
     with pytest.raises(ValueError, match=r"surm on '0': kron_factor=16 must divide in_features=24 and out_features=32"):
         rw.adapt(nn.Sequential(nn.Linear(24, 32)), rw.SURMConfig(structure="kronecker", targets="0"))
+    config = rw.SURMAdapterConfig(structure="kronecker", kron_factor=5, targets="0")
     with pytest.raises(ValueError, match=r"surm_adapter on '0': kron_factor=5 must divide the layer's out_features=32"):
-        config = rw.SURMAdapterConfig(structure="kronecker", kron_factor=5, targets="0")
         rw.adapt(nn.Sequential(nn.Linear(24, 32)), config)
 
 
-@pytest.mark.parametrize("structure", ("circulant", "toeplitz", "kronecker"))
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "kronecker"])
 def test_adapter_equals_its_dense_formula_and_has_no_merge(structure: str) -> None:
     config = rw.SURMAdapterConfig(structure=structure, kron_factor=2, targets="0")
     model = _adapted(10, 6, config)
@@ -182,7 +182,7 @@ def test_adapter_equals_its_dense_formula_and_has_no_merge(structure: str) -> No
         rw.merge(model)
 
 
-@pytest.mark.parametrize("structure", ("circulant", "toeplitz"))
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz"])
 def test_adapter_gradients_equal_its_dense_formula(structure: str) -> None:
     model = _adapted(10, 6, rw.SURMAdapterConfig(structure=structure, targets="0"))
     delta = model[0].delta

@@ -233,7 +233,7 @@ def test_misuse_raises() -> None:
     model = _adapted()
     alloc = rw.allocate.AdaLoRA(model, total_steps=10, t_init=1, t_final=2)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+    with pytest.raises(RuntimeError, match=r"before optimizer\.zero_grad"):
         alloc.step(optimizer)  # no backward: no gradients
     alloc.t = 10
     with pytest.raises(ValueError, match="past total_steps=10"):

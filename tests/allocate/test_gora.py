@@ -58,7 +58,7 @@ def test_initial_update_is_a_projected_descent_step() -> None:
     gradients = [torch.zeros_like(w) for w in weights]
     for batch in _batches():  # G = (1/n) Σ ∂L/∂W, from plain autograd on the unadapted model
         for total, g in zip(gradients, torch.autograd.grad(_loss(plain, batch), weights)):
-            total += g / len(_batches())
+            total.add_(g / len(_batches()))
     model = _adapted()
     result = rw.allocate.gora(model, _batches(), loss_fn=_loss, step_size=0.05)
     importance = [(w * g).abs().mean().item() for w, g in zip(weights, gradients)]

@@ -37,7 +37,7 @@ def _raw(A: Tensor, B: Tensor, g: Tensor, s: float) -> tuple[Tensor, Tensor]:
 
 def _least_squares_fit(A: Tensor, B: Tensor, g: Tensor, s: float) -> Tensor:
     """argmin over {s B a + s b A} of ||· − g||_F, by lstsq on the row-major Kronecker form."""
-    m, r = B.shape
+    m = B.shape[0]
     n = A.shape[1]
     features = s * torch.cat([torch.kron(B, torch.eye(n, dtype=F64)), torch.kron(torch.eye(m, dtype=F64), A.T.contiguous())], dim=1)
     solution = torch.linalg.lstsq(features, g.reshape(-1, 1), driver="gelsd").solution
@@ -103,7 +103,7 @@ def test_sylvester_X_solves_its_equation_and_keeps_the_gradients_closest() -> No
     A, B, g, s = _factors()
     G_A, G_B = _raw(A, B, g, s)
     g_A0, g_B0 = adjusted_gradients(A, B, s, G_A, G_B, X=torch.zeros(3, 3, dtype=F64))
-    g_A, g_B = adjusted_gradients(A, B, s, G_A, G_B)
+    g_A, _ = adjusted_gradients(A, B, s, G_A, G_B)
     X = (g_A - g_A0) @ A.T @ torch.linalg.inv(A @ A.T)  # g_A = g_A(0) + X A
 
     rhs = -torch.linalg.inv(B.T @ B) @ G_A @ A.T / s**2

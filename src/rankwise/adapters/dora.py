@@ -20,7 +20,6 @@ from ..core.precision import apply_in, at_least_fp32
 from ..core.registry import register
 from .lora import LoRAConfig, LowRank
 
-
 # Far below the norm of any row a weight uses, and a normal number in fp32 (smallest 1.2e-38).
 _NORM_FLOOR = 1e-12
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any, Literal
 
 import torch
@@ -109,7 +110,7 @@ class ARDLoRA(RankAllocator):
         scales = {path: layer.delta.rank_scale for path, layer in self.layers.items()}
         sparsity = sum(s.abs().sum() for s in scales.values())
         variation = sum(
-            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in zip(chain, chain[1:])
+            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in pairwise(chain)
         )
         return self.l1 * sparsity + self.tv * variation
 

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA as AdaLoRAModule
 from ..adapters.elalora import ElaLoRA as ElaLoRAModule
-from .adalora import TripletAllocator
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero
+from .adalora import TripletAllocator
 from .base import MomentFill, migrate
 
 NEW_E = 1e-13  # a new triplet's e: essentially 0, so the model's function does not change (official)

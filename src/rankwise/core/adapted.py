@@ -11,6 +11,7 @@ from .delta import Adapter, Delta, MergeState, OutputAdapter
 from .geometry import BaseKind
 from .precision import at_least_fp32
 
+
 class Adapted(nn.Module):
     """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
 
