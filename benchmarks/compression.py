@@ -170,7 +170,7 @@ class SmallCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         convs = (self.stem, self.conv1, self.conv2, self.conv3, self.conv4)
         x = (x - MEAN) / STD
-        for i, (conv, norm) in enumerate(zip(convs, self.norms)):
+        for i, (conv, norm) in enumerate(zip(convs, self.norms, strict=True)):
             x = F.relu(norm(conv(x)))
             if i in (0, 2):
                 x = F.max_pool2d(x, 2)  # 28 -> 14 after the stem, 14 -> 7 after conv2

@@ -79,7 +79,7 @@ class KroneckerResult:
     error: float
 
     def reconstruct(self) -> Tensor:
-        return sum(torch.kron(b, c) for b, c in zip(self.B, self.C))
+        return sum(torch.kron(b, c) for b, c in zip(self.B, self.C, strict=True))
 
 
 @dataclass(frozen=True)

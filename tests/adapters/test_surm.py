@@ -96,7 +96,7 @@ def test_gradients_equal_the_dense_formula(structure, in_features, out_features)
     delta(x).backward(grad)
     (x_ref @ reference.delta_weight().T).backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
-    for ours, theirs in zip(delta.parameters(), reference.parameters()):
+    for ours, theirs in zip(delta.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_ldr_forward_equals_the_spec_omega_fft_skew_product() -> None:
     x = torch.randn(5, n, dtype=torch.float64)
     omega = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64) / n)
     expected = torch.zeros(5, n, dtype=torch.float64)
-    for a, b in zip(delta.a.detach().double(), delta.b.detach().double()):
+    for a, b in zip(delta.a.detach().double(), delta.b.detach().double(), strict=True):
         skew = (torch.fft.ifft(torch.fft.fft(omega * a) * torch.fft.fft(omega * x)) / omega).real
         expected += skew @ _circulant(b).T
     torch.testing.assert_close(delta(x.float()).double(), expected, rtol=1e-5, atol=1e-5)

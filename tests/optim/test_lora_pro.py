@@ -80,7 +80,7 @@ def test_equivalent_gradient_is_the_tangent_space_projection() -> None:
 def test_adjusted_gradients_equal_the_closed_form() -> None:
     A, B, g, s = _factors()
     G_A, G_B = _raw(A, B, g, s)
-    for ours, reference in zip(adjusted_gradients(A, B, s, G_A, G_B), _closed_form(A, B, s, G_A, G_B)):
+    for ours, reference in zip(adjusted_gradients(A, B, s, G_A, G_B), _closed_form(A, B, s, G_A, G_B), strict=True):
         torch.testing.assert_close(ours, reference, **DAMPED)
 
 
@@ -222,7 +222,7 @@ def test_parameters_without_factors_get_torch_adamw(config_class: type[rw.LoRACo
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
-    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters()):
+    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=name)
     assert not torch.equal(model[2].weight, _mlp_with_head(config_class)[2].weight)
 
@@ -331,7 +331,7 @@ def test_gpt2_conv1d_steps_and_state_dict_round_trip() -> None:
 
     _train(model, optimizer, batches[2:])
     _train(twin, twin_optimizer, batches[2:])
-    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters()):
+    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(ours, theirs), name
 
 

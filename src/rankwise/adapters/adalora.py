@@ -141,7 +141,7 @@ class AdaLoRA(Delta):
                 e = torch.cat([e, grown[1].to(e)])
                 B = torch.cat([B, grown[2].to(B)], dim=1)
         self.A, self.e, self.B = (
-            nn.Parameter(t.contiguous(), requires_grad=o.requires_grad) for t, o in zip((A, e, B), old)
+            nn.Parameter(t.contiguous(), requires_grad=o.requires_grad) for t, o in zip((A, e, B), old, strict=True)
         )
         config = self.config
         self.config = dataclasses.replace(config, rank=self.rank, init_rank=config.init_rank or config.rank)

@@ -162,7 +162,7 @@ class ARDLoRA(RankAllocator):
                     else:
                         high = middle
                 projected = (scales - high * cost).clamp(min=0).minimum(upper)
-        for module, values in zip(modules, projected.split([m.config.heads for m in modules])):
+        for module, values in zip(modules, projected.split([m.config.heads for m in modules]), strict=True):
             module.rank_scale.copy_(values.to(module.rank_scale.dtype))
 
     def _keep_used_slots(self, optimizer: torch.optim.Optimizer) -> None:
@@ -170,7 +170,7 @@ class ARDLoRA(RankAllocator):
             math.ceil(layer.delta.effective_rank().detach().max().item()) for layer in self.layers.values()
         ])
         used = from_rank_zero(used.to(next(iter(self.layers.values())).delta.A.device)).cpu()
-        for layer, slots in zip(self.layers.values(), used.tolist()):
+        for layer, slots in zip(self.layers.values(), used.tolist(), strict=True):
             migrate(optimizer, layer.delta.keep_slots(slots), torch.arange(slots), 0)
 
     def ranks(self) -> dict[str, float]:

@@ -126,7 +126,7 @@ class ElaLoRA(TripletAllocator):
         decision = from_rank_zero(torch.cat([pruned, grown])).cpu()
         pruned, grown = decision[: len(pruned)].bool(), decision[len(pruned):]
         per_layer = pruned.split([len(s) for s in scores])
-        for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer)):
+        for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer, strict=True)):
             count = int(grown[index])
             if not flags.any() and count == 0:
                 continue

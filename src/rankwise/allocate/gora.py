@@ -78,7 +78,7 @@ def allocate_ranks(importance: Sequence[float], sizes: Sequence[int], budget: in
     if not total > 0:
         raise ValueError("GoRA: every layer's importance is 0; the batches gave no gradient to the target weights")
     return [min(max(math.floor(round(budget * i / total) / size), r_min), cap)
-            for i, size, cap in zip(importance, sizes, r_max)]
+            for i, size, cap in zip(importance, sizes, r_max, strict=True)]
 
 
 def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
@@ -134,7 +134,7 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
         raise ValueError(f"gora: sign={sign!r} must be -1 (descent) or 1 (the official code)")
     check_number("gora", "step_size", step_size, 0, low_open=True)
     sizes = [layer.delta.in_features + layer.delta.out_features for layer in layers.values()]
-    budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values())) if budget is None else budget
+    budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values(), strict=True)) if budget is None else budget
     check_number("gora", "budget", budget, 1, integer=True)
 
     gradients = _mean_gradients(model, layers, batches, loss_fn or _model_loss)
@@ -142,14 +142,14 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
     caps = [min(r_max, layer.delta.in_features) for layer in layers.values()]
     ranks = allocate_ranks(importance, sizes, budget, r_min, caps)
     ranks = from_rank_zero(torch.tensor(ranks, device=_device(layers))).cpu().tolist()
-    for index, ((path, layer), rank) in enumerate(zip(layers.items(), ranks)):
+    for index, ((path, layer), rank) in enumerate(zip(layers.items(), ranks, strict=True)):
         _initialize(layer, gradients.pop(path), rank, step_size, sign, seed + index)
-    params = sum(r * s for r, s in zip(ranks, sizes))
+    params = sum(r * s for r, s in zip(ranks, sizes, strict=True))
     if params > budget:
         warnings.warn(f"gora: r_min={r_min} puts the adapters at {params} parameters, over the budget of {budget}",
                       stacklevel=2)
     total = sum(importance)
-    return GoRAAllocation(dict(zip(layers, ranks)), {p: i / total for p, i in zip(layers, importance)}, params, budget)
+    return GoRAAllocation(dict(zip(layers, ranks, strict=True)), {p: i / total for p, i in zip(layers, importance, strict=True)}, params, budget)
 
 
 def _model_loss(model: nn.Module, batch: Any) -> Tensor:

@@ -164,7 +164,7 @@ class Cuttlefish:
                 left, right = layer.factor_matrices()
                 penalty = 0.5 * self.frobenius_decay * (left @ right).square().sum()
                 grads = torch.autograd.grad(penalty, params)
-            for param, grad in zip(params, grads):
+            for param, grad in zip(params, grads, strict=True):
                 if param.grad is None:
                     param.grad = grad
                 else:

@@ -72,7 +72,7 @@ class CompressionReport:
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
         lines.append(f"model: {self.params_before:,} -> {self.params_after:,} parameters "
                      f"({self.compression_ratio:.2f}x); replaced layers' FLOPs {self.flop_reduction:.2f}x fewer")
         if self.kept_full_rank:
