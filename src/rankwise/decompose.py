@@ -79,7 +79,9 @@ class KroneckerResult:
     error: float
 
     def reconstruct(self) -> Tensor:
-        return sum(torch.kron(b, c) for b, c in zip(self.B, self.C, strict=True))
+        total = sum(torch.kron(b, c) for b, c in zip(self.B, self.C, strict=True))
+        assert isinstance(total, Tensor)  # not the empty sum's 0: there is at least one term
+        return total
 
 
 @dataclass(frozen=True)

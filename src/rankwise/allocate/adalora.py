@@ -76,7 +76,8 @@ class Sensitivity:
         entries = self.ema.get(path, {})
         for role, dim in ROLES:
             if role in entries:
-                entries[role] = tuple(_slice_and_pad(t, dim, keep, grown) for t in entries[role])
+                importance, uncertainty = entries[role]
+                entries[role] = (_slice_and_pad(importance, dim, keep, grown), _slice_and_pad(uncertainty, dim, keep, grown))
 
     def clear(self) -> None:
         self.ema = {}

@@ -106,14 +106,14 @@ class ElaLoRA(TripletAllocator):
 
     def _event(self, optimizer: torch.optim.Optimizer, changes: int) -> bool:
         scores = self.scores()
-        pool, owners, positions = [], [], []
+        pools, owner_lists, position_lists = [], [], []
         for index, layer_scores in enumerate(scores):
             # Ranks never fall below 1: a rank-1 layer has no candidates (and so cannot grow either).
             weakest = torch.argsort(layer_scores, stable=True)[: min(self.candidates, len(layer_scores) - 1)]
-            pool.append(layer_scores[weakest])
-            owners.append(torch.full_like(weakest, index))
-            positions.append(weakest)
-        pool, owners, positions = torch.cat(pool), torch.cat(owners), torch.cat(positions)
+            pools.append(layer_scores[weakest])
+            owner_lists.append(torch.full_like(weakest, index))
+            position_lists.append(weakest)
+        pool, owners, positions = torch.cat(pools), torch.cat(owner_lists), torch.cat(position_lists)
         moved = min(changes, len(pool))
         if moved == 0:
             return False

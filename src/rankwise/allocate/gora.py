@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.gora import GoRA as GoRAModule
-from ..adapters.lora import LoRA
+from ..adapters.lora import LoRA, LoRAConfig
 from ..core import geometry
 from ..core.adapted import Adapted
 from ..core.checks import check_number
@@ -124,7 +124,9 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
             raise TypeError(f"gora sets LoRA factors; '{path}' holds {type(layer.delta).__name__}")
         if layer.merged or layer.delta.B.abs().max() > 0:
             raise ValueError(f"gora runs on a freshly adapted model; '{path}' is merged or already trained")
-    r_ref = next(iter(layers.values())).config.rank
+    first = next(iter(layers.values())).config
+    assert isinstance(first, LoRAConfig)  # the config that built the LoRA adapters checked above
+    r_ref = first.rank
     r_min = max(1, r_ref // 2) if r_min is None else r_min
     r_max = 4 * r_ref if r_max is None else r_max
     check_number("gora", "r_min", r_min, 1, integer=True)
@@ -178,14 +180,17 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
     try:
         model.requires_grad_(False)
         for layer in layers.values():
-            layer.base.weight.requires_grad_(True)
+            geometry.layer_weight(layer.base).requires_grad_(True)
         for batch in batches:
             loss_fn(model, batch).backward()
             for path, layer in layers.items():
+                weight = geometry.layer_weight(layer.base)
+                if weight.grad is None:
+                    raise ValueError(f"gora: '{path}' got no gradient from the loss; target layers the loss depends on")
                 # Averaged over processes at every batch, as the official hook does.
-                grad = geometry.as_matrix(layer.base.weight.grad, layer.kind)
+                grad = geometry.as_matrix(weight.grad, layer.kind)
                 sums[path] += mean_across_ranks(grad.float()).cpu()
-                layer.base.weight.grad = None  # the running mean is on the CPU: free the device copy
+                weight.grad = None  # the running mean is on the CPU: free the device copy
             count += 1
     finally:
         for p, flag in flags.items():
@@ -198,6 +203,7 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
 def _initialize(layer: Adapted, gradient: Tensor, rank: int, step_size: float, sign: int, seed: int) -> None:
     """Replace the layer's adapter by one of ``rank`` with ``s B A = sign · γ √(in/r) · G P_A``."""
     old = layer.delta
+    assert isinstance(old, LoRA)  # gora checked every layer's adapter
     config = dataclasses.replace(old.config, rank=rank)
     in_features = old.in_features
     generator = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +267,7 @@ def _sqrt_psd(matrix: Tensor) -> Tensor:
     return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
-def _progress(total: int, enabled: bool, description: str):
+def _progress(total: int, enabled: bool, description: str) -> Any:  # a tqdm bar, or None
     if not enabled:
         return None
     from tqdm.auto import tqdm  # installed with transformers; imported only when asked for
