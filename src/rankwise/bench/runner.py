@@ -110,12 +110,15 @@ class Recipe:
 
     def base_lr(self, task: Task) -> float:
         if self.lr_from == "method":
+            assert self.method is not None  # __post_init__ refuses lr_from="method" without one
             return registry.get(self.method).config_class.recommended_lr
         return HEAD_LR if self.lr_from == "head" else task.full_lr
 
     def configured(self, config: AdapterConfig, task: Task) -> AdapterConfig:
         """The budget-sized ``config`` as this recipe trains it on ``task``: fitted by the method to
         a run of the task's steps (a schedule measured in steps), then by ``configure``."""
+        if self.method is None:
+            raise ValueError(f"recipe {self.name!r} is a reference: it trains no adapter config")
         config = registry.get(self.method).module_class.for_run(config, task.sizes.steps)
         return config if self.configure is None else self.configure(config, task)
 
@@ -126,6 +129,8 @@ class Recipe:
     def prepare(self, model: nn.Module, task: Task, config: AdapterConfig | None) -> nn.Module:
         """Adapt ``model`` (or set which parameters train, for a reference)."""
         if self.method is not None:
+            if config is None:
+                raise ValueError(f"recipe {self.name!r}: method {self.method!r} needs a config to adapt with")
             return rw.adapt(model, config)
         model.requires_grad_(self.reference == "all")
         for path in task.head:
@@ -336,7 +341,7 @@ def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, l
 def _row(task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: int, factor: float,
          lr: float, run: Trained) -> dict[str, Any]:
     tail = run.losses[-max(1, len(run.losses) // 10):]
-    row = dict.fromkeys(FIELDS, "")
+    row: dict[str, Any] = dict.fromkeys(FIELDS, "")
     row.update(
         task=task.name, method=recipe.name, seed=seed, lr=f"{lr:.3g}" if run.trainable else "-",
         lr_factor=f"{factor:.4g}", selected="no",
@@ -356,6 +361,7 @@ def _size_pattern(model: nn.Module) -> str:
     if not any(module_overrides(layer) for layer in layers):
         return ""
     knob = type(layers[0].config).size_knob
+    assert knob is not None  # layers of different sizes: the method has a size knob
     return f"final {knob} per layer: " + " ".join(str(getattr(layer.delta.config, knob)) for layer in layers)
 
 
@@ -500,7 +506,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
         try:
             sizing = size_to_budget(task.pretrained, recipe.method, budget, targets=task.targets, trainable=task.head)
         except (ValueError, TypeError) as error:  # the method cannot adapt this task's layers
-            row = dict.fromkeys(FIELDS, "")
+            row: dict[str, Any] = dict.fromkeys(FIELDS, "")
             row.update(task=task.name, method=recipe.name, status="unsupported", note=str(error), budget=budget)
             results.add([row], [])
             bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")
@@ -536,6 +542,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
                 if best is None or _score(task, row) > _score(task, best[0]):
                     best = (row, trained)  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
+            assert best is not None  # factors has more than one entry
             best_row, best_run = best
             best_row["selected"] = "yes"
             _add_metrics(best_row, "test", task.evaluate(best_run.model, "test", device))
