@@ -117,8 +117,6 @@ class Recipe:
     def configured(self, config: AdapterConfig, task: Task) -> AdapterConfig:
         """The budget-sized ``config`` as this recipe trains it on ``task``: fitted by the method to
         a run of the task's steps (a schedule measured in steps), then by ``configure``."""
-        if self.method is None:
-            raise ValueError(f"recipe {self.name!r} is a reference: it trains no adapter config")
         config = registry.get(self.method).module_class.for_run(config, task.sizes.steps)
         return config if self.configure is None else self.configure(config, task)
 
@@ -542,7 +540,6 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
                 if best is None or _score(task, row) > _score(task, best[0]):
                     best = (row, trained)  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
-            assert best is not None  # factors has more than one entry
             best_row, best_run = best
             best_row["selected"] = "yes"
             _add_metrics(best_row, "test", task.evaluate(best_run.model, "test", device))

@@ -7,7 +7,7 @@ training, and the result stays a dense, trainable model (adapters and quantizati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,15 +153,15 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]],
                     calibration: Iterable[Any]) -> dict[str, Tensor]:
     """``(1/N) Σ z zᵀ`` of each layer's bias-free output over the calibration batches, in float64."""
     sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, Tensor] = {}
 
-    def hook_for(path: str, kind: BaseKind) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+    def hook_for(path: str, kind: BaseKind):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             z = output if module.bias is None else output - _bias_view(module, kind)
             if kind == "conv2d":
                 z = z.movedim(1, -1)  # (batch, h, w, out): one output vector per position
             z = z.detach().reshape(-1, z.shape[-1]).to(torch.float64)
-            sums[path] = sums[path] + z.T @ z if path in sums else z.T @ z
+            sums[path] = sums.get(path, 0) + z.T @ z
             counts[path] = counts.get(path, 0) + z.shape[0]
         return hook
 
