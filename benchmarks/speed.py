@@ -238,11 +238,15 @@ def run_workload(key: str, rounds: int, methods: set[str] | None, clock: Callabl
         f"### {workload.name}",
         "",
         (
-            f"Floor: train step {1e3 * train.seconds['floor']:.1f} ms, inference {1e3 * infer.seconds['floor']:.1f} ms, "
+            f"Floor: train step {1e3 * train.seconds['floor']:.1f} ms, "
+            f"inference {1e3 * infer.seconds['floor']:.1f} ms, "
             f"{memory['floor']:.0f} MB kept for backward."
         ),
         "",
-        "| method | train ms | train / floor | FLOP limit | train / limit | infer / floor (merged) | memory MB | PEFT train / floor | rankwise / PEFT train | PEFT memory MB |",
+        (
+            "| method | train ms | train / floor | FLOP limit | train / limit | infer / floor (merged) | memory MB "
+            "| PEFT train / floor | rankwise / PEFT train | PEFT memory MB |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in _cases():
@@ -317,7 +321,8 @@ def main() -> None:
     sections = [run_workload(key, args.rounds, methods, CLOCKS[args.clock]) for key in args.workloads]
     header = (
         f"Run {datetime.date.today()} on {_machine()} ({platform.machine()}), torch {torch.__version__}, "
-        f"PEFT {peft.__version__ if peft else '—'}, {args.threads} thread{'s' if args.threads != 1 else ''}, fp32, {args.clock} time, medians of {args.rounds} rounds, "
+        f"PEFT {peft.__version__ if peft else '—'}, {args.threads} thread{'s' if args.threads != 1 else ''}, fp32, "
+        f"{args.clock} time, medians of {args.rounds} rounds, "
         f"each ratio paired with the floor (or PEFT) timed just before it. Load average {load:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (other processes on the machine).\n\n"
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ def _seed() -> None:
 class MLP(nn.Module):
     def __init__(self, sizes: tuple[int, ...] = (16, 32, 24, 8)) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         self.head = nn.Linear(sizes[-1], 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

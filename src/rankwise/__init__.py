@@ -4,6 +4,8 @@
     model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
 """
 
+from types import ModuleType
+
 from . import adapters, allocate, compress, decompose, interop, optim
 from .adapters import *  # noqa: F403  (every method config, e.g. rw.LoRAConfig)
 from .core.adapted import Adapted
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     # rw.integrations imports transformers, which takes seconds: loaded on first use only.
     if name == "integrations":
         import importlib

@@ -86,12 +86,13 @@ def inspect(args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(f"modules: {len(rows)}")
     for row in [header, *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(f"adapter parameters: {total:,}")
     if meta["trainable_modules"]:
         try:
             with safetensors.safe_open(tensors, framework="pt") as file:
-                shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}
+                # safe_open has keys() but is not iterable, so `in file` would fail.
+                shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118
         except safetensors.SafetensorError as error:
             raise rw.CheckpointError(f"{tensors} is not a readable safetensors file: {error}") from None
         for path in meta["trainable_modules"]:
@@ -118,6 +119,7 @@ def merge(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model}: architecture {config.architectures[0]!r} is not a transformers class")
     model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
     model = rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)
+    assert isinstance(model, transformers.PreTrainedModel)  # adapters wrap its layers, never the model itself
     model.save_pretrained(args.out)
     if (Path(args.model) / "tokenizer_config.json").is_file():
         transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True).save_pretrained(args.out)

@@ -79,7 +79,9 @@ class KroneckerResult:
     error: float
 
     def reconstruct(self) -> Tensor:
-        return sum(torch.kron(b, c) for b, c in zip(self.B, self.C))
+        total = sum(torch.kron(b, c) for b, c in zip(self.B, self.C, strict=True))
+        assert isinstance(total, Tensor)  # not the empty sum's 0: there is at least one term
+        return total
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def weighted_als(A: Tensor, weights: Tensor, rank: int, *, ridge: float = 0.0, i
     W, Z = _random_factors(A, rank, seed)
     target = weights * A
     previous = float("inf")
-    for sweep in range(1, iterations + 1):
+    for sweep in range(1, iterations + 1):  # noqa: B007 (returned: the number of sweeps run)
         Z = _solve_rows(weights.T, target.T, W.T, ridge).T
         W = _solve_rows(weights, target, Z, ridge)
         error = _relative_error(A, W @ Z, weights)
@@ -214,7 +216,7 @@ def hadamard(A: Tensor, ranks: tuple[int, int], *, ridge: float = 0.0, iteration
     W1, Z1 = _random_factors(A, ranks[0], generator)
     W2, Z2 = _random_factors(A, ranks[1], generator)
     previous = float("inf")
-    for sweep in range(1, iterations + 1):
+    for sweep in range(1, iterations + 1):  # noqa: B007 (returned: the number of sweeps run)
         for _ in range(2):
             fixed = W2 @ Z2
             weights, target = fixed.square(), fixed * A

@@ -66,6 +66,8 @@ class RankAllocationCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        if optimizer is None:
+            raise ValueError("RankAllocationCallback: the Trainer passed no optimizer to on_optimizer_step")
         self.allocator.step(optimizer)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -52,7 +52,7 @@ def test_forward_and_gradients_match_the_dense_formula(detach: bool, out_feature
     model(x).square().sum().backward()
 
     torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(params, reference):
+    for ours, theirs in zip(params, reference, strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
 
 

@@ -136,7 +136,7 @@ def test_gradients_equal_the_dense_formula(hybrid_rank: int) -> None:
     delta(x).backward(grad)
     (x_ref @ reference.delta_weight().T).backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
-    for ours, theirs in zip(delta.parameters(), reference.parameters()):
+    for ours, theirs in zip(delta.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
 
 

@@ -96,7 +96,7 @@ def test_gradients_equal_the_dense_formula(structure, in_features, out_features)
     delta(x).backward(grad)
     (x_ref @ reference.delta_weight().T).backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
-    for ours, theirs in zip(delta.parameters(), reference.parameters()):
+    for ours, theirs in zip(delta.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_ldr_forward_equals_the_omega_fft_skew_product() -> None:
     x = torch.randn(5, n, dtype=torch.float64)
     omega = torch.exp(1j * math.pi * torch.arange(n, dtype=torch.float64) / n)
     expected = torch.zeros(5, n, dtype=torch.float64)
-    for a, b in zip(delta.a.detach().double(), delta.b.detach().double()):
+    for a, b in zip(delta.a.detach().double(), delta.b.detach().double(), strict=True):
         skew = (torch.fft.ifft(torch.fft.fft(omega * a) * torch.fft.fft(omega * x)) / omega).real
         expected += skew @ _circulant(b).T
     torch.testing.assert_close(delta(x.float()).double(), expected, rtol=1e-5, atol=1e-5)
@@ -162,12 +162,12 @@ def test_parameter_count_is_the_formula(config, in_features, out_features, expec
 def test_kron_factor_must_divide_both_dims() -> None:
     with pytest.raises(ValueError, match=r"surm on '0': kron_factor=16 must divide in_features=24 and out_features=32"):
         rw.adapt(nn.Sequential(nn.Linear(24, 32)), rw.SURMConfig(structure="kronecker", targets="0"))
+    config = rw.SURMAdapterConfig(structure="kronecker", kron_factor=5, targets="0")
     with pytest.raises(ValueError, match=r"surm_adapter on '0': kron_factor=5 must divide the layer's out_features=32"):
-        config = rw.SURMAdapterConfig(structure="kronecker", kron_factor=5, targets="0")
         rw.adapt(nn.Sequential(nn.Linear(24, 32)), config)
 
 
-@pytest.mark.parametrize("structure", ("circulant", "toeplitz", "kronecker"))
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "kronecker"])
 def test_adapter_equals_its_dense_formula_and_has_no_merge(structure: str) -> None:
     config = rw.SURMAdapterConfig(structure=structure, kron_factor=2, targets="0")
     model = _adapted(10, 6, config)
@@ -182,7 +182,7 @@ def test_adapter_equals_its_dense_formula_and_has_no_merge(structure: str) -> No
         rw.merge(model)
 
 
-@pytest.mark.parametrize("structure", ("circulant", "toeplitz"))
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz"])
 def test_adapter_gradients_equal_its_dense_formula(structure: str) -> None:
     model = _adapted(10, 6, rw.SURMAdapterConfig(structure=structure, targets="0"))
     delta = model[0].delta

@@ -111,7 +111,7 @@ def test_masks_match_peft_adalora_on_identical_weights() -> None:
     x, y = _data()
     optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (theirs, ours)]
     for t in range(STEPS):
-        for model, optimizer in zip((theirs, ours), optimizers):
+        for model, optimizer in zip((theirs, ours), optimizers, strict=True):
             nn.functional.mse_loss(model(x), y).backward()
             optimizer.step()
         theirs.base_model.update_and_allocate(t)
@@ -129,7 +129,7 @@ def test_budget_holds_at_every_step_and_the_final_total_is_the_target() -> None:
     alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=5, t_init=3, t_final=8, delta_t=2)
     _train(model, alloc)
     history = alloc.history
-    assert all(total <= budget for total, budget in zip(history.totals, history.budgets))
+    assert all(total <= budget for total, budget in zip(history.totals, history.budgets, strict=True))
     assert history.budgets == sorted(history.budgets, reverse=True)
     assert history.budgets[0] == 12 and history.budgets[-1] == 5
     assert history.totals[-1] == 5 and sum(layer.delta.rank for layer in (model.a, model.b, model.c)) == 5
@@ -233,7 +233,7 @@ def test_misuse_raises() -> None:
     model = _adapted()
     alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=10, t_init=1, t_final=2)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+    with pytest.raises(RuntimeError, match=r"before optimizer\.zero_grad"):
         alloc.step(optimizer)  # no backward: no gradients
     alloc.t = 10
     with pytest.raises(ValueError, match="past total_steps=10"):

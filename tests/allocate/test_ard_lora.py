@@ -85,7 +85,7 @@ def test_penalty_by_hand() -> None:
     model = _model()
     alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, l1=0.1, tv=0.5, warmup=0)
     with torch.no_grad():
-        for layer, value in zip((model[0], model[2], model[4]), (1.0, 1.5, 0.25)):
+        for layer, value in zip((model[0], model[2], model[4]), (1.0, 1.5, 0.25), strict=True):
             layer.delta.rank_scale.fill_(value)
     # One chain "*" (paths 0, 2, 4): 0.1 (1 + 1.5 + 0.25) + 0.5 ((1.5 − 1)² + (0.25 − 1.5)²)
     torch.testing.assert_close(alloc.penalty(), torch.tensor(0.1 * 2.75 + 0.5 * (0.25 + 1.5625)))
@@ -130,7 +130,7 @@ def test_budget_projection_is_the_euclidean_one() -> None:
     alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=0, budget=budget)
     wanted = torch.tensor([2.5, 1.9, 0.3])
     with torch.no_grad():
-        for layer, value in zip((model[0], model[2], model[4]), wanted):
+        for layer, value in zip((model[0], model[2], model[4]), wanted, strict=True):
             layer.delta.rank_scale.fill_(value)
     alloc.project()
     cost = torch.tensor([4.0 * 24, 4.0 * 32, 4.0 * 20])
@@ -158,7 +158,7 @@ def test_budget_holds_and_the_end_keeps_only_used_slots(tmp_path) -> None:
     optimizer.step()
     assert alloc.step(optimizer)  # the last step drops unused slots
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
-    for layer, rank in zip((model[0], model[2], model[4]), ranks.values()):
+    for layer, rank in zip((model[0], model[2], model[4]), ranks.values(), strict=True):
         assert layer.delta.config.slots == math.ceil(rank) < 8
     rw.save_adapter(model, tmp_path)
     loaded = rw.load_adapter(_base(), tmp_path)

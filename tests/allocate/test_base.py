@@ -46,7 +46,7 @@ def test_surviving_entries_keep_their_exact_moments_and_new_ones_start_per_spec(
 
 
 def test_zero_fill_and_the_next_step_runs() -> None:
-    a, b, optimizer = _trained_adam()
+    a, _, optimizer = _trained_adam()
     keep = torch.tensor([1])
     new_a = nn.Parameter(torch.cat([a.detach()[keep], torch.ones(1, 3)]))
     migrate(optimizer, [(a, new_a, 0)], keep, grown=1, fill="zero")
@@ -68,7 +68,7 @@ def test_sgd_momentum_is_sliced() -> None:
 
 
 def test_a_parameter_outside_the_optimizer_raises() -> None:
-    a, _, optimizer = _trained_adam()
+    _, _, optimizer = _trained_adam()
     stranger = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="not in the optimizer"):
         migrate(optimizer, [(stranger, nn.Parameter(torch.zeros(1)), 0)], torch.tensor([0]), 0)
@@ -79,7 +79,7 @@ def test_unknown_optimizer_state_raises_naming_it() -> None:
     optimizer = torch.optim.Adagrad([p])
     p.sum().backward()
     optimizer.step()
-    with pytest.raises(TypeError, match="Adagrad.*'sum'"):
+    with pytest.raises(TypeError, match=r"Adagrad.*'sum'"):
         migrate(optimizer, [(p, nn.Parameter(p.detach()[:1]), 0)], torch.tensor([0]), 0)
 
 

@@ -64,7 +64,7 @@ def test_one_event_by_hand() -> None:
     # {0.02, 0.03}, layer 2 → {0.3, 0.6}. Prune the two lowest (both in layer 1), grow at the two
     # highest (0.6 in layer 2, 0.5 in layer 0).
     scores = {"0": [0.5, 0.1, 0.9], "2": [0.02, 0.03, 0.8], "4": [0.6, 0.7, 0.3]}
-    for path, layer in zip(scores, _layers(model)):
+    for path, layer in zip(scores, _layers(model), strict=True):
         root = torch.tensor(scores[path]).sqrt().unsqueeze(1)
         zeros = (torch.zeros_like(layer.delta.A), torch.zeros_like(layer.delta.B))
         alloc.tracker.ema[path] = {"A": (zeros[0], zeros[0]), "e": (root, root), "B": (zeros[1], zeros[1])}
@@ -131,9 +131,9 @@ def test_total_rank_is_constant_and_ranks_never_fall_below_one() -> None:
     alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=3, t_init=2, t_final=2, delta_t=2)
     _train(model, alloc)
     history = alloc.history
-    assert all(total == budget == 9 for total, budget in zip(history.totals, history.budgets))
+    assert all(total == budget == 9 for total, budget in zip(history.totals, history.budgets, strict=True))
     assert min(min(row) for row in history.ranks) >= 1
-    assert len({row for row in history.ranks}) > 1  # ranks did move
+    assert len(set(history.ranks)) > 1  # ranks did move
     assert [layer.delta.rank for layer in _layers(model)] == list(alloc.ranks().values())
 
 

@@ -57,13 +57,13 @@ def test_initial_update_is_a_projected_descent_step() -> None:
     weights = [plain[i].weight for i in (0, 2, 4)]
     gradients = [torch.zeros_like(w) for w in weights]
     for batch in _batches():  # G = (1/n) Σ ∂L/∂W, from plain autograd on the unadapted model
-        for total, g in zip(gradients, torch.autograd.grad(_loss(plain, batch), weights)):
-            total += g / len(_batches())
+        for total, g in zip(gradients, torch.autograd.grad(_loss(plain, batch), weights), strict=True):
+            total.add_(g / len(_batches()))
     model = _adapted()
     result = rw.allocate.gora(model, _batches(), loss_fn=_loss, step_size=0.05)
-    importance = [(w * g).abs().mean().item() for w, g in zip(weights, gradients)]
+    importance = [(w * g).abs().mean().item() for w, g in zip(weights, gradients, strict=True)]
     assert list(result.importance.values()) == pytest.approx([i / sum(importance) for i in importance], rel=1e-5)
-    for (path, rank), gradient in zip(result.ranks.items(), gradients):
+    for (path, rank), gradient in zip(result.ranks.items(), gradients, strict=True):
         delta = model.get_submodule(path).delta
         A = delta.A.detach().double()
         projector = A.T @ torch.linalg.inv(A @ A.T) @ A

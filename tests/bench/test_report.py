@@ -4,6 +4,7 @@ metric plot tells every row apart."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_points_of_near_equal_counts_are_spread_apart_in_order_and_lone_points_s
     crowded = sorted((positions[i], counts[i], i) for i in (0, 2, 3, 4, 6))
     assert [i for _, _, i in crowded] == [3, 0, 2, 6, 4]  # by count, ties in the given order
     logs = [math.log10(x) for x, _, _ in crowded]
-    assert all(b - a >= 0.02 * 0.999 for a, b in zip(logs, logs[1:]))
+    assert all(b - a >= 0.02 * 0.999 for a, b in pairwise(logs))
 
 
 def test_the_metric_plot_has_a_legend_entry_per_trained_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

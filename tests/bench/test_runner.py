@@ -13,10 +13,10 @@ import torch
 
 import rankwise as rw
 from rankwise.bench import runner
-from rankwise.core import registry
-from rankwise.core.delta import Adapter
 from rankwise.bench.budget import default_budget
 from rankwise.bench.tasks import TASKS, AssetMissing, Friends, Sizes, Synthetic, Task
+from rankwise.core import registry
+from rankwise.core.delta import Adapter
 
 pytestmark = pytest.mark.slow  # whole benchmark runs, if tiny ones
 
@@ -153,7 +153,7 @@ def test_an_interrupted_run_resumes_from_the_rows_written(
 def test_results_of_other_settings_are_not_mixed(tmp_path: Path, tiny: Sizes, make_preset: MakePreset) -> None:
     runner.run_bench(tmp_path, make_preset(), methods=("frozen",), progress=False)
     longer = make_preset(sizes=dataclasses.replace(tiny, steps=7))
-    with pytest.raises(ValueError, match="other settings.*sizes"):
+    with pytest.raises(ValueError, match=r"other settings.*sizes"):
         runner.run_bench(tmp_path, longer, methods=("frozen",), progress=False)
 
 

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from _tiny_cnn import TinyCNN, batches
 
 from rankwise.compress import Cuttlefish, LowRankConv2d, stable_rank
 from rankwise.compress.report import count_params
+
+from _tiny_cnn import TinyCNN, batches
 
 
 def _with_singular_values(values: list[float], shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 from torch import nn
-from _tiny_cnn import TinyCNN, batches
 
 from rankwise.compress import TRP, LowRankConv2d
 from rankwise.compress.report import count_params
+
+from _tiny_cnn import TinyCNN, batches
 
 
 def _matrix(weight: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -75,7 +76,7 @@ def test_nuclear_gradient_is_lambda_u_k_v_k_transposed() -> None:
     nn.functional.cross_entropy(model(x), y).backward()
     plain = model.conv2.weight.grad.clone()
     trp.add_nuclear_gradient()
-    U, S, Vh = torch.linalg.svd(_matrix(model.conv2.weight, "channel"), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(_matrix(model.conv2.weight, "channel"), full_matrices=False)
     k = trp.ranks["conv2"]
     expected = plain + 0.1 * (U[:, :k] @ Vh[:k]).reshape(model.conv2.weight.shape)
     torch.testing.assert_close(model.conv2.weight.grad, expected, rtol=0, atol=1e-5)

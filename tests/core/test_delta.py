@@ -24,7 +24,7 @@ def test_products_have_plain_autograd_gradients(rank: int) -> None:
         inputs = [t for t in (y, hidden, B) if t.grad_fn is None]
         got = torch.autograd.grad((fused * weights).sum(), inputs, allow_unused=True)
         want = torch.autograd.grad((plain * weights).sum(), inputs, allow_unused=True)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert (g is None) == (w is None)
             if g is not None:
                 torch.testing.assert_close(g, w)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -147,7 +149,7 @@ def test_hadamard_error_never_rises() -> None:
     # Each half-step is an exact least-squares minimization, so the error is monotone.
     A = torch.randn(10, 8, dtype=DOUBLE)
     errors = [decompose.hadamard(A, (2, 2), iterations=i, tol=0, seed=2).error for i in (1, 2, 5, 20, 60)]
-    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:]))
+    assert all(later <= earlier + 1e-12 for earlier, later in pairwise(errors))
     assert errors[-1] < errors[0]
 
 

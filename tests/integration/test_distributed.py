@@ -35,8 +35,8 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _train(model: nn.Module, batches, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     share = GLOBAL_BATCH // world
-    for x, y in batches:
-        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    for x_all, y_all in batches:
+        x, y = x_all[rank * share:(rank + 1) * share], y_all[rank * share:(rank + 1) * share]
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()

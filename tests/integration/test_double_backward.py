@@ -37,7 +37,7 @@ def _check_second_derivatives(model: nn.Module, trainable: dict[str, torch.Tenso
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
 
     def forward(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, dict(zip(trainable, values)), (x,))
+        return functional_call(model, dict(zip(trainable, values, strict=True)), (x,))
 
     inputs = (x, *(p.detach().requires_grad_() for p in trainable.values()))
     if exact:
@@ -78,5 +78,5 @@ def test_dora_second_derivatives_equal_the_dense_formula_with_a_detached_norm() 
     v = base.weight + delta.scale * delta.B @ delta.A
     weight = (delta.magnitude / v.norm(dim=1).detach()).unsqueeze(1) * v
     reference = torch.autograd.grad(penalty(x @ weight.T + base.bias), list(trainable.values()))
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

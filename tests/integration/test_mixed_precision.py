@@ -33,7 +33,7 @@ def test_bf16_base_fp32_adapter_trains_and_merges(name: str) -> None:
     # only error (outputs add the rounding of every activation on top).
     expected = [layer.delta.merged_weight(layer.base.weight.float()).detach() for layer in layers]
     rw.merge(model)
-    for layer, weight in zip(layers, expected):
+    for layer, weight in zip(layers, expected, strict=True):
         error = (layer.base.weight.float() - weight).abs().max()
         assert error <= torch.finfo(torch.bfloat16).eps * weight.abs().max(), layer
 

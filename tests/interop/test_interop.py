@@ -235,7 +235,7 @@ def test_from_peft_names_tensors_that_do_not_fit(tmp_path) -> None:
     peft.get_peft_model(Classifier(), peft.LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path)
     other = nn.Sequential()
     other.encoder = nn.Sequential(nn.Linear(8, 32))
-    with pytest.raises(rw.CheckpointError, match="mis-shaped keys.*encoder.0.lora_B"):
+    with pytest.raises(rw.CheckpointError, match=r"mis-shaped keys.*encoder\.0\.lora_B"):
         rw.interop.from_peft(other, tmp_path)
 
 

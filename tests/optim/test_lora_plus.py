@@ -87,7 +87,7 @@ def test_param_groups_work_with_any_torch_optimizer_and_round_trip() -> None:
     twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # not shared with the original
     train(model, optimizer, batches[2:])
     train(twin, twin_optimizer, batches[2:])
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(ours, theirs)
 
 

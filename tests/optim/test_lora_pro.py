@@ -37,7 +37,7 @@ def _raw(A: Tensor, B: Tensor, g: Tensor, s: float) -> tuple[Tensor, Tensor]:
 
 def _least_squares_fit(A: Tensor, B: Tensor, g: Tensor, s: float) -> Tensor:
     """argmin over {s B a + s b A} of ||· − g||_F, by lstsq on the row-major Kronecker form."""
-    m, r = B.shape
+    m = B.shape[0]
     n = A.shape[1]
     features = s * torch.cat([torch.kron(B, torch.eye(n, dtype=F64)), torch.kron(torch.eye(m, dtype=F64), A.T.contiguous())], dim=1)
     solution = torch.linalg.lstsq(features, g.reshape(-1, 1), driver="gelsd").solution
@@ -80,7 +80,7 @@ def test_equivalent_gradient_is_the_tangent_space_projection() -> None:
 def test_adjusted_gradients_equal_the_closed_form() -> None:
     A, B, g, s = _factors()
     G_A, G_B = _raw(A, B, g, s)
-    for ours, reference in zip(adjusted_gradients(A, B, s, G_A, G_B), _closed_form(A, B, s, G_A, G_B)):
+    for ours, reference in zip(adjusted_gradients(A, B, s, G_A, G_B), _closed_form(A, B, s, G_A, G_B), strict=True):
         torch.testing.assert_close(ours, reference, **DAMPED)
 
 
@@ -103,7 +103,7 @@ def test_sylvester_X_solves_its_equation_and_keeps_the_gradients_closest() -> No
     A, B, g, s = _factors()
     G_A, G_B = _raw(A, B, g, s)
     g_A0, g_B0 = adjusted_gradients(A, B, s, G_A, G_B, X=torch.zeros(3, 3, dtype=F64))
-    g_A, g_B = adjusted_gradients(A, B, s, G_A, G_B)
+    g_A, _ = adjusted_gradients(A, B, s, G_A, G_B)
     X = (g_A - g_A0) @ A.T @ torch.linalg.inv(A @ A.T)  # g_A = g_A(0) + X A
 
     rhs = -torch.linalg.inv(B.T @ B) @ G_A @ A.T / s**2
@@ -222,7 +222,7 @@ def test_parameters_without_factors_get_torch_adamw(config_class: type[rw.LoRACo
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
-    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters()):
+    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=name)
     assert not torch.equal(model[2].weight, _mlp_with_head(config_class)[2].weight)
 
@@ -331,7 +331,7 @@ def test_gpt2_conv1d_steps_and_state_dict_round_trip() -> None:
 
     _train(model, optimizer, batches[2:])
     _train(twin, twin_optimizer, batches[2:])
-    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters()):
+    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(ours, theirs), name
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +66,14 @@ class AdaLoRAConfig(AdapterConfig):
 
 
 @register("adalora", AdaLoRAConfig)
-class AdaLoRA(Delta):
+class AdaLoRA(Delta[AdaLoRAConfig]):
     """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRAAllocator``."""
 
     example_config = {"rank": 2}
 
     def __init__(self, w0: Tensor, config: AdaLoRAConfig) -> None:
         super().__init__(w0, config)
-        kwargs = {"dtype": w0.dtype, "device": w0.device}
+        kwargs: dict[str, Any] = {"dtype": w0.dtype, "device": w0.device}
         self.A = nn.Parameter(torch.empty(config.rank, self.in_features, **kwargs).normal_(0, INIT_STD))
         # e = 0, so ΔW = 0 at step 0 while A and B start random (their gradients flow through e).
         self.e = nn.Parameter(torch.zeros(config.rank, 1, **kwargs))
@@ -141,7 +141,7 @@ class AdaLoRA(Delta):
                 e = torch.cat([e, grown[1].to(e)])
                 B = torch.cat([B, grown[2].to(B)], dim=1)
         self.A, self.e, self.B = (
-            nn.Parameter(t.contiguous(), requires_grad=o.requires_grad) for t, o in zip((A, e, B), old)
+            nn.Parameter(t.contiguous(), requires_grad=o.requires_grad) for t, o in zip((A, e, B), old, strict=True)
         )
         config = self.config
         self.config = dataclasses.replace(config, rank=self.rank, init_rank=config.init_rank or config.rank)

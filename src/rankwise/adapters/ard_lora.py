@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class ARDLoRAConfig(AdapterConfig):
 
 
 @register("ard_lora", ARDLoRAConfig)
-class ARDLoRA(Delta):
+class ARDLoRA(Delta[ARDLoRAConfig]):
     """ARD-LoRA-style: LoRA per head, each head's rank r0·α learned through a gate (our reconstruction)."""
 
     example_config = {"rank": 2}
@@ -87,7 +87,7 @@ class ARDLoRA(Delta):
         self.group_in = self.in_features // heads if side == "in" else self.in_features
         self.group_out = self.out_features // heads if side == "out" else self.out_features
         slots = config.num_slots
-        kwargs = {"dtype": w0.dtype, "device": w0.device}
+        kwargs: dict[str, Any] = {"dtype": w0.dtype, "device": w0.device}
         bound = 1 / math.sqrt(self.group_in)  # kaiming-uniform (a = √5), as LoRA's A
         self.A = nn.Parameter(torch.empty(heads, slots, self.group_in, **kwargs).uniform_(-bound, bound))
         self.B = nn.Parameter(torch.zeros(heads, self.group_out, slots, **kwargs))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Reparam
+from ..core.delta import MergeState, Reparam
 from ..core.registry import register
 
 
@@ -46,7 +46,7 @@ class BatConfig(AdapterConfig):
 
 
 @register("bat", BatConfig)
-class Bat(Reparam):
+class Bat(Reparam[BatConfig]):
     """Bat: block affine W'_ij = W_ij (I + D_i) + D_i, weight-guided; r·out parameters, ≥ MiSS's quality."""
 
     # The r × r blocks of a flattened k × k kernel would cut across kernel taps and channels, a layout
@@ -85,7 +85,7 @@ class Bat(Reparam):
         merged = merged.unflatten(1, (self.D.shape[1], -1)) + D.unsqueeze(2)
         return merged.reshape(self.out_features, self.in_features)
 
-    def restore_weight(self, merged: Tensor, state: None) -> Tensor:
+    def restore_weight(self, merged: Tensor, state: MergeState) -> Tensor:
         """``W_ij = (W'_ij − D_i)(I + D_i)^{-1}``, solved rather than inverted; D alone inverts
         the merge, so there is no merge state."""
         D = self.D.to(merged.dtype)

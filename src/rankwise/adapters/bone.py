@@ -48,7 +48,7 @@ class BoneConfig(AdapterConfig):
 
 
 @register("bone", BoneConfig)
-class Bone(Delta):
+class Bone(Delta[BoneConfig]):
     """Bone / MiSS: ΔW repeats one trainable r × out shard across the input; r·out parameters."""
 
     example_config = {"rank": 2}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.delta import Reparam
+from ..core.delta import MergeState, Reparam
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 from .dora import DoRAConfig, floor_norm, scale_rows
@@ -44,7 +44,7 @@ class BoRAConfig(DoRAConfig):
 
 
 @register("bora", BoRAConfig)
-class BoRA(LowRank, Reparam):
+class BoRA(LowRank[BoRAConfig], Reparam[BoRAConfig]):
     """BoRA: row and column magnitudes around a LoRA-updated direction; ≥ DoRA by small margins."""
 
     exact_gradients = False  # both norms are detached in backward, unless detach_norms=False
@@ -106,6 +106,7 @@ class BoRA(LowRank, Reparam):
         direction = w0 + self.lowrank_weight().to(w0.dtype)
         return row_gain.unsqueeze(1) * direction * column_gain, (row_gain, column_gain)
 
-    def restore_weight(self, merged: Tensor, gains: tuple[Tensor, Tensor]) -> Tensor:
+    def restore_weight(self, merged: Tensor, gains: MergeState) -> Tensor:
+        assert isinstance(gains, tuple)  # what merged_with_state returned: (row gain, column gain)
         row_gain, column_gain = (g.to(merged.dtype) for g in gains)
         return merged / column_gain / row_gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ def _block_size(in_features: int, out_features: int, config: C3AConfig) -> int:
 
 
 @register("c3a", C3AConfig)
-class C3A(Delta):
+class C3A(Delta[C3AConfig]):
     """C3A: block-circulant ΔW by FFT; in·out/b parameters at any rank, needs a large learning rate."""
 
     example_config = {"block_size": 4}
@@ -126,7 +126,7 @@ class _BlockCirculant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, kernel: Tensor) -> Tensor:
         _, p, b = kernel.shape
         weight = _kernel_spectrum(kernel, x.shape[1])  # (F, q, p)
         mixed = torch.bmm(_spectrum(x, p, b), weight.mH)  # (F, tokens, q)
@@ -138,7 +138,7 @@ class _BlockCirculant(torch.autograd.Function):
         return _signal(mixed, b)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, kernel = ctx.saved_tensors
         weight = _kernel_spectrum(kernel, x.shape[1])
         b, (frequencies, q, p) = ctx.block_size, weight.shape

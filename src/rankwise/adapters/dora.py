@@ -9,17 +9,16 @@ https://arxiv.org/abs/2402.09353.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.delta import Reparam
+from ..core.delta import MergeState, Reparam
 from ..core.precision import apply_in, at_least_fp32
 from ..core.registry import register
 from .lora import LoRAConfig, LowRank
-
 
 # Far below the norm of any row a weight uses, and a normal number in fp32 (smallest 1.2e-38).
 _NORM_FLOOR = 1e-12
@@ -34,7 +33,7 @@ class DoRAConfig(LoRAConfig):
 
 
 @register("dora", DoRAConfig)
-class DoRA(LowRank, Reparam):
+class DoRA(LowRank[DoRAConfig], Reparam[DoRAConfig]):
     """DoRA: magnitude × direction, the direction updated by LoRA; ≈ LoRA's quality, sometimes better."""
 
     supported_bases = frozenset({"linear", "conv1d"})
@@ -89,7 +88,8 @@ class DoRA(LowRank, Reparam):
         norm = floor_norm(torch.linalg.vector_norm(direction, dim=1, dtype=at_least_fp32(direction.dtype))).to(w0.dtype)
         return (self.magnitude.to(w0.dtype) / norm).unsqueeze(1) * direction, norm
 
-    def restore_weight(self, merged: Tensor, norm: Tensor) -> Tensor:
+    def restore_weight(self, merged: Tensor, norm: MergeState) -> Tensor:
+        assert isinstance(norm, Tensor)  # what merged_with_state returned: the row norms of V
         gain = self.magnitude.to(merged.dtype) / norm.to(merged.dtype)
         return merged / gain.unsqueeze(1) - self.lowrank_weight().to(merged.dtype)
 
@@ -119,13 +119,13 @@ class _ScaleRows(torch.autograd.Function):
     ``vecdot`` reduces it without one."""
 
     @staticmethod
-    def forward(ctx, direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx: Any, direction: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(direction, gain)
         ctx.has_bias = bias is not None
         return direction * gain if bias is None else torch.addcmul(bias, direction, gain)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         direction, gain = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_direction = grad * gain if ctx.needs_input_grad[0] else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class GraLoRAConfig(AdapterConfig):
 
 
 @register("gralora", GraLoRAConfig)
-class GraLoRA(Delta):
+class GraLoRA(Delta[GraLoRAConfig]):
     """GraLoRA: k × k blocks of rank r/k each (+ optional LoRA); LoRA's parameter count, rank up to k·r.
 
     Parameters, in PEFT's layout: ``A`` (k, in/k, r), where ``A[n]`` holds ``A_{jn}ᵀ`` for every
@@ -84,7 +84,7 @@ class GraLoRA(Delta):
         for name, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % k:
                 raise ValueError(f"k={k} must divide {name}={size}")
-        factory = {"dtype": w0.dtype, "device": w0.device}
+        factory: dict[str, Any] = {"dtype": w0.dtype, "device": w0.device}
         # Kaiming-uniform (a = √5) per input block: bound 1/√(in/k), as PEFT; B = 0, so ΔW = 0.
         bound = 1 / math.sqrt(self.in_features // k)
         self.A = nn.Parameter(torch.empty(k, self.in_features // k, config.rank, **factory).uniform_(-bound, bound))
@@ -161,7 +161,7 @@ class _GridProduct(torch.autograd.Function):
         return (hidden * scale).view(tokens, k, k, rank // k).permute(2, 0, 1, 3).reshape(k, tokens, rank)
 
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, y: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, A: Tensor, B: Tensor, scale: float, y: Tensor | None) -> Tensor:
         k, block_out = A.shape[0], B.shape[2]
         hidden = _GridProduct.hidden(x, A, scale)
         blocks = [
@@ -174,7 +174,7 @@ class _GridProduct(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B, hidden = ctx.saved_tensors
         if torch.is_grad_enabled():
             hidden = _GridProduct.hidden(x, A, ctx.scale)

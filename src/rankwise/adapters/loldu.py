@@ -53,10 +53,15 @@ class LoLDUConfig(AdapterConfig):
 
 
 @register("loldu", LoLDUConfig)
-class LoLDU(Delta):
+class LoLDU(Delta[LoLDUConfig]):
     """LoLDU: the diagonal of W0's LU factors is trained, L and U frozen; r parameters per layer."""
 
     example_config = {"rank": 2}
+    # Buffers (register_buffer), declared for the type checker; sigma is a Parameter instead when trained.
+    L: Tensor
+    U: Tensor
+    initial: Tensor
+    sigma: Tensor
 
     def __init__(self, w0: Tensor, config: LoLDUConfig) -> None:
         super().__init__(w0, config)

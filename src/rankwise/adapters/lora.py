@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,11 @@ class LoRAConfig(AdapterConfig):
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-class LowRank(Adapter):
+# LoRA's config or a variant's (DoRA, BoRA): the factors are sized from its rank alone.
+LoRAConfigT = TypeVar("LoRAConfigT", bound=LoRAConfig)
+
+
+class LowRank(Adapter[LoRAConfigT]):
     """The factors ``A`` (rank, in) and ``B`` (out, rank) and the branch ``s · B A x``.
 
     Shared by LoRA and the methods that build on its direction update (DoRA, BoRA); each is
@@ -64,7 +68,7 @@ class LowRank(Adapter):
 
     example_config = {"rank": 2}
 
-    def __init__(self, w0: Tensor, config: LoRAConfig) -> None:
+    def __init__(self, w0: Tensor, config: LoRAConfigT) -> None:
         super().__init__(w0, config)
         self.A = nn.Parameter(torch.empty(config.rank, self.in_features, dtype=w0.dtype, device=w0.device))
         self.B = nn.Parameter(torch.zeros(self.out_features, config.rank, dtype=w0.dtype, device=w0.device))
@@ -77,7 +81,7 @@ class LowRank(Adapter):
         self.scale = config.scale
 
     @classmethod
-    def num_params(cls, in_features: int, out_features: int, config: LoRAConfig) -> int:
+    def num_params(cls, in_features: int, out_features: int, config: LoRAConfigT) -> int:
         return config.rank * (in_features + out_features)
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter, float]:
@@ -106,7 +110,7 @@ class LowRank(Adapter):
 
 
 @register("lora", LoRAConfig)
-class LoRA(LowRank, Delta):
+class LoRA(LowRank[LoRAConfig], Delta[LoRAConfig]):
     """LoRA (and rsLoRA): ΔW = s · B A, rank r; the reference low-rank adapter."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,7 +137,7 @@ class _Direction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w0: Tensor, A: Tensor, up: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, w0: Tensor, A: Tensor, up: Tensor, scale: float) -> Tensor:
         hidden = F.linear(x, A) * scale  # (tokens, rank)
         out = (x @ w0.t()).addmm_(hidden, up)
         ctx.save_for_backward(x, w0, A, up, hidden)
@@ -141,7 +145,7 @@ class _Direction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w0, A, up, hidden = ctx.saved_tensors
         if torch.is_grad_enabled():
             hidden = F.linear(x, A) * ctx.scale

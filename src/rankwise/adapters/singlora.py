@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product, low_rank_product
+from ..core.delta import Delta, MergeState, add_product, low_rank_product
 from ..core.registry import register
 from ..core.steps import Stepped
 
@@ -62,7 +62,7 @@ class SingLoRAConfig(AdapterConfig):
 
 
 @register("singlora", SingLoRAConfig)
-class SingLoRA(Delta, Stepped):
+class SingLoRA(Delta[SingLoRAConfig], Stepped):
     """SingLoRA: ΔW = s·u(t)·A_out A_inᵀ from one matrix A; half of LoRA's parameters at equal rank.
 
     On a square layer ΔW is positive semi-definite (times the sign of s): SingLoRA cannot express
@@ -71,6 +71,7 @@ class SingLoRA(Delta, Stepped):
     """
 
     example_config = {"rank": 2}
+    step: Tensor  # a buffer (register_buffer), declared for the type checker
 
     def __init__(self, w0: Tensor, config: SingLoRAConfig) -> None:
         super().__init__(w0, config)
@@ -131,7 +132,8 @@ class SingLoRA(Delta, Stepped):
         ramp = self.ramp()
         return w0 + self._delta_weight(ramp).to(w0.dtype), ramp
 
-    def restore_weight(self, merged: Tensor, ramp: Tensor) -> Tensor:
+    def restore_weight(self, merged: Tensor, ramp: MergeState) -> Tensor:
+        assert isinstance(ramp, Tensor)  # what merged_with_state returned: u(t) at merge time
         return merged - self._delta_weight(ramp).to(merged.dtype)
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ class _CircularConvolution(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, t: Tensor, x: Tensor, size: int) -> Tensor:
+    def forward(ctx: Any, t: Tensor, x: Tensor, size: int) -> Tensor:
         t_spectrum, x_spectrum = torch.fft.rfft(t, n=size), torch.fft.rfft(x, n=size)
         ctx.save_for_backward(t_spectrum, x_spectrum)
         ctx.size, ctx.t_shape, ctx.x_shape = size, t.shape, x.shape
@@ -142,7 +142,7 @@ class _CircularConvolution(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the saved spectra are constants to autograd: double backward raises
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         t_spectrum, x_spectrum = ctx.saved_tensors
         size, t_shape, x_shape = ctx.size, ctx.t_shape, ctx.x_shape
         spectrum = torch.fft.rfft(grad, n=size)
@@ -193,7 +193,7 @@ def _offsets(n: int, device: torch.device) -> Tensor:
 
 
 @register("surm", SURMConfig)
-class SURM(Delta):
+class SURM(Delta[SURMConfig]):
     """SURM: ΔW circulant, Toeplitz, Kronecker or LDR; O(d) parameters at unrestricted rank."""
 
     double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
@@ -270,7 +270,7 @@ class SURM(Delta):
 
 
 @register("surm_adapter", SURMAdapterConfig)
-class SURMAdapter(OutputAdapter):
+class SURMAdapter(OutputAdapter[SURMAdapterConfig]):
     """SURM adapter: h + GELU(M h) + β after a layer, M a structured d × d matrix; 3d parameters (circulant)."""
 
     double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
@@ -279,7 +279,7 @@ class SURMAdapter(OutputAdapter):
         super().__init__(w0, config)
         self.structure = config.structure
         a_shape, b_shape = self.factor_shapes(self.out_features, config)
-        factory = {"dtype": w0.dtype, "device": w0.device}
+        factory: dict[str, Any] = {"dtype": w0.dtype, "device": w0.device}
         self.a = nn.Parameter(torch.empty(a_shape, **factory).normal_(std=0.02))  # official init
         self.b = nn.Parameter(torch.zeros(b_shape, **factory))  # M = 0: h ← h + GELU(0) + 0 = h at step 0
         self.bias = nn.Parameter(torch.zeros(self.out_features, **factory))  # β

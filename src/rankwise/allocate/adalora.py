@@ -49,7 +49,7 @@ class Sensitivity:
         """
         entries = self.ema.setdefault(path, {})
         with torch.no_grad():
-            for (role, _), p in zip(ROLES, module.triplets()):
+            for (role, _), p in zip(ROLES, module.triplets(), strict=True):
                 if p.grad is None:
                     raise RuntimeError(
                         f"'{path}.delta.{role}' has no gradient: call the allocator's step() after "
@@ -65,7 +65,7 @@ class Sensitivity:
         """``S_i`` for each triplet of the layer, shape (rank,); zeros before any update."""
         entries = self.ema.get(path, {})
         scores = []
-        for (role, _), p in zip(ROLES, module.triplets()):
+        for (role, _), p in zip(ROLES, module.triplets(), strict=True):
             mean, spread = entries.get(role, (torch.zeros_like(p), torch.zeros_like(p)))
             scores.append(mean * spread)
         A, e, B = scores
@@ -76,7 +76,8 @@ class Sensitivity:
         entries = self.ema.get(path, {})
         for role, dim in ROLES:
             if role in entries:
-                entries[role] = tuple(_slice_and_pad(t, dim, keep, grown) for t in entries[role])
+                importance, uncertainty = entries[role]
+                entries[role] = (_slice_and_pad(importance, dim, keep, grown), _slice_and_pad(uncertainty, dim, keep, grown))
 
     def clear(self) -> None:
         self.ema = {}
@@ -224,7 +225,7 @@ class AdaLoRAAllocator(TripletAllocator):
         masked = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
         masked[torch.argsort(scores, stable=True)[: self.init_budget - budget]] = 1
         masked = from_rank_zero(masked).cpu().bool()
-        for path, chunk in zip(self.layers, masked.split([len(m) for m in self.masks.values()])):
+        for path, chunk in zip(self.layers, masked.split([len(m) for m in self.masks.values()]), strict=True):
             self.masks[path] = ~chunk
         self._budget = budget
         self._apply_masks()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any, Literal
 
 import torch
@@ -111,7 +112,7 @@ class ARDLoRAAllocator(RankAllocator):
         scales = {path: layer.delta.rank_scale for path, layer in self.layers.items()}
         sparsity = sum(s.abs().sum() for s in scales.values())
         variation = sum(
-            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in zip(chain, chain[1:])
+            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in pairwise(chain)
         )
         return self.l1 * sparsity + self.tv * variation
 
@@ -163,7 +164,7 @@ class ARDLoRAAllocator(RankAllocator):
                     else:
                         high = middle
                 projected = (scales - high * cost).clamp(min=0).minimum(upper)
-        for module, values in zip(modules, projected.split([m.config.heads for m in modules])):
+        for module, values in zip(modules, projected.split([m.config.heads for m in modules]), strict=True):
             module.rank_scale.copy_(values.to(module.rank_scale.dtype))
 
     def _keep_used_slots(self, optimizer: torch.optim.Optimizer) -> None:
@@ -171,7 +172,7 @@ class ARDLoRAAllocator(RankAllocator):
             math.ceil(layer.delta.effective_rank().detach().max().item()) for layer in self.layers.values()
         ])
         used = from_rank_zero(used.to(next(iter(self.layers.values())).delta.A.device)).cpu()
-        for layer, slots in zip(self.layers.values(), used.tolist()):
+        for layer, slots in zip(self.layers.values(), used.tolist(), strict=True):
             migrate(optimizer, layer.delta.keep_slots(slots), torch.arange(slots), 0)
 
     def ranks(self) -> dict[str, float]:

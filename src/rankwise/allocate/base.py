@@ -58,7 +58,7 @@ class History:
         """The ranks after the last recorded step."""
         if not self.ranks:
             raise ValueError("the history is empty: no allocator step has run")
-        return dict(zip(self.paths, self.ranks[-1]))
+        return dict(zip(self.paths, self.ranks[-1], strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ..adapters.adalora import AdaLoRA
 from ..adapters.elalora import ElaLoRA
-from .adalora import TripletAllocator
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero
+from .adalora import TripletAllocator
 from .base import MomentFill, migrate
 
 NEW_E = 1e-13  # a new triplet's e: essentially 0, so the model's function does not change (official)
@@ -107,14 +107,14 @@ class ElaLoRAAllocator(TripletAllocator):
 
     def _event(self, optimizer: torch.optim.Optimizer, changes: int) -> bool:
         scores = self.scores()
-        pool, owners, positions = [], [], []
+        pools, owner_lists, position_lists = [], [], []
         for index, layer_scores in enumerate(scores):
             # Ranks never fall below 1: a rank-1 layer has no candidates (and so cannot grow either).
             weakest = torch.argsort(layer_scores, stable=True)[: min(self.candidates, len(layer_scores) - 1)]
-            pool.append(layer_scores[weakest])
-            owners.append(torch.full_like(weakest, index))
-            positions.append(weakest)
-        pool, owners, positions = torch.cat(pool), torch.cat(owners), torch.cat(positions)
+            pools.append(layer_scores[weakest])
+            owner_lists.append(torch.full_like(weakest, index))
+            position_lists.append(weakest)
+        pool, owners, positions = torch.cat(pools), torch.cat(owner_lists), torch.cat(position_lists)
         moved = min(changes, len(pool))
         if moved == 0:
             return False
@@ -127,7 +127,7 @@ class ElaLoRAAllocator(TripletAllocator):
         decision = from_rank_zero(torch.cat([pruned, grown])).cpu()
         pruned, grown = decision[: len(pruned)].bool(), decision[len(pruned):]
         per_layer = pruned.split([len(s) for s in scores])
-        for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer)):
+        for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer, strict=True)):
             count = int(grown[index])
             if not flags.any() and count == 0:
                 continue

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.gora import GoRA as GoRAModule
-from ..adapters.lora import LoRA
+from ..adapters.lora import LoRA, LoRAConfig
 from ..core import geometry
 from ..core.adapted import Adapted
 from ..core.checks import check_number
@@ -78,7 +78,7 @@ def allocate_ranks(importance: Sequence[float], sizes: Sequence[int], budget: in
     if not total > 0:
         raise ValueError("GoRA: every layer's importance is 0; the batches gave no gradient to the target weights")
     return [min(max(math.floor(round(budget * i / total) / size), r_min), cap)
-            for i, size, cap in zip(importance, sizes, r_max)]
+            for i, size, cap in zip(importance, sizes, r_max, strict=True)]
 
 
 def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
@@ -124,7 +124,9 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
             raise TypeError(f"gora sets LoRA factors; '{path}' holds {type(layer.delta).__name__}")
         if layer.merged or layer.delta.B.abs().max() > 0:
             raise ValueError(f"gora runs on a freshly adapted model; '{path}' is merged or already trained")
-    r_ref = next(iter(layers.values())).config.rank
+    first = next(iter(layers.values())).config
+    assert isinstance(first, LoRAConfig)  # the config that built the LoRA adapters checked above
+    r_ref = first.rank
     r_min = max(1, r_ref // 2) if r_min is None else r_min
     r_max = 4 * r_ref if r_max is None else r_max
     check_number("gora", "r_min", r_min, 1, integer=True)
@@ -134,7 +136,7 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
         raise ValueError(f"gora: sign={sign!r} must be -1 (descent) or 1 (the official code)")
     check_number("gora", "step_size", step_size, 0, low_open=True)
     sizes = [layer.delta.in_features + layer.delta.out_features for layer in layers.values()]
-    budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values())) if budget is None else budget
+    budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values(), strict=True)) if budget is None else budget
     check_number("gora", "budget", budget, 1, integer=True)
 
     gradients = _mean_gradients(model, layers, batches, loss_fn or _model_loss)
@@ -142,14 +144,14 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
     caps = [min(r_max, layer.delta.in_features) for layer in layers.values()]
     ranks = allocate_ranks(importance, sizes, budget, r_min, caps)
     ranks = from_rank_zero(torch.tensor(ranks, device=_device(layers))).cpu().tolist()
-    for index, ((path, layer), rank) in enumerate(zip(layers.items(), ranks)):
+    for index, ((path, layer), rank) in enumerate(zip(layers.items(), ranks, strict=True)):
         _initialize(layer, gradients.pop(path), rank, step_size, sign, seed + index)
-    params = sum(r * s for r, s in zip(ranks, sizes))
+    params = sum(r * s for r, s in zip(ranks, sizes, strict=True))
     if params > budget:
         warnings.warn(f"gora: r_min={r_min} puts the adapters at {params} parameters, over the budget of {budget}",
                       stacklevel=2)
     total = sum(importance)
-    return GoRAAllocation(dict(zip(layers, ranks)), {p: i / total for p, i in zip(layers, importance)}, params, budget)
+    return GoRAAllocation(dict(zip(layers, ranks, strict=True)), {p: i / total for p, i in zip(layers, importance, strict=True)}, params, budget)
 
 
 def _model_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -178,14 +180,17 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
     try:
         model.requires_grad_(False)
         for layer in layers.values():
-            layer.base.weight.requires_grad_(True)
+            geometry.layer_weight(layer.base).requires_grad_(True)
         for batch in batches:
             loss_fn(model, batch).backward()
             for path, layer in layers.items():
+                weight = geometry.layer_weight(layer.base)
+                if weight.grad is None:
+                    raise ValueError(f"gora: '{path}' got no gradient from the loss; target layers the loss depends on")
                 # Averaged over processes at every batch, as the official hook does.
-                grad = geometry.as_matrix(layer.base.weight.grad, layer.kind)
+                grad = geometry.as_matrix(weight.grad, layer.kind)
                 sums[path] += mean_across_ranks(grad.float()).cpu()
-                layer.base.weight.grad = None  # the running mean is on the CPU: free the device copy
+                weight.grad = None  # the running mean is on the CPU: free the device copy
             count += 1
     finally:
         for p, flag in flags.items():
@@ -198,6 +203,7 @@ def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Itera
 def _initialize(layer: Adapted, gradient: Tensor, rank: int, step_size: float, sign: int, seed: int) -> None:
     """Replace the layer's adapter by one of ``rank`` with ``s B A = sign · γ √(in/r) · G P_A``."""
     old = layer.delta
+    assert isinstance(old, LoRA)  # gora checked every layer's adapter
     config = dataclasses.replace(old.config, rank=rank)
     in_features = old.in_features
     generator = torch.Generator().manual_seed(seed)

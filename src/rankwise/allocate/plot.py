@@ -13,10 +13,10 @@ def rank_summary(history: History) -> str:
     if not history.ranks:
         raise ValueError("the history is empty: no allocator step has run")
     first, last = history.ranks[0], history.ranks[-1]
-    rows = [(path, _fmt(start), _fmt(end)) for path, start, end in zip(history.paths, first, last)]
+    rows = [(path, _fmt(start), _fmt(end)) for path, start, end in zip(history.paths, first, last, strict=True)]
     header = ("layer", f"rank at step {history.steps[0]}", f"rank at step {history.steps[-1]}")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     budget = history.budgets[-1]
     budget_text = "none" if budget is None else _fmt(budget)
     lines.append(f"total ({history.unit}): {_fmt(history.totals[-1])}; budget: {budget_text}")
@@ -41,7 +41,7 @@ def plot(history: History, path: str | os.PathLike) -> Path:
     except ImportError as error:
         raise ImportError("rankwise.allocate.plot needs matplotlib: pip install matplotlib") from error
 
-    columns = list(zip(*history.ranks))  # one row per layer
+    columns = list(zip(*history.ranks, strict=True))  # one row per layer
     height = max(2.0, 0.25 * len(history.paths))  # a readable row per layer
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, height + 2.5), height_ratios=(height, 2),
                                          sharex=True, constrained_layout=True)

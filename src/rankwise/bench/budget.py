@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -57,7 +58,7 @@ def layer_shapes(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int
     shapes = {}
     for path in find_targets(model, config):
         module = model.get_submodule(path)
-        out_features, in_features = geometry.weight_matrix(module, geometry.base_kind(module)).shape
+        out_features, in_features = geometry.weight_matrix(module, geometry.check_supported(module, path)).shape
         shapes[path] = (in_features, out_features)
     return shapes
 
@@ -95,13 +96,14 @@ def size_to_budget(model: nn.Module, method: str, budget: int, *, targets: tuple
     default = registry.make_config(method, targets=targets, trainable=trainable)
     shapes = layer_shapes(model, default)
     knob = type(default).size_knob
+    candidates: list[tuple[int | None, AdapterConfig]] = []
     if knob is None:
-        candidates = [(None, default)]
+        candidates.append((None, default))
     else:
-        candidates = []
-        for value in range(1, max(max(shape) for shape in shapes.values()) + 1):
+        for setting in range(1, max(max(shape) for shape in shapes.values()) + 1):
+            size: dict[str, Any] = {knob: setting}
             try:
-                candidates.append((value, dataclasses.replace(default, **{knob: value})))
+                candidates.append((setting, dataclasses.replace(default, **size)))
             except ValueError:  # outside the field's range, e.g. a knob with a lower bound above 1
                 continue
     counted = []

@@ -184,7 +184,7 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
     counts = [row.trainable_params for row in trained]
     # A log axis shows at least about one decade, however close the counts.
     decades = max(1.0, math.log10(max(counts) / min(counts))) if counts else 1.0
-    positions = dict(zip((row.method for row in trained), spread(counts, SPREAD * decades)))
+    positions = dict(zip((row.method for row in trained), spread(counts, SPREAD * decades), strict=True))
     methods = 0
     for row in aggregated:
         mean, std = (v * scale for v in row.metrics[task.primary])
@@ -193,12 +193,12 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
             axes.annotate(row.method, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=8, color="grey")
             continue
         if row.method in REFERENCES:
-            style = {"color": "black", "marker": REFERENCES[row.method]}
+            color, marker = "black", REFERENCES[row.method]
         else:
-            style = {"color": f"C{methods % 10}", "marker": MARKERS[methods % len(MARKERS)]}
+            color, marker = f"C{methods % 10}", MARKERS[methods % len(MARKERS)]
             methods += 1
         axes.errorbar(positions[row.method], mean, yerr=std, linestyle="none", capsize=3, markersize=5,
-                      label=row.method, **style)
+                      label=row.method, color=color, marker=marker)
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (incl. head); points of near-equal counts spread sideways")
     axes.set_ylabel(f"test {LABELS[task.primary]}")

@@ -110,6 +110,7 @@ class Recipe:
 
     def base_lr(self, task: Task) -> float:
         if self.lr_from == "method":
+            assert self.method is not None  # __post_init__ refuses lr_from="method" without one
             return registry.get(self.method).config_class.recommended_lr
         return HEAD_LR if self.lr_from == "head" else task.full_lr
 
@@ -126,6 +127,8 @@ class Recipe:
     def prepare(self, model: nn.Module, task: Task, config: AdapterConfig | None) -> nn.Module:
         """Adapt ``model`` (or set which parameters train, for a reference)."""
         if self.method is not None:
+            if config is None:
+                raise ValueError(f"recipe {self.name!r}: method {self.method!r} needs a config to adapt with")
             return rw.adapt(model, config)
         model.requires_grad_(self.reference == "all")
         for path in task.head:
@@ -336,7 +339,7 @@ def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, l
 def _row(task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: int, factor: float,
          lr: float, run: Trained) -> dict[str, Any]:
     tail = run.losses[-max(1, len(run.losses) // 10):]
-    row = dict.fromkeys(FIELDS, "")
+    row: dict[str, Any] = dict.fromkeys(FIELDS, "")
     row.update(
         task=task.name, method=recipe.name, seed=seed, lr=f"{lr:.3g}" if run.trainable else "-",
         lr_factor=f"{factor:.4g}", selected="no",
@@ -356,6 +359,7 @@ def _size_pattern(model: nn.Module) -> str:
     if not any(module_overrides(layer) for layer in layers):
         return ""
     knob = type(layers[0].config).size_knob
+    assert knob is not None  # layers of different sizes: the method has a size knob
     return f"final {knob} per layer: " + " ".join(str(getattr(layer.delta.config, knob)) for layer in layers)
 
 
@@ -500,7 +504,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
         try:
             sizing = size_to_budget(task.pretrained, recipe.method, budget, targets=task.targets, trainable=task.head)
         except (ValueError, TypeError) as error:  # the method cannot adapt this task's layers
-            row = dict.fromkeys(FIELDS, "")
+            row: dict[str, Any] = dict.fromkeys(FIELDS, "")
             row.update(task=task.name, method=recipe.name, status="unsupported", note=str(error), budget=budget)
             results.add([row], [])
             bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero
-from ..core.geometry import BaseKind, check_supported
+from ..core.geometry import BaseKind, check_supported, layer_weight
 from .layers import LowRankLayer, scheme_matrix
 from .replace import replace_at_ranks, select_layers, spatial_conv_targets
 from .report import CompressionReport, saves_parameters
@@ -164,7 +165,7 @@ class Cuttlefish:
                 left, right = layer.factor_matrices()
                 penalty = 0.5 * self.frobenius_decay * (left @ right).square().sum()
                 grads = torch.autograd.grad(penalty, params)
-            for param, grad in zip(params, grads):
+            for param, grad in zip(params, grads, strict=True):
                 if param.grad is None:
                     param.grad = grad
                 else:
@@ -175,7 +176,8 @@ class Cuttlefish:
         parameter except the factors (which take Frobenius decay instead, when it is on); none on
         1-D parameters (biases, norms)."""
         factors = {id(p) for layer in self._factorized() for p in (layer.U.weight, layer.V.weight)}
-        decayed, free = [], []
+        decayed: list[nn.Parameter] = []
+        free: list[nn.Parameter] = []
         for param in self.model.parameters():
             if not param.requires_grad:
                 continue
@@ -186,11 +188,12 @@ class Cuttlefish:
     def _factorized(self) -> list[LowRankLayer]:
         if self.report is None:
             return []
-        return [self.model.get_submodule(layer.path) for layer in self.report.layers]
+        # The report lists the layers this switch replaced, each by a LowRankLinear or LowRankConv2d.
+        return [cast(LowRankLayer, self.model.get_submodule(layer.path)) for layer in self.report.layers]
 
     def _agree(self, value: int) -> int:
         """Rank 0's value on every replica (SVDs may round differently across devices)."""
-        tensor = torch.tensor(value, dtype=torch.int64, device=self.layers[0][1].weight.device)
+        tensor = torch.tensor(value, dtype=torch.int64, device=layer_weight(self.layers[0][1]).device)
         return int(from_rank_zero(tensor).item())
 
     def _flat(self, series: list[int], threshold: float) -> bool:

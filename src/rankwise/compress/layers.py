@@ -95,7 +95,7 @@ class LowRankConv2d(nn.Module):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        kwargs = {"dtype": dtype, "device": device}
+        kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
         if scheme == "channel":
             self.V = nn.Conv2d(in_channels, rank, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bias=False, **kwargs)
             self.U = nn.Conv2d(rank, out_channels, 1, bias=bias, **kwargs)
@@ -153,8 +153,9 @@ def scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme) -> Tensor:
     """The matrix a scheme factors: the layer's (out, in) weight matrix (``core.geometry``), except
     for a conv in the spatial scheme (see the module docstring)."""
     if kind == "conv2d" and scheme == "spatial":
-        n, c, kh, kw = layer.weight.shape
-        return layer.weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+        weight = geometry.layer_weight(layer)
+        n, c, kh, kw = weight.shape
+        return weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
     return geometry.weight_matrix(layer, kind)
 
 
@@ -168,27 +169,42 @@ def from_scheme_matrix(matrix: Tensor, kind: BaseKind, scheme: Scheme, shape: tu
 
 def write_scheme_matrix(layer: nn.Module, kind: BaseKind, scheme: Scheme, matrix: Tensor) -> None:
     """Copy a scheme matrix back into the layer's weight, in place."""
+    weight = geometry.layer_weight(layer)
     with torch.no_grad():
-        layer.weight.copy_(from_scheme_matrix(matrix, kind, scheme, tuple(layer.weight.shape)))
+        weight.copy_(from_scheme_matrix(matrix, kind, scheme, tuple(weight.shape)))
 
 
 def empty_like_layer(layer: nn.Module, kind: BaseKind, rank: int, scheme: Scheme) -> LowRankLayer:
     """An uninitialized low-rank replacement of ``layer`` at ``rank``, same dtype and device."""
-    kwargs = {"bias": layer.bias is not None, "dtype": layer.weight.dtype, "device": layer.weight.device}
+    weight = geometry.layer_weight(layer)
+    kwargs: dict[str, Any] = {
+        "bias": geometry.layer_bias(layer) is not None, "dtype": weight.dtype, "device": weight.device
+    }
     if kind == "conv2d":
-        return LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, rank, scheme=scheme,
-                             stride=layer.stride, padding=layer.padding, dilation=layer.dilation, **kwargs)
+        assert isinstance(layer, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
+        return LowRankConv2d(layer.in_channels, layer.out_channels, _pair(layer.kernel_size), rank, scheme=scheme,
+                             stride=_pair(layer.stride), padding=_pair(layer.padding), dilation=_pair(layer.dilation),
+                             **kwargs)
     out_features, in_features = scheme_matrix(layer, kind, scheme).shape
     return LowRankLinear(in_features, out_features, rank, **kwargs)
+
+
+def _pair(value: tuple[int, ...] | str) -> tuple[int, int]:
+    # nn.Conv2d keeps kernel_size, stride, padding and dilation as pairs; check_supported refuses
+    # string padding ("same", "valid") before a layer gets here.
+    assert not isinstance(value, str) and len(value) == 2
+    return value[0], value[1]
 
 
 def from_factors(layer: nn.Module, kind: BaseKind, scheme: Scheme, left: Tensor, right: Tensor) -> LowRankLayer:
     """A low-rank replacement of ``layer`` with ``left @ right`` as its scheme matrix and its bias."""
     new = empty_like_layer(layer, kind, left.shape[1], scheme)
     new.set_factor_matrices(left, right)
-    if layer.bias is not None:
+    bias = geometry.layer_bias(layer)
+    if bias is not None:
+        assert new.U.bias is not None  # built with a bias because the layer has one
         with torch.no_grad():
-            new.U.bias.copy_(layer.bias)
+            new.U.bias.copy_(bias)
     return new
 
 

@@ -12,6 +12,8 @@ effective rank, a Fréchet distance of generated images) is in :mod:`rankwise.co
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,7 +119,7 @@ def train_autoencoder(model: Autoencoder, images: Tensor, *, steps: int, batch_s
     return losses
 
 
-def _progress(total: int, enabled: bool, description: str):
+def _progress(total: int, enabled: bool, description: str) -> Any:  # a tqdm bar, or None
     if not enabled:
         return None
     from tqdm.auto import tqdm  # installed with transformers; imported only when asked for

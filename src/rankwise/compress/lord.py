@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..core.checks import check_number
 from ..core.config import ALL_LINEAR
 from ..core.distributed import sum_across_ranks
-from ..core.geometry import BaseKind, check_supported
+from ..core.geometry import BaseKind, check_supported, layer_bias
 from ..decompose import rank_for_energy
 from .layers import LowRankLayer, from_factors, scheme_matrix, svd_factors
 from .replace import replace_layers, select_layers
@@ -131,6 +131,7 @@ def _rank(weight: Tensor, rank_ratio: float | None, energy: float | None, eigenv
     full = min(weight.shape)
     if rank_ratio is not None:
         return max(1, round(rank_ratio * full))
+    assert energy is not None  # lord() takes exactly one of rank_ratio and energy
     if eigenvalues is None:
         eigenvalues = torch.linalg.svdvals(weight.detach().float()).square()
     return min(rank_for_energy(eigenvalues, energy), full)
@@ -192,4 +193,6 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]],
 
 
 def _bias_view(module: nn.Module, kind: BaseKind) -> Tensor:
-    return module.bias.view(1, -1, 1, 1) if kind == "conv2d" else module.bias
+    bias = layer_bias(module)
+    assert bias is not None  # called only for a layer with a bias
+    return bias.view(1, -1, 1, 1) if kind == "conv2d" else bias

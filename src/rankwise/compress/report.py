@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core.geometry import BaseKind
+from ..core.geometry import BaseKind, layer_bias
 from .layers import Scheme, scheme_matrix
 
 
@@ -72,7 +72,7 @@ class CompressionReport:
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
         lines.append(f"model: {self.params_before:,} -> {self.params_after:,} parameters "
                      f"({self.compression_ratio:.2f}x); replaced layers' FLOPs {self.flop_reduction:.2f}x fewer")
         if self.kept_full_rank:
@@ -89,6 +89,7 @@ def layer_report(path: str, layer: nn.Module, kind: BaseKind, scheme: Scheme, ra
     macs = factored
     if kind == "conv2d" and scheme == "spatial":
         # The vertical conv is not strided along the width: about stride_w columns per output one.
+        assert isinstance(layer, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
         n, c, kh, kw = layer.weight.shape
         macs = rank * (c * kh * layer.stride[1] + n * kw)
     return LayerReport(path, kind, scheme, rank, min(rows, cols), weight + _bias(layer), factored + _bias(layer),
@@ -107,4 +108,5 @@ def count_params(model: nn.Module) -> int:
 
 
 def _bias(layer: nn.Module) -> int:
-    return 0 if layer.bias is None else layer.bias.numel()
+    bias = layer_bias(layer)
+    return 0 if bias is None else bias.numel()

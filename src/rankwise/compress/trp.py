@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero
-from ..core.geometry import BaseKind, check_supported
+from ..core.geometry import BaseKind, check_supported, layer_weight
 from ..decompose import truncated_svd
 from .layers import SCHEMES, Scheme, from_scheme_matrix, scheme_matrix, write_scheme_matrix
 from .replace import replace_at_ranks, select_layers, spatial_conv_targets
@@ -101,11 +101,12 @@ class TRP:
             subgradient = self._subgradients.pop(path, None)
             if subgradient is None:
                 continue
-            if layer.weight.grad is None:
+            weight = layer_weight(layer)
+            if weight.grad is None:
                 raise ValueError(f"TRP: '{path}' has no gradient; call add_nuclear_gradient() after backward()")
             with torch.no_grad():
-                gradient = from_scheme_matrix(subgradient, kind, self.scheme, tuple(layer.weight.shape))
-                layer.weight.grad.add_(gradient, alpha=self.nuclear_weight)
+                gradient = from_scheme_matrix(subgradient, kind, self.scheme, tuple(weight.shape))
+                weight.grad.add_(gradient, alpha=self.nuclear_weight)
 
     def convert(self, *, threshold: float | None = None) -> CompressionReport:
         """Replace each target by its truncated-SVD pair of the current weights.
@@ -133,7 +134,7 @@ class TRP:
                 rank = self.ranks[path]
             else:
                 rank = truncated_svd(scheme_matrix(layer, kind, self.scheme).detach().float(), threshold=threshold).rank
-                rank = int(from_rank_zero(torch.tensor(rank, device=layer.weight.device)).item())
+                rank = int(from_rank_zero(torch.tensor(rank, device=layer_weight(layer).device)).item())
             if saves_parameters(layer, kind, self.scheme, rank):
                 ranks[path] = rank
             else:

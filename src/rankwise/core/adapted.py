@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from . import geometry
 from .config import AdapterConfig
-from .delta import Adapter, Delta, MergeState, OutputAdapter
+from .delta import Adapter, Delta, MergeState, OutputAdapter, Reparam
 from .geometry import BaseKind
 from .precision import at_least_fp32
+
 
 class Adapted(nn.Module):
     """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
@@ -42,7 +45,7 @@ class Adapted(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base layer's weight, so code that reads ``layer.weight`` (dtype, device) still works."""
-        return self.base.weight
+        return geometry.layer_weight(self.base)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
@@ -64,8 +67,9 @@ class Adapted(nn.Module):
             if self.kind != "conv2d" and y.dtype == adapter_dtype:
                 return self.delta.add_to(y, features)
             return y + geometry.from_features(self.delta(features), x, self.base, self.kind).to(y.dtype)
+        assert isinstance(self.delta, Reparam)  # the third shape, after OutputAdapter and Delta
         w0 = geometry.weight_matrix(self.base, self.kind)
-        bias = self.base.bias
+        bias = geometry.layer_bias(self.base)
         if bias is not None and bias.dtype == adapter_dtype == x.dtype:
             y = self.delta.output(features, w0, bias)
         else:
@@ -149,12 +153,12 @@ class _NoGradientWhileMerged(torch.autograd.Function):
     error is autograd's "element 0 of tensors does not require grad"."""
 
     @staticmethod
-    def forward(ctx, trainable: Tensor, method: str) -> Tensor:
+    def forward(ctx: Any, trainable: Tensor, method: str) -> Tensor:
         ctx.method = method
         return trainable.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> None:
+    def backward(ctx: Any, grad: Tensor) -> None:
         raise RuntimeError(
             f"backward through a merged {ctx.method} layer: its adapter is folded into the base weight and gets "
             "no gradient. Call rankwise.unmerge(model) before training, or freeze the adapter "

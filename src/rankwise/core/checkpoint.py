@@ -235,7 +235,7 @@ def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str |
     except AttributeError:
         return f"layer '{path}' is not in the model"
     kind = geometry.base_kind(module)
-    if kind != entry["base"]:
+    if kind is None or kind != entry["base"]:  # entry["base"] is a string (_check_types)
         return f"layer '{path}' is a {type(module).__name__}, the checkpoint expects a {entry['base']}"
     out_features, in_features = geometry.weight_matrix(module, kind).shape
     if (in_features, out_features) != (entry["in_features"], entry["out_features"]):

@@ -145,7 +145,7 @@ def _matches(value: Any, hint: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_matches(v, args[0]) for v in value)
-        return len(args) == len(value) and all(_matches(v, h) for v, h in zip(value, args))
+        return len(args) == len(value) and all(_matches(v, h) for v, h in zip(value, args, strict=True))
     if hint is type(None):
         return value is None
     if hint is float:  # an int is a fine float; a bool is not a number here

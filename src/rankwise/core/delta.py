@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,12 @@ from .precision import apply_in, compute_dtype
 # divided by at merge time. ``None`` where the parameters alone invert the merge.
 MergeState = Tensor | tuple[Tensor, ...] | None
 
+# The method's own config class: a module takes, keeps and sizes itself from its method's config
+# only (the registry pairs the two), e.g. ``class LoRA(Delta[LoRAConfig])``.
+ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
 
-class Adapter(nn.Module, abc.ABC):
+
+class Adapter(nn.Module, abc.ABC, Generic[ConfigT]):
     """What every method module declares.
 
     Subclasses are built as ``cls(w0, config)``: ``w0`` is the frozen base weight as an
@@ -59,19 +63,19 @@ class Adapter(nn.Module, abc.ABC):
     # width from 4 up that is a multiple of 4); the defaults are sized for real models.
     example_config: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, w0: Tensor, config: AdapterConfig) -> None:
+    def __init__(self, w0: Tensor, config: ConfigT) -> None:
         super().__init__()
         self.config = config
         self.out_features, self.in_features = w0.shape
 
     @classmethod
     @abc.abstractmethod
-    def num_params(cls, in_features: int, out_features: int, config: AdapterConfig) -> int:
+    def num_params(cls, in_features: int, out_features: int, config: ConfigT) -> int:
         """Trainable parameters of this method on an (out_features, in_features) layer."""
         ...
 
     @classmethod
-    def for_run(cls, config: AdapterConfig, steps: int) -> AdapterConfig:
+    def for_run(cls, config: ConfigT, steps: int) -> ConfigT:
         """``config`` as a training run of ``steps`` optimizer steps should use it: a method with
         a schedule measured in steps (a :class:`~rankwise.core.steps.Stepped` ramp) fits it to the
         run; the others return ``config`` unchanged."""
@@ -143,13 +147,13 @@ class _UpProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor | None, hidden: Tensor, up: Tensor) -> Tensor:
+    def forward(ctx: Any, y: Tensor | None, hidden: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(hidden, up)
         up = up.contiguous()
         return hidden @ up if y is None else torch.addmm(y, hidden, up)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         hidden, up = ctx.saved_tensors
         needs_y, needs_hidden, needs_up = ctx.needs_input_grad
         grad_hidden = grad @ up.contiguous().t() if needs_hidden else None
@@ -157,7 +161,7 @@ class _UpProjection(torch.autograd.Function):
         return grad if needs_y else None, grad_hidden, grad_up
 
 
-class Delta(Adapter):
+class Delta(Adapter[ConfigT]):
     """An additive adapter: ``y = x W0ᵀ + b + delta(x)`` and ``W' = W0 + ΔW``."""
 
     @abc.abstractmethod
@@ -182,7 +186,7 @@ class Delta(Adapter):
         return merged - self.delta_weight().to(merged.dtype)
 
 
-class Reparam(Adapter):
+class Reparam(Adapter[ConfigT]):
     """A re-parameterized weight ``W' = f(W0, θ)``; the module computes the whole output."""
 
     @abc.abstractmethod
@@ -197,7 +201,7 @@ class Reparam(Adapter):
         return y if bias is None else y + bias
 
 
-class OutputAdapter(Adapter):
+class OutputAdapter(Adapter[ConfigT]):
     """A function of the base layer's output: ``y = g(base(x))``, applied to (..., out_features)."""
 
     mergeable = False

@@ -14,7 +14,7 @@ three supported bases onto that form:
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 BaseKind = Literal["linear", "conv1d", "conv2d"]
 
 
-def _conv1d_type() -> type | None:
+def _conv1d_type() -> type[nn.Module] | None:
     # A model holding a transformers Conv1D has imported transformers already, so rankwise never
     # imports it (an optional dependency that takes seconds to import).
     module = sys.modules.get("transformers.pytorch_utils")
@@ -64,12 +64,24 @@ def overrides_forward(module: nn.Module, kind: BaseKind) -> bool:
     """Whether ``module``'s class replaces the forward of its kind (nn.Linear, Conv1D, nn.Conv2d),
     e.g. with a fake-quantized matmul: its output is then not known to be ``x W0ᵀ + b``."""
     standard = {"linear": nn.Linear, "conv1d": _conv1d_type(), "conv2d": nn.Conv2d}[kind]
+    assert standard is not None  # kind "conv1d" was found as transformers' Conv1D (base_kind)
     return type(module).forward is not standard.forward
+
+
+def layer_weight(base: nn.Module) -> Tensor:
+    """The weight of a supported base layer, as a tensor."""
+    # nn.Module types every attribute as Tensor | Module; each base kind's weight is a Parameter.
+    return cast(Tensor, base.weight)
+
+
+def layer_bias(base: nn.Module) -> Tensor | None:
+    """The bias of a supported base layer, ``None`` where it has none."""
+    return cast("Tensor | None", base.bias)  # as layer_weight: a Parameter or None for each base kind
 
 
 def weight_matrix(base: nn.Module, kind: BaseKind) -> Tensor:
     """The base weight as an (out_features, in_features) view, sharing storage with the layer."""
-    return as_matrix(base.weight, kind)
+    return as_matrix(layer_weight(base), kind)
 
 
 def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
@@ -88,8 +100,9 @@ def as_weight(matrix: Tensor, kind: BaseKind, shape: tuple[int, ...]) -> Tensor:
 
 def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
     """Copy an (out, in) matrix into the layer's weight, in its own layout and dtype."""
+    weight = layer_weight(base)
     with torch.no_grad():
-        base.weight.copy_(as_weight(matrix, kind, tuple(base.weight.shape)))
+        weight.copy_(as_weight(matrix, kind, tuple(weight.shape)))
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:
@@ -100,9 +113,10 @@ def to_features(x: Tensor, base: nn.Module, kind: BaseKind) -> Tensor:
     """The layer input as rows of features: (..., in_features)."""
     if kind != "conv2d":
         return x
+    assert isinstance(base, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
     if _is_pointwise(base):
         return x.movedim(1, -1)  # (batch, h, w, channels)
-    patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)
+    patches = F.unfold(x, base.kernel_size, base.dilation, _padding(base), base.stride)
     return patches.transpose(1, 2)  # (batch, positions, in·kh·kw)
 
 
@@ -110,20 +124,29 @@ def from_features(y: Tensor, x: Tensor, base: nn.Module, kind: BaseKind) -> Tens
     """Inverse of :func:`to_features` for the output: (..., out_features) to the layer's layout."""
     if kind != "conv2d":
         return y
+    assert isinstance(base, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
     if _is_pointwise(base):
         return y.movedim(-1, 1)
     height, width = _conv_output_size(x, base)
     return y.transpose(1, 2).reshape(y.shape[0], -1, height, width)
 
 
+def _padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    padding = conv.padding
+    assert not isinstance(padding, str)  # check_supported refuses "same" and "valid"
+    return padding
+
+
 def _conv_output_size(x: Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    padding = _padding(conv)
     sizes = []
     for dim in (0, 1):
         span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
-        sizes.append((x.shape[2 + dim] + 2 * conv.padding[dim] - span) // conv.stride[dim] + 1)
+        sizes.append((x.shape[2 + dim] + 2 * padding[dim] - span) // conv.stride[dim] + 1)
     return sizes[0], sizes[1]
 
 
 def add_bias(y: Tensor, base: nn.Module) -> Tensor:
     """Add the layer's bias to a features-last output."""
-    return y if base.bias is None else y + base.bias
+    bias = layer_bias(base)
+    return y if bias is None else y + bias

@@ -183,7 +183,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, state in zip(layers, previous):
+        for layer, state in zip(layers, previous, strict=True):
             layer.disabled = state
 
 

@@ -17,6 +17,7 @@ gradients, ``optimizer.step()`` not called) is not counted either.
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -60,4 +61,8 @@ def step_with(optimizer: Optimizer, model: nn.Module) -> RemovableHandle:
     Returns:
         The hook's handle; ``handle.remove()`` stops it.
     """
-    return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: step(model))
+
+    def advance(_optimizer: Optimizer, _args: tuple[Any, ...], _kwargs: dict[str, Any]) -> None:
+        step(model)
+
+    return optimizer.register_step_post_hook(advance)

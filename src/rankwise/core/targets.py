@@ -8,7 +8,7 @@ module trained in full.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -92,7 +92,8 @@ def examples(modules: dict[str, nn.Module]) -> list[str]:
 
 
 def _all_linear(model: nn.Module, modules: dict[str, nn.Module], trainable: list[str]) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head: Callable[[], nn.Module | None] | None = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     # An adapted Linear is still one of the model's linear layers: selecting it makes the
     # "already adapted" error fire instead of silently skipping it.
     kinds = {path: m.kind if isinstance(m, Adapted) else geometry.base_kind(m) for path, m in modules.items()}

@@ -28,7 +28,7 @@ def shared_tensors(model: nn.Module) -> dict[str, set[str]]:
         if tensor.numel() == 0 or tensor.device.type == "meta":
             continue  # no memory to share
         start = tensor.data_ptr()
-        elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
         spans[tensor.device].append((start, start + elements * tensor.element_size(), path))
     shared: dict[str, set[str]] = {}
     for device_spans in spans.values():

@@ -248,7 +248,7 @@ def _config_from_peft(fmt: PeftFormat, meta: dict[str, Any], folder: Path, train
         raise CheckpointError(f"{folder}: PEFT options rankwise does not model: {unsupported}")
     targets = meta.get("target_modules")
     # PEFT reads a string as a regular expression matched against the whole path, a list as names.
-    targets = f"re:{targets}" if isinstance(targets, str) else tuple(targets or ())
+    targets = (f"re:{targets}",) if isinstance(targets, str) else tuple(targets or ())
     try:
         return fmt.config_class(**fmt.read(meta), targets=targets, trainable=tuple(trainable))
     except KeyError as error:

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..adapters import BatConfig, BoneConfig, C3AConfig, DoRAConfig, GraLoRAConfig, LoRAConfig
 from ..core.adapted import Adapted
 from ..core.config import AdapterConfig
+from ..core.geometry import layer_weight
 
 # PEFT options of every type, and the values rankwise models; any other value changes the maths.
 _ANY_TYPE = {"bias": ("none",), "layers_to_transform": (None,), "exclude_modules": (None,),
@@ -60,19 +61,24 @@ def _as_is(**tensors: Tensor) -> Tensors:
     return {name: (t, tuple(t.shape)) for name, t in tensors.items()}
 
 
+def _param(layer: Adapted, name: str) -> Tensor:
+    """The adapter's parameter ``name``, typed (attribute access on a module is ``Tensor | Module``)."""
+    return layer.delta.get_parameter(name)
+
+
 def _lora_tensors(layer: Adapted) -> Tensors:
-    A, B = layer.delta.A, layer.delta.B
+    A, B = _param(layer, "A"), _param(layer, "B")
     if layer.kind == "conv2d":  # PEFT keeps A as a convolution kernel and B as a 1 x 1 one
-        kernel = tuple(layer.base.weight.shape[1:])  # (in, kh, kw)
+        kernel = tuple(layer_weight(layer.base).shape[1:])  # (in, kh, kw)
         return {"lora_A.weight": (A, (A.shape[0], *kernel)), "lora_B.weight": (B, (*B.shape, 1, 1))}
     return _as_is(**{"lora_A.weight": A, "lora_B.weight": B})
 
 
 def _gralora_tensors(layer: Adapted) -> Tensors:
-    delta = layer.delta
-    tensors = _as_is(gralora_A=delta.A, gralora_B=delta.B)
-    if delta.hybrid_rank:
-        tensors |= _as_is(**{"gralora_A_general.weight": delta.hybrid_A, "gralora_B_general.weight": delta.hybrid_B})
+    tensors = _as_is(gralora_A=_param(layer, "A"), gralora_B=_param(layer, "B"))
+    if layer.delta.hybrid_rank:
+        tensors |= _as_is(**{"gralora_A_general.weight": _param(layer, "hybrid_A"),
+                             "gralora_B_general.weight": _param(layer, "hybrid_B")})
     return tensors
 
 
@@ -108,7 +114,7 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {f.config_class: f for f in (
     PeftFormat(
         DoRAConfig, "LORA", {"use_dora": (True,)}, frozenset({"linear", "conv1d"}),
         write=_lora_write, read=_lora_read, patterns=_LORA_PATTERNS, refused=_LORA_REFUSED,
-        tensors=lambda layer: _lora_tensors(layer) | _as_is(lora_magnitude_vector=layer.delta.magnitude),
+        tensors=lambda layer: _lora_tensors(layer) | _as_is(lora_magnitude_vector=_param(layer, "magnitude")),
     ),
     PeftFormat(
         C3AConfig, "C3A", {}, _LINEAR,
@@ -116,7 +122,7 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {f.config_class: f for f in (
         # PEFT's other inits (gaussian, kaiming_uniform) only start a kernel that the file replaces.
         read=lambda meta: {"block_size": meta["block_size"],
                            "init": "zeros" if meta.get("init_weights") is True else "xavier_uniform"},
-        tensors=lambda layer: _as_is(c3a_kernel=layer.delta.kernel),
+        tensors=lambda layer: _as_is(c3a_kernel=_param(layer, "kernel")),
         # block_size=None (gcd per layer) becomes the commonest block size plus a pattern.
         patterns=(Pattern("block_size", "block_size", "block_size_pattern", _C3A_KEY,
                           lambda layer: layer.delta.block_size),),
@@ -134,13 +140,13 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {f.config_class: f for f in (
         BoneConfig, "MISS", {"init_weights": (True, False, None)}, _LINEAR,
         write=lambda config, _: {"r": config.rank, "miss_dropout": config.dropout, "init_weights": True},
         read=lambda meta: {"rank": meta["r"], "dropout": float(meta.get("miss_dropout", 0.0))},
-        tensors=lambda layer: _as_is(miss_block=layer.delta.D),
+        tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
     ),
     PeftFormat(
         BatConfig, "MISS", {"init_weights": ("bat",)}, _LINEAR,
         write=lambda config, _: {"r": config.rank, "init_weights": "bat"},
         read=lambda meta: {"rank": meta["r"]},  # PEFT's Bat never applies miss_dropout
-        tensors=lambda layer: _as_is(miss_block=layer.delta.D),
+        tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
     ),
 )}
 

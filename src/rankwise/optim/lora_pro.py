@@ -162,7 +162,7 @@ class _FactorOptimizer(Optimizer, abc.ABC):
                 continue
             if A.grad is None or B.grad is None:
                 raise ValueError(f"{type(self).__name__}: '{group['layer']}' has a gradient for only one of A, B")
-            g_A, g_B = self._pair_gradients(self.state[A], A, B, group)
+            g_A, g_B = self._pair_gradients(self.state[A], A, B, A.grad, B.grad, group)
             _descend(A, g_A, group)
             _descend(B, g_B, group)
         return loss
@@ -174,9 +174,9 @@ class _FactorOptimizer(Optimizer, abc.ABC):
 
     @abc.abstractmethod
     def _pair_gradients(
-        self, state: dict[str, Any], A: Tensor, B: Tensor, group: dict[str, Any]
+        self, state: dict[str, Any], A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, group: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
-        """``(g_A, g_B)`` for one factor pair, from ``A.grad``, ``B.grad``."""
+        """``(g_A, g_B)`` for one factor pair, from its gradients ``G_A = A.grad``, ``G_B = B.grad``."""
         ...
 
 
@@ -230,11 +230,11 @@ class LoRAPro(_FactorOptimizer):
         return _adam_direction(state, grad, group)
 
     def _pair_gradients(
-        self, state: dict[str, Any], A: Tensor, B: Tensor, group: dict[str, Any]
+        self, state: dict[str, Any], A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, group: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
         s = group["scale"]
         tangent = _Tangent(A, B, s)
-        full = _adam_direction(state, tangent.equivalent(A.grad, B.grad), group)  # (out, in)
+        full = _adam_direction(state, tangent.equivalent(G_A, G_B), group)  # (out, in)
         return tangent.adjusted(s * tangent.B.T @ full, s * full @ tangent.A.T, None)
 
 
@@ -266,9 +266,9 @@ class LoRAProSGD(_FactorOptimizer):
         return grad
 
     def _pair_gradients(
-        self, state: dict[str, Any], A: Tensor, B: Tensor, group: dict[str, Any]
+        self, state: dict[str, Any], A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, group: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
-        return adjusted_gradients(A, B, group["scale"], A.grad, B.grad)
+        return adjusted_gradients(A, B, group["scale"], G_A, G_B)
 
 
 def _adam_direction(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:

