@@ -29,7 +29,11 @@ from ..core.config import matches
 from ..core.distributed import from_rank_zero
 from .base import RankAllocator, migrate
 
-_BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
+_BISECTIONS = 100
+TV_SMOOTHING = 1e-3  # ε of the smoothed |Δα|: far below the α steps that matter (a rank of r0 · 1e-3)
+_QUERY_NAMES = frozenset({"q_proj", "query", "q", "Wq", "q_lin"})
+_KEY_VALUE_NAMES = frozenset({"k_proj", "v_proj", "key", "value", "k", "v", "Wk", "Wv", "k_lin", "v_lin"})
+_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})  # halvings of the budget projection's multiplier: far below float64 resolution
 
 
 class ARDLoRA(RankAllocator):
@@ -80,36 +84,48 @@ class ARDLoRA(RankAllocator):
         if budget is not None:
             check_number("ARDLoRA", "budget", budget, 0, integer=True)
         self.l1, self.tv, self._budget = l1, tv, budget
-        for pattern, (count, side) in (heads or {}).items():
-            self._split_heads(pattern, count, side)
+        split = attention_heads(model, self.layers) if heads is None else self._resolve(heads)
+        for path, (count, side) in split.items():
+            self._split_heads(path, count, side)
+        least = sum(m.scale_range()[0] * m.config.rank * (m.group_in + m.group_out) * m.config.heads
+                    for m in (layer.delta for layer in self.layers.values()))
+        if budget is not None and budget < least:
+            raise ValueError(f"ARDLoRA: budget={budget} is below {least:g}, the parameters of the least ranks")
         self.project()  # α = 1 may cost more than the budget: start (and stay, in the warm-up) within it
         self.frozen = {path: layer.delta.rank_scale.detach().clone() for path, layer in self.layers.items()}
         self.chains = _chains({path: layer.delta for path, layer in self.layers.items()})
 
-    def _split_heads(self, pattern: str, count: int, side: str) -> None:
-        hits = [path for path in self.layers if matches(path, pattern)]
-        if not hits:
-            raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}")
-        for path in hits:
-            layer = self.layers[path]
-            old = layer.delta
-            if old.B.abs().max() > 0:
-                raise ValueError(f"ARDLoRA: '{path}' has been trained; split heads right after rankwise.adapt")
-            config = dataclasses.replace(old.config, heads=count, head_side=side)
-            w0 = geometry.weight_matrix(layer.base, layer.kind).detach().to(old.A.dtype)
-            try:
-                layer.delta = type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype)
-            except ValueError as error:
-                raise ValueError(f"ARDLoRA on '{path}': {error}") from error
+    def _resolve(self, heads: Mapping[str, tuple[int, Literal["out", "in"]]]) -> dict[str, tuple[int, Literal["out", "in"]]]:
+        split = {}
+        for pattern, value in heads.items():
+            hits = [path for path in self.layers if matches(path, pattern)]
+            if not hits:
+                raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}")
+            split.update(dict.fromkeys(hits, value))
+        return split
+
+    def _split_heads(self, path: str, count: int, side: str) -> None:
+        layer = self.layers[path]
+        old = layer.delta
+        if old.config.heads == count and old.config.head_side == side:
+            return
+        if old.magnitude.detach().abs().max() > 0:
+            raise ValueError(f"ARDLoRA: '{path}' has been trained; split heads right after rankwise.adapt")
+        config = dataclasses.replace(old.config, heads=count, head_side=side)
+        w0 = geometry.weight_matrix(layer.base, layer.kind).detach().to(old.A.dtype)
+        try:
+            layer.delta = type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype)
+        except ValueError as error:
+            raise ValueError(f"ARDLoRA on '{path}': {error}") from error
 
     def penalty(self) -> Tensor:
-        """``λ1 Σ|α| + λ_tv Σ (α_{l+1} − α_l)²``; zero during the warm-up (α is frozen then)."""
+        """``λ1 Σ|α| + λ_tv Σ |α_{l+1} − α_l|_ε``; zero during the warm-up (α is frozen then)."""
         if self.t < self.warmup or not self.has_penalty:
             return super().penalty()
         scales = {path: layer.delta.rank_scale for path, layer in self.layers.items()}
         sparsity = sum(s.abs().sum() for s in scales.values())
         variation = sum(
-            (scales[b] - scales[a]).square().sum() for chain in self.chains for a, b in zip(chain, chain[1:])
+            _smooth_abs(scales[b] - scales[a]).sum() for chain in self.chains for a, b in zip(chain, chain[1:])
         )
         return self.l1 * sparsity + self.tv * variation
 
@@ -144,9 +160,9 @@ class ARDLoRA(RankAllocator):
         """
         modules = [layer.delta for layer in self.layers.values()]
         scales = torch.cat([m.rank_scale.double() for m in modules])
-        upper = torch.cat([torch.full_like(m.rank_scale, min(m.config.max_scale, m.A.shape[1] / m.config.rank),
-                                           dtype=torch.double) for m in modules])
-        projected = scales.clamp(min=0).minimum(upper)
+        upper = torch.cat([torch.full_like(m.rank_scale, m.scale_range()[1], dtype=torch.double) for m in modules])
+        lower = torch.cat([torch.full_like(m.rank_scale, m.scale_range()[0], dtype=torch.double) for m in modules])
+        projected = scales.maximum(lower).minimum(upper)
         if self._budget is not None:
             cost = torch.cat([
                 torch.full_like(m.rank_scale, m.config.rank * (m.group_in + m.group_out), dtype=torch.double)
@@ -156,18 +172,16 @@ class ARDLoRA(RankAllocator):
                 low, high = 0.0, float((scales / cost).max())
                 for _ in range(_BISECTIONS):
                     middle = (low + high) / 2
-                    if (cost * (scales - middle * cost).clamp(min=0).minimum(upper)).sum() > self._budget:
+                    if (cost * (scales - middle * cost).maximum(lower).minimum(upper)).sum() > self._budget:
                         low = middle
                     else:
                         high = middle
-                projected = (scales - high * cost).clamp(min=0).minimum(upper)
+                projected = (scales - high * cost).maximum(lower).minimum(upper)
         for module, values in zip(modules, projected.split([m.config.heads for m in modules])):
             module.rank_scale.copy_(values.to(module.rank_scale.dtype))
 
     def _keep_used_slots(self, optimizer: torch.optim.Optimizer) -> None:
-        used = torch.tensor([
-            math.ceil(layer.delta.effective_rank().detach().max().item()) for layer in self.layers.values()
-        ])
+        used = torch.tensor([layer.delta.used_slots() for layer in self.layers.values()])
         used = from_rank_zero(used.to(next(iter(self.layers.values())).delta.A.device)).cpu()
         for layer, slots in zip(self.layers.values(), used.tolist()):
             migrate(optimizer, layer.delta.keep_slots(slots), torch.arange(slots), 0)
@@ -191,6 +205,41 @@ class ARDLoRA(RankAllocator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.frozen = state["frozen"]
+
+
+def _smooth_abs(x: Tensor) -> Tensor:
+    """``|x|_ε = √(x² + ε²) − ε``: |x| within ε, differentiable at 0 (plain |x| has no gradient to
+    follow there, so equal neighbours would chatter)."""
+    return (x.square() + TV_SMOOTHING**2).sqrt() - TV_SMOOTHING
+
+
+def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str, tuple[int, Literal["out", "in"]]]:
+    """One α per attention head for the adapted attention projections, the head counts read from
+    ``model.config`` (``num_attention_heads`` or ``n_head``; ``num_key_value_heads`` for k and v).
+
+    The projections are told by their names: q, k and v (``q_proj``, ``query``, ``q``, ...) split
+    their rows, the output projection (``o_proj``, ``out_proj``, ``o``, BERT's
+    ``attention.output.dense``, GPT-2's ``attn.c_proj``) its columns, GPT-2's fused ``c_attn`` its
+    rows into 3 × heads groups. Empty when the model has no such config or no such layer.
+    """
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not isinstance(count, int):
+        return {}
+    kv = getattr(config, "num_key_value_heads", None) or count
+    found: dict[str, tuple[int, Literal["out", "in"]]] = {}
+    for path in layers:
+        parts = path.split(".")
+        name, parent = parts[-1], ".".join(parts[:-1])
+        if name in _QUERY_NAMES:
+            found[path] = (count, "out")
+        elif name in _KEY_VALUE_NAMES:
+            found[path] = (kv, "out")
+        elif name == "c_attn":
+            found[path] = (3 * count, "out")
+        elif name in _OUTPUT_NAMES or (name == "c_proj" and "attn" in parent) or parent.endswith("attention.output"):
+            found[path] = (count, "in")
+    return found
 
 
 def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
