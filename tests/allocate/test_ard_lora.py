@@ -3,9 +3,11 @@ by hand, the frozen warm-up, the budget projection, the final slot removal and t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import types
 
 import pytest
 import safetensors.torch
@@ -121,20 +123,41 @@ def test_tv_runs_along_layers_of_one_type_head_by_head() -> None:
     torch.testing.assert_close(alloc.penalty(), torch.tensor(2 * (math.sqrt(1 + eps**2) - eps)))
 
 
-def test_alpha_is_frozen_during_warmup_then_trains_with_fresh_state() -> None:
+def test_alpha_is_frozen_during_warmup_then_takes_the_allocators_step() -> None:
     model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=5)
+    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=5, l1=0.0, tv=0.0)
     optimizer = _train(model, alloc, steps=5, weight_decay=0.1)
-    for layer in (model[0], model[2], model[4]):
+    layers = (model[0], model[2], model[4])
+    for layer in layers:
         assert torch.equal(layer.delta.rank_scale, torch.ones(1))  # the steps and the decay were undone
-        assert layer.delta.rank_scale not in optimizer.state  # dropped at the end of the warm-up
-    assert alloc.penalty().item() > 0
+        assert layer.delta.rank_scale not in optimizer.state
     x, y = _data()
-    (nn.functional.mse_loss(model(x), y) + alloc.penalty()).backward()
+    nn.functional.mse_loss(model(x), y).backward()
+    grads = torch.cat([layer.delta.rank_scale.grad for layer in layers])
     optimizer.step()
     alloc.step(optimizer)
-    assert not torch.equal(model[2].delta.rank_scale, torch.ones(1))
-    assert optimizer.state[model[2].delta.rank_scale]["step"].item() == 1
+    # First step, bias-corrected: α − η g / √(mean_g g²), one denominator for all groups.
+    expected = 1 - alloc.scale_lr * grads / grads.square().mean().sqrt()
+    torch.testing.assert_close(torch.cat([layer.delta.rank_scale for layer in layers]).detach(), expected)
+    assert len(set(expected.tolist())) == 3  # the groups moved by different amounts
+
+
+def test_alpha_follows_the_allocator_whether_or_not_the_optimizer_holds_it() -> None:
+    runs = []
+    for with_alpha in (True, False):
+        model = _model()
+        alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=2)
+        params = [p for name, p in model.named_parameters() if p.requires_grad and (with_alpha or "rank_scale" not in name)]
+        optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.5)
+        x, y = _data()
+        for _ in range(6):
+            (nn.functional.mse_loss(model(x), y) + alloc.penalty()).backward()
+            optimizer.step()
+            alloc.step(optimizer)
+            optimizer.zero_grad()
+        runs.append(torch.cat([model[i].delta.rank_scale.detach() for i in (0, 2, 4)]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert (runs[0] != 1).all()
 
 
 def test_budget_projection_is_the_euclidean_one() -> None:
@@ -164,14 +187,17 @@ def test_budget_holds_and_the_end_keeps_only_used_slots(tmp_path) -> None:
     history = alloc.history
     assert all(total <= 250 * (1 + 1e-6) for total in history.totals)  # within fp32 rounding, warm-up included
     assert history.totals[0] == pytest.approx(250) and history.totals[-1] < 250  # ℓ1 then went below
-    before = model(x).detach()
-    ranks = alloc.ranks()
     y = _data()[1]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     (nn.functional.mse_loss(model(x), y) + alloc.penalty()).backward()
     optimizer.step()
+    uncut = copy.deepcopy(model)  # all slots, and α after the last step below
     assert alloc.step(optimizer)  # the last step drops unused slots
-    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+    ranks = alloc.ranks()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            uncut[i].delta.rank_scale.copy_(model[i].delta.rank_scale)
+    torch.testing.assert_close(model(x), uncut(x), rtol=0, atol=1e-6)
     for layer, rank in zip((model[0], model[2], model[4]), ranks.values()):
         assert layer.delta.config.slots == math.ceil(rank + 0.5) < 9  # gate_i > 0 for i < r0 α + 1/2
     rw.save_adapter(model, tmp_path)
@@ -204,14 +230,6 @@ def test_heads_split_layers_and_reload(tmp_path) -> None:
 def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rw.allocate.ARDLoRA(_model(), total_steps=STEPS, **kwargs)
-
-
-def test_alpha_outside_the_optimizer_raises() -> None:
-    model = _model()
-    alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS)
-    adapters = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("rank_scale")]
-    with pytest.raises(ValueError, match="rank_scale' is not in the optimizer"):
-        alloc.step(torch.optim.SGD(adapters, lr=0.1))
 
 
 def test_alpha_gets_the_task_gradient_where_the_directions_and_magnitude_are_stationary() -> None:
@@ -254,3 +272,61 @@ def test_a_checkpoint_of_the_earlier_formulation_is_refused_naming_the_missing_m
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(rw.CheckpointError, match=r"missing keys: \['0.delta.magnitude'"):
         rw.load_adapter(_base(), tmp_path)
+
+
+def test_attention_projections_get_one_alpha_per_head_from_the_model_config() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+            self.o_proj, self.c_attn = nn.Linear(8, 8), nn.Linear(8, 24)
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)  # as transformers'
+    model.attn, model.mlp = Attention(), nn.Linear(8, 8)
+    model = rw.adapt(model, rw.ARDLoRAConfig(rank=2, targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "mlp")))
+    rw.allocate.ARDLoRA(model, total_steps=10)
+    layout = {path: (m.delta.config.heads, m.delta.config.head_side)
+              for path, m in model.named_modules() if isinstance(m, rw.Adapted)}
+    assert layout == {"attn.q_proj": (4, "out"), "attn.k_proj": (2, "out"), "attn.v_proj": (2, "out"),
+                      "attn.o_proj": (4, "in"), "attn.c_attn": (12, "out"), "mlp": (1, "out")}
+    assert model.attn.q_proj.delta.rank_scale.shape == (4,)
+    plain = rw.adapt(_base(), rw.ARDLoRAConfig(rank=2, targets=("0",)))
+    rw.allocate.ARDLoRA(plain, total_steps=10)  # no config: one α per matrix
+    assert plain[0].delta.config.heads == 1
+
+
+def _fit_one_target(singular_values: list[float], l1: float, seed: int = 0) -> float:
+    """Train one 32 × 32 layer towards ``W0 + U diag(σ) Vᵀ`` from r0 = 2 (α_max 4: up to 8.5 slots);
+    the final effective rank."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(100 + seed)
+    u, v = (torch.linalg.qr(torch.randn(32, 32, generator=generator)).Q[:, :len(singular_values)] for _ in range(2))
+    target = u @ torch.diag(torch.tensor(singular_values)) @ v.T
+    model = rw.adapt(nn.Sequential(nn.Linear(32, 32)), rw.ARDLoRAConfig(rank=2, max_scale=4.0, targets="0"))
+    alloc = rw.allocate.ARDLoRA(model, total_steps=400, l1=l1, tv=0.0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(400):
+        x = torch.randn(64, 32, generator=generator)
+        with torch.no_grad():
+            y = model[0].base(x) + x @ target.T
+        (nn.functional.mse_loss(model(x), y) + alloc.penalty()).backward()
+        optimizer.step()
+        alloc.step(optimizer)
+        optimizer.zero_grad()
+    return alloc.history.final()["0"]
+
+
+def test_rank_grows_to_a_rank_six_target_without_penalties() -> None:
+    # From 2 (r0), the task alone: 6.21, 6.20, 6.09 over seeds 0–2 (the gate on a free B stalled at 3.5).
+    assert _fit_one_target([1.0] * 6, l1=0.0) >= 5.5
+
+
+def test_l1_keeps_only_the_directions_worth_its_price() -> None:
+    # Three directions of σ = 1 and three of 0.2. At a loss MSE over 32 outputs, a direction of σ is
+    # worth about σ² / 32 per unit of rank and ℓ1 charges λ1 / r0 = 0.005: 1 / 32 pays, 0.04 / 32 does
+    # not. Seeds 0–2: 2.92, 2.93, 2.83 with ℓ1 = 1e-2; without it 4.13, 3.94, 5.42.
+    with_l1 = _fit_one_target([1.0, 1.0, 1.0, 0.2, 0.2, 0.2], l1=1e-2)
+    assert 2.5 < with_l1 < 3.5
+    assert _fit_one_target([1.0, 1.0, 1.0, 0.2, 0.2, 0.2], l1=0.0) > with_l1 + 0.75

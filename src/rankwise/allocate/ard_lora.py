@@ -29,11 +29,12 @@ from ..core.config import matches
 from ..core.distributed import from_rank_zero
 from .base import RankAllocator, migrate
 
-_BISECTIONS = 100
+_BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
+BETAS = (0.9, 0.999)  # α's moment decays: Adam's defaults
 TV_SMOOTHING = 1e-3  # ε of the smoothed |Δα|: far below the α steps that matter (a rank of r0 · 1e-3)
 _QUERY_NAMES = frozenset({"q_proj", "query", "q", "Wq", "q_lin"})
 _KEY_VALUE_NAMES = frozenset({"k_proj", "v_proj", "key", "value", "k", "v", "Wk", "Wv", "k_lin", "v_lin"})
-_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})  # halvings of the budget projection's multiplier: far below float64 resolution
+_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})
 
 
 class ARDLoRA(RankAllocator):
@@ -75,10 +76,12 @@ class ARDLoRA(RankAllocator):
 
     def __init__(self, model: nn.Module, *, total_steps: int, l1: float = 1e-3, tv: float = 1e-2,
                  warmup: int | None = None, budget: int | None = None,
-                 heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None) -> None:
+                 heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None,
+                 scale_lr: float = 1e-2) -> None:
         super().__init__(model, total_steps)
         check_number("ARDLoRA", "l1", l1, 0)
         check_number("ARDLoRA", "tv", tv, 0)
+        check_number("ARDLoRA", "scale_lr", scale_lr, 0, low_open=True)
         self.warmup = round(0.05 * total_steps) if warmup is None else warmup
         check_number("ARDLoRA", "warmup", self.warmup, 0, integer=True)
         if budget is not None:
@@ -92,7 +95,9 @@ class ARDLoRA(RankAllocator):
         if budget is not None and budget < least:
             raise ValueError(f"ARDLoRA: budget={budget} is below {least:g}, the parameters of the least ranks")
         self.project()  # α = 1 may cost more than the budget: start (and stay, in the warm-up) within it
-        self.frozen = {path: layer.delta.rank_scale.detach().clone() for path, layer in self.layers.items()}
+        self.scale_lr = scale_lr
+        self.scales = {path: layer.delta.rank_scale.detach().clone() for path, layer in self.layers.items()}
+        self.moments: dict[str, Any] = {"t": 0, "v": 0.0, "m": {}}
         self.chains = _chains({path: layer.delta for path, layer in self.layers.items()})
 
     def _resolve(self, heads: Mapping[str, tuple[int, Literal["out", "in"]]]) -> dict[str, tuple[int, Literal["out", "in"]]]:
@@ -134,21 +139,42 @@ class ARDLoRA(RankAllocator):
         return self.l1 > 0 or self.tv > 0
 
     def _step(self, optimizer: torch.optim.Optimizer) -> bool:
-        if self.t == 0:
-            for path, layer in self.layers.items():
-                _check_in_optimizer(optimizer, layer.delta.rank_scale, path)
         with torch.no_grad():
-            if self.t < self.warmup:
-                for path, layer in self.layers.items():
-                    layer.delta.rank_scale.copy_(self.frozen[path])  # undoes the step (and weight decay)
-                    if self.t == self.warmup - 1:
-                        optimizer.state.pop(layer.delta.rank_scale, None)
-            else:
-                self.project()
+            for path, layer in self.layers.items():
+                scale = layer.delta.rank_scale
+                if scale.grad is None:
+                    raise RuntimeError(f"ARDLoRA: '{path}.delta.rank_scale' has no gradient: call step() after "
+                                       "optimizer.step() and before optimizer.zero_grad()")
+                scale.copy_(self.scales[path])  # undoes the optimizer's step and weight decay, if α is in it
+                optimizer.state.pop(scale, None)
+            if self.t >= self.warmup:
+                self._update_scales()
+            for path, layer in self.layers.items():
+                layer.delta.rank_scale.grad = None  # consumed here, also when α is not in the optimizer
+                self.scales[path] = layer.delta.rank_scale.detach().clone()
         if self.t == self.total_steps - 1:
             self._keep_used_slots(optimizer)
             return True
         return False
+
+    def _update_scales(self) -> None:
+        """One projected step on α: Adam's first moment per group, but one second moment shared by
+        all groups, so that a group whose gradient is larger moves faster (per-group Adam would move
+        every α at the same pace whatever its gradient, and the budget would then cancel the moves)."""
+        grads = {path: layer.delta.rank_scale.grad.double() for path, layer in self.layers.items()}
+        self.moments["t"] += 1
+        t = self.moments["t"]
+        square = torch.cat([g.square() for g in grads.values()]).mean()
+        self.moments["v"] = BETAS[1] * self.moments["v"] + (1 - BETAS[1]) * square.item()
+        rms = math.sqrt(self.moments["v"] / (1 - BETAS[1] ** t))
+        for path, layer in self.layers.items():
+            first = self.moments["m"].get(path, torch.zeros_like(grads[path]))
+            first = BETAS[0] * first + (1 - BETAS[0]) * grads[path]
+            self.moments["m"][path] = first
+            if rms > 0:
+                step = self.scale_lr * first / (1 - BETAS[0] ** t) / rms
+                layer.delta.rank_scale.sub_(step.to(layer.delta.rank_scale.dtype))
+        self.project()
 
     @torch.no_grad()
     def project(self) -> None:
@@ -200,11 +226,11 @@ class ARDLoRA(RankAllocator):
         return self._budget
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "frozen": self.frozen}
+        return {**super().state_dict(), "scales": self.scales, "moments": self.moments}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.frozen = state["frozen"]
+        self.scales, self.moments = state["scales"], state["moments"]
 
 
 def _smooth_abs(x: Tensor) -> Tensor:
@@ -252,11 +278,6 @@ def _chains(modules: dict[str, ARDLoRAModule]) -> list[list[str]]:
         key = (pattern, module.config.heads, module.config.head_side)
         groups.setdefault(key, []).append((tuple(int(p) for p in parts if p.isdigit()), path))
     return [[path for _, path in sorted(members)] for members in groups.values() if len(members) > 1]
-
-
-def _check_in_optimizer(optimizer: torch.optim.Optimizer, p: nn.Parameter, path: str) -> None:
-    if not any(q is p for group in optimizer.param_groups for q in group["params"]):
-        raise ValueError(f"ARDLoRA: '{path}.delta.rank_scale' is not in the optimizer; α must train with the adapter")
 
 
 # The method declares the allocator that trains it (see rankwise.allocate.adalora).
