@@ -221,3 +221,23 @@ def test_new_directions_are_orthogonal_to_the_kept_ones_when_those_are_not_ortho
     assert (columns[:, 4:].t() @ columns[:, :4]).abs().max().item() < 1e-5
     torch.testing.assert_close(rows[4:] @ rows[4:].t(), torch.eye(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(A[4:].norm(dim=1), torch.ones(2))
+
+
+def test_growing_past_the_layer_width_raises_before_any_change() -> None:
+    torch.manual_seed(0)
+    model = rw.adapt(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 8)), rw.ElaLoRAConfig(rank=3, targets=("0", "1")))
+    alloc = rw.allocate.ElaLoRA(model, total_steps=10, changes=1, candidates=2, t_init=0, t_final=0, delta_t=1,
+                                schedule=False)
+    # Layer 0 (3 × 3, already at rank 3) holds the pool's strongest candidates, so it would grow.
+    for path, layer, scores in (("0", model[0], [0.7, 0.8, 0.9]), ("1", model[1], [0.01, 0.02, 0.9])):
+        root = torch.tensor(scores).sqrt().unsqueeze(1)
+        zeros = (torch.zeros_like(layer.delta.A), torch.zeros_like(layer.delta.B))
+        alloc.tracker.ema[path] = {"A": (zeros[0], zeros[0]), "e": (root, root), "B": (zeros[1], zeros[1])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in params]
+    alloc.t = 1
+    with pytest.raises(ValueError, match=r"'0' would grow to rank 4, past min\(in, out\) = 3"):
+        alloc.step(torch.optim.SGD(params, lr=0.0))
+    assert all(torch.equal(p, q) for p, q in zip([p for p in model.parameters() if p.requires_grad], before))

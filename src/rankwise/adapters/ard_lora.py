@@ -2,15 +2,23 @@
 
 Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
 Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. Only the
-abstract was available: the gate below is our reconstruction ("ARD-LoRA-style") of the per-head
+abstract was available: the form below is our reconstruction ("ARD-LoRA-style") of the per-head
 ranks it describes.
 
-    r_g = r0 · α_g,   gate_i(α_g) = clamp(r0 α_g − i, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
-    ΔW_g = s · B_g diag(gate(α_g)) A_g,   s = lora_alpha / r0 (constant)
+    gate_i(α_g) = clamp((r0 α_g − i − 1/2) / RAMP + 1/2, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
+    ΔW_g = s · m_g · B̂_g diag(gate(α_g)) Â_g,   s = lora_alpha / r0 (constant)
+
+Â_g has A_g's rows and B̂_g has B_g's columns at unit norm, and m_g is one magnitude per group
+(0 at the start, so step 0 is the base model). The gate multiplies components whose size the
+optimizer cannot change one by one: with ``B diag(gate) A`` and a free B, the loss depends only on
+``gate_i · B_i``, so ``gate_i ∂L/∂gate_i = ⟨B_i, ∂L/∂B_i⟩``, which is 0 once B is stationary, and
+α learns nothing about the task. Here a slot's weight is ``s · m_g · gate_i``; m_g is shared by the
+group's slots, so α (how many slots, and how much of the partial ones) still gets the task's
+gradient at a stationary point of A, B and m.
 
 A group is one head: with ``head_side="out"`` (q, k, v projections) head h owns rows
 ``h·d : (h+1)·d`` of ΔW and A_g sees the whole input; with ``"in"`` (the output projection) it owns
-columns. ``heads=1`` is one group per matrix (MLPs). The penalties that drive α and the budget are
+columns. ``heads=1`` is one group per matrix (MLPs). The penalties, α's update and the budget are
 in ``rankwise.allocate.ARDLoRA``.
 """
 
@@ -29,7 +37,7 @@ from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta
 from ..core.registry import register
 
-# Width, in rank units, of each slot's gate ramp. With 1 the gate is the spec's clamp(r0 α − i, 0, 1),
+# Width, in rank units, of each slot's gate ramp. With 1 the gate is the plain clamp(r0 α − i, 0, 1),
 # and α's gradient reaches only the one fractional slot: α stops where that slot has the magnitude it
 # wants, even when the next direction would lower the loss. With 2 two or three slots are partly open
 # at once, so α also feels the slot beyond. Σ_i gate_i stays r0 α between EDGE and slots − EDGE.

@@ -1,15 +1,19 @@
-"""ARD-LoRA-style allocator: ℓ1 and total-variation penalties on the learnable rank scales α, a
-warm-up with α frozen, projection onto [0, α_max] (and an optional parameter budget).
+"""ARD-LoRA-style allocator: α learned on the task loss with ℓ1 and total-variation penalties, by
+a projected step of its own that a parameter budget can bound.
 
 Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
 Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. The
-abstract names the meta-objective (task loss + ℓ1 sparsity + total variation); its exact form is
-our reconstruction:
+abstract names a meta-objective (task loss + ℓ1 sparsity + total variation) for per-layer and
+per-head scaling factors; its form here is our reconstruction:
 
-    L = L_task + λ1 Σ_g |α_g| + λ_tv Σ_{m,h} Σ_l (α_{l+1,m,h} − α_{l,m,h})²
+    min_α  L_task(θ*(α), α) + λ1 Σ_g |α_g| + λ_tv Σ_{m,h} Σ_l |α_{l+1,m,h} − α_{l,m,h}|_ε
+    s.t.   α_lo <= α_g <= α_hi,   Σ_g r0 α_g (in_g + out_g) <= budget   (when a budget is given)
 
-where g runs over every (layer, head) group and the TV sum over layers l of the same module type m
-(paths equal up to their integer components, e.g. ``layers.*.self_attn.q_proj``), head by head.
+g runs over every (layer, head) group, the TV sum over layers l of one module type m (paths equal
+up to their integer components, e.g. ``layers.*.self_attn.q_proj``), head by head;
+``|x|_ε = √(x² + ε²) − ε`` is a smoothed |x|. θ (A, B, m) trains with the user's optimizer; the
+allocator takes one projected step on α per optimizer step from the same batch's gradient (a
+first-order, single-batch approximation of the bilevel problem, not a held-out meta-batch).
 """
 
 from __future__ import annotations
@@ -38,37 +42,46 @@ _OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})
 
 
 class ARDLoRA(RankAllocator):
-    """ARD-LoRA-style: each (layer, head) group's rank r0·α is learned under ℓ1 and TV penalties.
+    """ARD-LoRA-style: each (layer, head) group's rank r0·α is learned on the task loss under ℓ1 and TV
+    penalties (module docstring), within a parameter budget if one is given.
 
-    α trains with the adapter (keep it in the optimizer, in a group without weight decay if the
-    optimizer has one: decay would add an ℓ2 pull on the ranks). During the warm-up α is frozen at
-    its start: while B = 0 the task gives α no gradient and ℓ1 alone would shrink every rank; its optimizer
-    state is dropped when the warm-up ends, so it starts fresh. After each later step
-    α ← clamp(α, 0, min(α_max, slots / r0)), then, with a ``budget``, onto
-    ``Σ_g r0 α_g (in_g + out_g) <= budget``. At the last step each layer keeps only the slots its
-    largest gate uses (the function does not change), so a checkpoint holds the final sizes. With a
-    budget, α starts at its projection (1 everywhere when that fits).
+    The allocator owns α. Its step restores α to its own copy (undoing whatever an optimizer that
+    holds α did, weight decay included), then, after the warm-up, moves it by
+    ``scale_lr · m̂_g / √v̂``: Adam's bias-corrected first moment per group, one second moment for
+    all groups (the mean of their squared gradients), so a group with a larger gradient moves
+    faster, as the budget's trade needs. α is then projected (Euclidean) onto
+    ``[EDGE / r0, min(α_max, (slots − EDGE) / r0)]`` (where the effective rank is ``r0 α``; EDGE =
+    1/2 with the gate's ramp of 2) and, with a ``budget``, onto ``Σ_g r0 α_g (in_g + out_g) <=
+    budget``; with a budget α starts at its projection (1 everywhere when that fits). During the
+    warm-up α stays at its start: the magnitudes start at 0, so the task has no say yet, and ℓ1
+    alone would shrink every rank. At the last step each layer keeps only the slots its gates use
+    (the function does not change), so a checkpoint holds the final sizes.
 
-    Build it right after :func:`rankwise.adapt` and before the optimizer when ``heads`` is given:
-    it rebuilds those layers' adapters.
+    Build it right after :func:`rankwise.adapt` and before the optimizer: it rebuilds the adapters
+    of the layers it splits into heads. α may or may not be in the optimizer.
 
     Args:
         model: a model adapted with ``ARDLoRAConfig``.
         total_steps: T, optimizer steps in the run.
         l1: λ1, weight of ``Σ |α|``; >= 0. 1e-3 (our starting point; no published value).
-        tv: λ_tv, weight of the squared differences between adjacent layers; >= 0. 1e-2 (our
-            starting point; no published value).
+        tv: λ_tv, weight of the total variation ``Σ |Δα|_ε`` between adjacent layers; >= 0. 1e-2
+            (our starting point; no published value). 0 for layers that are not a stack.
         warmup: T_w, steps with α frozen; default ``round(0.05 · T)`` (our choice: 5%).
         budget: the most adapter parameters the effective ranks may use,
             ``Σ_g r0 α_g (in_g + out_g)``; ``None`` leaves it to λ1 (the achieved count is in
-            ``history``).
+            ``history``). At least the cost of every group at its least rank.
         heads: ``{target name: (heads, "out" | "in")}``: layers (matched as ``targets`` are) that
             get one α per attention head: ``"out"`` splits rows (q, k, v), ``"in"`` splits columns
             (the output projection), e.g. ``{"q_proj": (12, "out"), "o_proj": (12, "in")}``.
+            ``None`` (default) reads them from the model's config (:func:`attention_heads`); ``{}``
+            keeps one α per matrix.
+        scale_lr: η_α, the step on α for a gradient of the groups' RMS size; > 0. 1e-2 (our choice:
+            Adam's usual rate; r0 · η_α ranks per step).
 
     Raises:
-        ValueError: a value outside its range; a ``heads`` name that matches no adapted layer or
-            a layer already trained.
+        ValueError: a value outside its range; a budget below the least ranks' cost; a ``heads``
+            name that matches no adapted layer; a layer already trained.
+        RuntimeError: at a step, α has no gradient (``step`` called after ``zero_grad``).
     """
 
     module_class = ARDLoRAModule
