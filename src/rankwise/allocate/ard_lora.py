@@ -226,7 +226,7 @@ class ARDLoRA(RankAllocator):
             migrate(optimizer, layer.delta.keep_slots(slots), torch.arange(slots), 0)
 
     def ranks(self) -> dict[str, float]:
-        """Each layer's effective rank, ``Σ_h clamp(r0 α_h, 0, slots)``."""
+        """Each layer's effective rank, ``Σ_h Σ_i gate_i(α_h)``."""
         return {path: float(layer.delta.effective_rank().detach().sum()) for path, layer in self.layers.items()}
 
     def total(self) -> float:
