@@ -284,13 +284,19 @@ def test_attention_projections_get_one_alpha_per_head_from_the_model_config() ->
     torch.manual_seed(0)
     model = nn.Module()
     model.config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)  # as transformers'
-    model.attn, model.mlp = Attention(), nn.Linear(8, 8)
-    model = rw.adapt(model, rw.ARDLoRAConfig(rank=2, targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "mlp")))
+    model.attn, model.mlp = Attention(), nn.Module()
+    model.attn.c_proj, model.mlp.c_proj = nn.Linear(8, 8), nn.Linear(8, 8)  # GPT-2: only the attention's splits
+    model.attention, model.output = nn.Module(), nn.Module()  # BERT: attention.output.dense, not output.dense
+    model.attention.output = nn.Module()
+    model.attention.output.dense, model.output.dense = nn.Linear(8, 8), nn.Linear(8, 8)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "dense")
+    model = rw.adapt(model, rw.ARDLoRAConfig(rank=2, targets=targets))
     rw.allocate.ARDLoRA(model, total_steps=10)
     layout = {path: (m.delta.config.heads, m.delta.config.head_side)
               for path, m in model.named_modules() if isinstance(m, rw.Adapted)}
     assert layout == {"attn.q_proj": (4, "out"), "attn.k_proj": (2, "out"), "attn.v_proj": (2, "out"),
-                      "attn.o_proj": (4, "in"), "attn.c_attn": (12, "out"), "mlp": (1, "out")}
+                      "attn.o_proj": (4, "in"), "attn.c_attn": (12, "out"), "attn.c_proj": (4, "in"),
+                      "mlp.c_proj": (1, "out"), "attention.output.dense": (4, "in"), "output.dense": (1, "out")}
     assert model.attn.q_proj.delta.rank_scale.shape == (4,)
     plain = rw.adapt(_base(), rw.ARDLoRAConfig(rank=2, targets=("0",)))
     rw.allocate.ARDLoRA(plain, total_steps=10)  # no config: one α per matrix

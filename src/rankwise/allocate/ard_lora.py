@@ -276,7 +276,8 @@ def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str,
             found[path] = (kv, "out")
         elif name == "c_attn":
             found[path] = (3 * count, "out")
-        elif name in _OUTPUT_NAMES or (name == "c_proj" and "attn" in parent) or parent.endswith("attention.output"):
+        elif (name in _OUTPUT_NAMES or (name == "c_proj" and parent.endswith("attn"))
+              or (name == "dense" and parent.endswith("attention.output"))):
             found[path] = (count, "in")
     return found
 
