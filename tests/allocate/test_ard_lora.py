@@ -147,7 +147,8 @@ def test_alpha_follows_the_allocator_whether_or_not_the_optimizer_holds_it() -> 
     for with_alpha in (True, False):
         model = _model()
         alloc = rw.allocate.ARDLoRA(model, total_steps=STEPS, warmup=2)
-        params = [p for name, p in model.named_parameters() if p.requires_grad and (with_alpha or "rank_scale" not in name)]
+        params = [p for name, p in model.named_parameters()
+                  if p.requires_grad and (with_alpha or not name.endswith("rank_scale"))]
         optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.5)
         x, y = _data()
         for _ in range(6):

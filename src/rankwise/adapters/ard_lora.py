@@ -132,7 +132,8 @@ class ARDLoRA(Delta):
         return self.gates().sum(1)
 
     def scale_range(self) -> tuple[float, float]:
-        """The α where ``Σ_i gate_i = r0 α`` and α <= α_max: ``[EDGE / r0, min(α_max, (slots − EDGE) / r0)]``."""
+        """The α where ``Σ_i gate_i = r0 α`` and α <= α_max:
+        ``[EDGE / r0, min(α_max, (slots − EDGE) / r0)]``."""
         r0 = self.config.rank
         return EDGE / r0, min(self.config.max_scale, (self.A.shape[1] - EDGE) / r0)
 

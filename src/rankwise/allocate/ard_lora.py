@@ -36,6 +36,7 @@ from .base import RankAllocator, migrate
 _BISECTIONS = 100  # halvings of the budget projection's multiplier: far below float64 resolution
 BETAS = (0.9, 0.999)  # α's moment decays: Adam's defaults
 TV_SMOOTHING = 1e-3  # ε of the smoothed |Δα|: far below the α steps that matter (a rank of r0 · 1e-3)
+HeadLayout = tuple[int, Literal["out", "in"]]  # (heads, the side they split)
 _QUERY_NAMES = frozenset({"q_proj", "query", "q", "Wq", "q_lin"})
 _KEY_VALUE_NAMES = frozenset({"k_proj", "v_proj", "key", "value", "k", "v", "Wk", "Wv", "k_lin", "v_lin"})
 _OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})
@@ -113,12 +114,13 @@ class ARDLoRA(RankAllocator):
         self.moments: dict[str, Any] = {"t": 0, "v": 0.0, "m": {}}
         self.chains = _chains({path: layer.delta for path, layer in self.layers.items()})
 
-    def _resolve(self, heads: Mapping[str, tuple[int, Literal["out", "in"]]]) -> dict[str, tuple[int, Literal["out", "in"]]]:
+    def _resolve(self, heads: Mapping[str, HeadLayout]) -> dict[str, HeadLayout]:
         split = {}
         for pattern, value in heads.items():
             hits = [path for path in self.layers if matches(path, pattern)]
             if not hits:
-                raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}")
+                raise ValueError(f"ARDLoRA: heads entry {pattern!r} matches no adapted layer; "
+                                 f"adapted: {list(self.layers)}")
             split.update(dict.fromkeys(hits, value))
         return split
 
@@ -191,11 +193,11 @@ class ARDLoRA(RankAllocator):
 
     @torch.no_grad()
     def project(self) -> None:
-        """The Euclidean projection of α onto ``0 <= α_g <= min(α_max, slots / r0)`` and, with a
-        budget, ``Σ_g r0 α_g (in_g + out_g) <= budget`` (what each step after the warm-up does).
+        """The Euclidean projection of α onto each group's ``scale_range()`` and, with a budget,
+        ``Σ_g r0 α_g (in_g + out_g) <= budget`` (what each step after the warm-up ends with).
 
-        The solution is ``α = clamp(α̂ − λ·cost, 0, upper)`` with the smallest λ >= 0 that fits,
-        found by bisection, keeping the feasible end.
+        The solution is ``α = clamp(α̂ − λ·cost, lower, upper)`` with the smallest λ >= 0 that
+        fits, found by bisection, keeping the feasible end.
         """
         modules = [layer.delta for layer in self.layers.values()]
         scales = torch.cat([m.rank_scale.double() for m in modules])
@@ -252,7 +254,7 @@ def _smooth_abs(x: Tensor) -> Tensor:
     return (x.square() + TV_SMOOTHING**2).sqrt() - TV_SMOOTHING
 
 
-def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str, tuple[int, Literal["out", "in"]]]:
+def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str, HeadLayout]:
     """One α per attention head for the adapted attention projections, the head counts read from
     ``model.config`` (``num_attention_heads`` or ``n_head``; ``num_key_value_heads`` for k and v).
 
@@ -266,7 +268,7 @@ def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str,
     if not isinstance(count, int):
         return {}
     kv = getattr(config, "num_key_value_heads", None) or count
-    found: dict[str, tuple[int, Literal["out", "in"]]] = {}
+    found: dict[str, HeadLayout] = {}
     for path in layers:
         parts = path.split(".")
         name, parent = parts[-1], ".".join(parts[:-1])
