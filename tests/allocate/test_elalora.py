@@ -188,3 +188,57 @@ def test_allocator_state_round_trips() -> None:
 def test_bad_arguments_raise_naming_them(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         rw.allocate.ElaLoRAAllocator(_model(), total_steps=STEPS, **kwargs)
+
+
+def _at_event(alloc: rw.allocate.ElaLoRAAllocator, model: nn.Module, scores: dict[str, list[float]]) -> list[nn.Parameter]:
+    """Set each layer's triplet scores (through e alone, with Ī = Ū = √S), zero gradients and an
+    event step (t = 1 with t_i = 0, ΔT = 1); returns the trainable parameters."""
+    for path, values in scores.items():
+        delta = model.get_submodule(path).delta
+        root = torch.tensor(values).sqrt().unsqueeze(1)
+        zeros = (torch.zeros_like(delta.A), torch.zeros_like(delta.B))
+        alloc.tracker.ema[path] = {"A": (zeros[0], zeros[0]), "e": (root, root), "B": (zeros[1], zeros[1])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    alloc.t = 1
+    return params
+
+
+def test_new_directions_are_orthogonal_to_the_kept_ones_when_those_are_not_orthonormal() -> None:
+    torch.manual_seed(0)
+    model = rw.adapt(nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 16)), rw.ElaLoRAConfig(rank=4, targets=("0", "1")))
+    layers = [model[0], model[1]]
+    with torch.no_grad():
+        for layer in layers:  # correlated rows and columns of unequal lengths, far from orthonormal
+            layer.delta.A.add_(torch.randn(1, layer.delta.in_features)).mul_(torch.rand(4, 1) + 0.5)
+            layer.delta.B.add_(torch.randn(layer.delta.out_features, 1))
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1,
+                                schedule=False)
+    params = _at_event(alloc, model, {"0": [0.5, 0.6, 0.7, 0.8], "1": [0.01, 0.02, 0.9, 0.9]})
+    kept = (layers[0].delta.A.detach().clone(), layers[0].delta.B.detach().clone())
+    assert alloc.step(torch.optim.SGD(params, lr=0.0))
+    assert alloc.ranks() == {"0": 6, "1": 2}  # layer 1's two weakest moved to layer 0
+    A, B = layers[0].delta.A.detach(), layers[0].delta.B.detach()
+    assert torch.equal(A[:4], kept[0]) and torch.equal(B[:, :4], kept[1])
+    unit = torch.nn.functional.normalize
+    rows, columns = unit(A, dim=1), unit(B, dim=0)
+    # New against kept and against each other: the cosines are 0 to rounding (one projection
+    # v − Aᵀ A v leaves cosines of order 1 here).
+    assert (rows[4:] @ rows[:4].t()).abs().max().item() < 1e-5
+    assert (columns[:, 4:].t() @ columns[:, :4]).abs().max().item() < 1e-5
+    torch.testing.assert_close(rows[4:] @ rows[4:].t(), torch.eye(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(A[4:].norm(dim=1), torch.ones(2))
+
+
+def test_growing_past_the_layer_width_raises_before_any_change() -> None:
+    torch.manual_seed(0)
+    model = rw.adapt(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 8)), rw.ElaLoRAConfig(rank=3, targets=("0", "1")))
+    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=1, candidates=2, t_init=0, t_final=0, delta_t=1,
+                                schedule=False)
+    # Layer 0 (3 × 3, already at rank 3) holds the pool's strongest candidates, so it would grow.
+    params = _at_event(alloc, model, {"0": [0.7, 0.8, 0.9], "1": [0.01, 0.02, 0.9]})
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"'0' would grow to rank 4, past min\(in, out\) = 3"):
+        alloc.step(torch.optim.SGD(params, lr=0.0))
+    assert all(torch.equal(p, q) for p, q in zip([p for p in model.parameters() if p.requires_grad], before))

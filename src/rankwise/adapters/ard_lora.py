@@ -2,15 +2,23 @@
 
 Shinwari & Usama, "ARD-LoRA: Dynamic Rank Allocation for Parameter-Efficient Fine-Tuning of
 Foundation Models with Heterogeneous Adaptation Needs", https://arxiv.org/abs/2506.18267. Only the
-abstract was available: the gate below is our reconstruction ("ARD-LoRA-style") of the per-head
+abstract was available: the form below is our reconstruction ("ARD-LoRA-style") of the per-head
 ranks it describes.
 
-    r_g = r0 · α_g,   gate_i(α_g) = clamp(r0 α_g − i, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
-    ΔW_g = s · B_g diag(gate(α_g)) A_g,   s = lora_alpha / r0 (constant)
+    gate_i(α_g) = clamp((r0 α_g − i − 1/2) / RAMP + 1/2, 0, 1),  i = 0 … R−1   (Σ_i gate_i = r0 α_g)
+    ΔW_g = s · m_g · B̂_g diag(gate(α_g)) Â_g,   s = lora_alpha / r0 (constant)
+
+Â_g has A_g's rows and B̂_g has B_g's columns at unit norm, and m_g is one magnitude per group
+(0 at the start, so step 0 is the base model). The gate multiplies components whose size the
+optimizer cannot change one by one: with ``B diag(gate) A`` and a free B, the loss depends only on
+``gate_i · B_i``, so ``gate_i ∂L/∂gate_i = ⟨B_i, ∂L/∂B_i⟩``, which is 0 once B is stationary, and
+α learns nothing about the task. Here a slot's weight is ``s · m_g · gate_i``; m_g is shared by the
+group's slots, so α (how many slots, and how much of the partial ones) still gets the task's
+gradient at a stationary point of A, B and m.
 
 A group is one head: with ``head_side="out"`` (q, k, v projections) head h owns rows
 ``h·d : (h+1)·d`` of ΔW and A_g sees the whole input; with ``"in"`` (the output projection) it owns
-columns. ``heads=1`` is one group per matrix (MLPs). The penalties that drive α and the budget are
+columns. ``heads=1`` is one group per matrix (MLPs). The penalties, α's update and the budget are
 in ``rankwise.allocate.ARDLoRAAllocator``.
 """
 
@@ -28,6 +36,13 @@ from torch import Tensor, nn
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta
 from ..core.registry import register
+
+# Width, in rank units, of each slot's gate ramp. With 1 the gate is the plain clamp(r0 α − i, 0, 1),
+# and α's gradient reaches only the one fractional slot: α stops where that slot has the magnitude it
+# wants, even when the next direction would lower the loss. With 2 two or three slots are partly open
+# at once, so α also feels the slot beyond. Σ_i gate_i stays r0 α between EDGE and slots − EDGE.
+RAMP = 2.0
+EDGE = RAMP / 2 - 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +84,7 @@ class ARDLoRAConfig(AdapterConfig):
 
     @property
     def num_slots(self) -> int:
-        return math.ceil(self.rank * self.max_scale) if self.slots is None else self.slots
+        return math.ceil(self.rank * self.max_scale + RAMP / 4) if self.slots is None else self.slots
 
 
 @register("ard_lora", ARDLoRAConfig)
@@ -88,9 +103,11 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
         self.group_out = self.out_features // heads if side == "out" else self.out_features
         slots = config.num_slots
         kwargs: dict[str, Any] = {"dtype": w0.dtype, "device": w0.device}
-        bound = 1 / math.sqrt(self.group_in)  # kaiming-uniform (a = √5), as LoRA's A
-        self.A = nn.Parameter(torch.empty(heads, slots, self.group_in, **kwargs).uniform_(-bound, bound))
-        self.B = nn.Parameter(torch.zeros(heads, self.group_out, slots, **kwargs))
+        # Only the directions of A's rows and B's columns matter (they are normalized in use), so
+        # they may start random: the zero magnitude makes step 0 the base model.
+        self.A = nn.Parameter(torch.randn(heads, slots, self.group_in, **kwargs))
+        self.B = nn.Parameter(torch.randn(heads, self.group_out, slots, **kwargs))
+        self.magnitude = nn.Parameter(torch.zeros(heads, **kwargs))  # m per group
         self.rank_scale = nn.Parameter(torch.ones(heads, **kwargs))  # α per group
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.alpha / config.rank
@@ -102,16 +119,27 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
             per_slot = heads * in_features + out_features
         else:  # each head's B writes the whole output
             per_slot = in_features + heads * out_features
-        return config.num_slots * per_slot + heads
+        return config.num_slots * per_slot + 2 * heads  # + α and m per group
 
     def gates(self) -> Tensor:
-        """``clamp(r0 α_g − i, 0, 1)``, shape (heads, slots): ⌊r0α⌋ slots on, one fractional."""
+        """``clamp((r0 α_g − i − 1/2) / RAMP + 1/2, 0, 1)``, shape (heads, slots): slot i ramps from
+        0 to 1 as r0α crosses [i + 1/2 − RAMP/2, i + 1/2 + RAMP/2]."""
         slot = torch.arange(self.A.shape[1], dtype=self.rank_scale.dtype, device=self.rank_scale.device)
-        return (self.config.rank * self.rank_scale.unsqueeze(1) - slot).clamp(0, 1)
+        return ((self.config.rank * self.rank_scale.unsqueeze(1) - slot - 0.5) / RAMP + 0.5).clamp(0, 1)
 
     def effective_rank(self) -> Tensor:
-        """``Σ_i gate_i = clamp(r0 α_g, 0, slots)`` per group, shape (heads,)."""
-        return (self.config.rank * self.rank_scale).clamp(0, self.A.shape[1])
+        """``Σ_i gate_i`` per group, shape (heads,): ``r0 α_g`` on :meth:`scale_range`."""
+        return self.gates().sum(1)
+
+    def scale_range(self) -> tuple[float, float]:
+        """The α where ``Σ_i gate_i = r0 α`` and α <= α_max:
+        ``[EDGE / r0, min(α_max, (slots − EDGE) / r0)]``."""
+        r0 = self.config.rank
+        return EDGE / r0, min(self.config.max_scale, (self.A.shape[1] - EDGE) / r0)
+
+    def used_slots(self) -> int:
+        """The slots whose gate is non-zero in some group."""
+        return int((self.gates() > 0).any(0).sum())
 
     def forward(self, x: Tensor) -> Tensor:
         return self._sum(x, None).view(*x.shape[:-1], self.out_features)
@@ -119,20 +147,30 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
         return self._sum(x, y.reshape(-1, self.out_features)).view(y.shape)
 
+    def directions(self) -> tuple[Tensor, Tensor]:
+        """``(Â, B̂)``: A's rows and B's columns at unit norm, shapes (heads, slots, in_g) and
+        (heads, out_g, slots)."""
+        return F.normalize(self.A, dim=2), F.normalize(self.B, dim=1)
+
+    def coefficients(self) -> Tensor:
+        """``s · m_g · gate_i(α_g)``, shape (heads, slots): the weight of each unit component."""
+        return self.gates() * (self.scale * self.magnitude).unsqueeze(1)
+
     def _sum(self, x: Tensor, y: Tensor | None) -> Tensor:
         """``y + x ΔWᵀ`` (``x ΔWᵀ`` when y is None) as (tokens, out): plain products over column
         slices instead of einsum's permuted copies, the residual added inside each head's product
         (one concatenation of the heads' outputs when there are several)."""
         rows = self.dropout(x).reshape(-1, self.in_features)
         heads, slots = self.A.shape[:2]
-        # The gates and the scale ride on B, and Bᵀ is made contiguous (slots, out_g) per head for
-        # the faster backward orientation (see rankwise.core.delta._UpProjection).
-        up = (self.B * (self.gates() * self.scale).unsqueeze(1)).transpose(1, 2).contiguous()
+        A, B = self.directions()
+        # The coefficients ride on B̂, and B̂ᵀ is made contiguous (slots, out_g) per head for the
+        # faster backward orientation (see rankwise.core.delta._UpProjection).
+        up = (B * self.coefficients().unsqueeze(1)).transpose(1, 2).contiguous()
         if self.config.head_side == "in":  # every head writes the whole output: one sum over heads
-            hidden = torch.cat([F.linear(rows[:, h * self.group_in:(h + 1) * self.group_in], self.A[h]) for h in range(heads)], 1)
+            hidden = torch.cat([F.linear(rows[:, h * self.group_in:(h + 1) * self.group_in], A[h]) for h in range(heads)], 1)
             up = up.reshape(heads * slots, self.out_features)
             return hidden @ up if y is None else torch.addmm(y, hidden, up)
-        hidden = F.linear(rows, self.A.reshape(heads * slots, self.in_features))  # (tokens, heads · slots)
+        hidden = F.linear(rows, A.reshape(heads * slots, self.in_features))  # (tokens, heads · slots)
         blocks = []
         for h in range(heads):
             head_hidden, columns = hidden[:, h * slots:(h + 1) * slots], slice(h * self.group_out, (h + 1) * self.group_out)
@@ -140,7 +178,8 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
         return blocks[0] if heads == 1 else torch.cat(blocks, 1)
 
     def delta_weight(self) -> Tensor:
-        blocks = torch.einsum("hor,hr,hri->hoi", self.B, self.gates() * self.scale, self.A)  # (heads, out_g, in_g)
+        A, B = self.directions()
+        blocks = torch.einsum("hor,hr,hri->hoi", B, self.coefficients(), A)  # (heads, out_g, in_g)
         if self.config.head_side == "out":
             return blocks.reshape(self.out_features, self.in_features)
         return blocks.permute(1, 0, 2).reshape(self.out_features, self.in_features)
@@ -161,3 +200,4 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, rank={c.rank}, slots={self.A.shape[1]}, heads={c.heads} ({c.head_side})"
+

@@ -9,7 +9,8 @@ triplets move:
     b(t) = round(b0 · (1 − p³)),   p = clip((t − t_i) / (T − t_f − t_i), 0, 1)
     C_m  = the k_m = min(k, r_m − 1) lowest-scoring triplets of layer m;  P = ∪_m C_m
     prune the b lowest of P;  then grow one triplet in the layer of each of the b highest of P
-    new a = normalize(v − Aᵀ A v), new b = normalize(w − B Bᵀ w), v, w ~ N(0, I);  new e ≈ 0
+    new a, b: v, w ~ N(0, I) made orthogonal to the kept rows of A / columns of B (and to the
+    other new ones), at unit norm;  new e ≈ 0
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ class ElaLoRAAllocator(TripletAllocator):
         decision = from_rank_zero(torch.cat([pruned, grown])).cpu()
         pruned, grown = decision[: len(pruned)].bool(), decision[len(pruned):]
         per_layer = pruned.split([len(s) for s in scores])
+        for (path, layer), flags, count in zip(self.layers.items(), per_layer, grown.tolist(), strict=True):
+            size = int((~flags).sum()) + count
+            if count and size > min(layer.delta.in_features, layer.delta.out_features):
+                raise ValueError(f"ElaLoRAAllocator: '{path}' would grow to rank {size}, past min(in, out) = "
+                                 f"{min(layer.delta.in_features, layer.delta.out_features)}, where no new "
+                                 "direction is orthogonal to the kept ones; use a smaller rank")
         for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer, strict=True)):
             count = int(grown[index])
             if not flags.any() and count == 0:
@@ -141,20 +148,22 @@ class ElaLoRAAllocator(TripletAllocator):
 
     def _new_triplets(self, module: AdaLoRA, keep: Tensor, count: int,
                       index: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``count`` new ``(a, e, b)``, each a and b orthogonalized against the kept and the new ones."""
+        """``count`` new ``(a, e, b)``: unit a orthogonal to the kept rows of A and to each other,
+        unit b likewise to the kept columns of B."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.t) * 1_000_003 + index)
         with torch.no_grad():
             device = module.A.device
             A, B = module.A[keep.to(device)], module.B[:, keep.to(device)]
+            # Orthonormal bases of the kept spans (QR), grown by each new direction. The official
+            # v − Aᵀ A v is exact only for orthonormal rows, which AdaLoRA's penalty only encourages.
+            rows, columns = torch.linalg.qr(A.t()).Q, torch.linalg.qr(B).Q
             for _ in range(count):
                 v = torch.randn(module.in_features, generator=generator, dtype=A.dtype).to(device)
-                a = v - A.t() @ (A @ v)
-                A = torch.cat([A, (a / (a.norm() + 1e-6)).unsqueeze(0)])
+                rows = torch.cat([rows, _orthogonal_unit(v, rows).unsqueeze(1)], dim=1)
                 w = torch.randn(module.out_features, generator=generator, dtype=B.dtype).to(device)
-                b = w - B @ (B.t() @ w)
-                B = torch.cat([B, (b / (b.norm() + 1e-6)).unsqueeze(1)], dim=1)
+                columns = torch.cat([columns, _orthogonal_unit(w, columns).unsqueeze(1)], dim=1)
             value = min(module.e[keep.to(device)].abs().min().item(), NEW_E)
-        return A[-count:], torch.full((count, 1), value, dtype=A.dtype, device=device), B[:, -count:]
+        return rows[:, -count:].t(), torch.full((count, 1), value, dtype=A.dtype, device=device), columns[:, -count:]
 
     def ranks(self) -> dict[str, float]:
         return {path: layer.delta.rank for path, layer in self.layers.items()}
@@ -162,6 +171,14 @@ class ElaLoRAAllocator(TripletAllocator):
     @property
     def budget(self) -> int:
         return self.init_budget
+
+
+def _orthogonal_unit(v: Tensor, basis: Tensor) -> Tensor:
+    """v without its components along the orthonormal columns of ``basis``, at unit norm; projected
+    twice, since one Gram–Schmidt pass leaves a residue of order ε · ‖v‖ / ‖result‖ ("twice is enough")."""
+    for _ in range(2):
+        v = v - basis @ (basis.t() @ v)
+    return v / v.norm()
 
 
 # The method declares the allocator that trains it (see rankwise.allocate.adalora).
