@@ -177,7 +177,11 @@ class ARDLoRAAllocator(RankAllocator):
         """One projected step on α: Adam's first moment per group, but one second moment shared by
         all groups, so that a group whose gradient is larger moves faster (per-group Adam would move
         every α at the same pace whatever its gradient, and the budget would then cancel the moves)."""
-        grads = {path: layer.delta.rank_scale.grad.double() for path, layer in self.layers.items()}
+        grads = {}
+        for path, layer in self.layers.items():
+            grad = layer.delta.rank_scale.grad
+            assert grad is not None  # step() checked every α has one before calling this
+            grads[path] = grad.double()
         self.moments["t"] += 1
         t = self.moments["t"]
         square = torch.cat([g.square() for g in grads.values()]).mean()
