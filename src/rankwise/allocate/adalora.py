@@ -89,7 +89,7 @@ def _slice_and_pad(t: Tensor, dim: int, keep: Tensor, grown: int) -> Tensor:
     return torch.cat([t.index_select(dim, keep.to(t.device)), t.new_zeros(pad_shape)], dim=dim)
 
 
-class TripletAllocator(RankAllocator):
+class TripletAllocator(RankAllocator[AdaLoRA]):
     """What AdaLoRA and ElaLoRA share: the sensitivity EMAs and the orthogonality penalty.
 
     Args:
@@ -116,7 +116,7 @@ class TripletAllocator(RankAllocator):
         if self.orth_weight == 0:
             return super().penalty()
         terms = [layer.delta.orthogonality(self.squared_orth) for layer in self.layers.values()]
-        return self.orth_weight * sum(terms) / (2 * len(terms))
+        return self.orth_weight * torch.stack(terms).sum() / (2 * len(terms))
 
     @property
     def has_penalty(self) -> bool:

@@ -43,7 +43,7 @@ _KEY_VALUE_NAMES = frozenset({"k_proj", "v_proj", "key", "value", "k", "v", "Wk"
 _OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "o", "Wo", "out_lin"})
 
 
-class ARDLoRAAllocator(RankAllocator):
+class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
     """ARD-LoRA-style: each (layer, head) group's rank r0·α is learned on the task loss under ℓ1 and TV
     penalties (module docstring), within a parameter budget if one is given.
 
@@ -125,7 +125,7 @@ class ARDLoRAAllocator(RankAllocator):
             split.update(dict.fromkeys(hits, value))
         return split
 
-    def _split_heads(self, path: str, count: int, side: str) -> None:
+    def _split_heads(self, path: str, count: int, side: Literal["out", "in"]) -> None:
         layer = self.layers[path]
         old = layer.delta
         if old.config.heads == count and old.config.head_side == side:
@@ -143,10 +143,11 @@ class ARDLoRAAllocator(RankAllocator):
         """``λ1 Σ|α| + λ_tv Σ |α_{l+1} − α_l|_ε``; zero during the warm-up (α is frozen then)."""
         if self.t < self.warmup or not self.has_penalty:
             return super().penalty()
+        zero = super().penalty()  # on the adapters' device, so the sums below start there
         scales = {path: layer.delta.rank_scale for path, layer in self.layers.items()}
-        sparsity = sum(s.abs().sum() for s in scales.values())
+        sparsity = sum((s.abs().sum() for s in scales.values()), zero)
         variation = sum(
-            _smooth_abs(scales[b] - scales[a]).sum() for chain in self.chains for a, b in zip(chain, chain[1:])
+            (_smooth_abs(scales[b] - scales[a]).sum() for chain in self.chains for a, b in pairwise(chain)), zero
         )
         return self.l1 * sparsity + self.tv * variation
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..core.adapted import Adapted
+from ..core.adapted import Adapted, AdapterT
 from ..core.checks import check_number
 from ..core.delta import Adapter
 from ..core.inject import adapted_modules
@@ -71,7 +71,7 @@ class History:
                    list(data["totals"]), list(data["budgets"]))
 
 
-class RankAllocator(abc.ABC):
+class RankAllocator(abc.ABC, Generic[AdapterT]):
     """An allocator drives the adapters of one model during training (see the module docstring).
 
     Pass the model itself, not a ``DistributedDataParallel`` wrapper around it. Build the optimizer
@@ -95,7 +95,7 @@ class RankAllocator(abc.ABC):
             raise TypeError(f"{type(self).__name__} needs the model itself: pass ddp_model.module")
         check_number(type(self).__name__, "total_steps", total_steps, 1, integer=True)
         self.model = model
-        self.layers: dict[str, Adapted] = dict(adapted_modules(model))
+        self.layers: dict[str, Adapted[AdapterT]] = dict(adapted_modules(model))
         if not self.layers:
             raise ValueError(f"{type(self).__name__}: the model has no rankwise adapters; call rankwise.adapt first")
         wrong = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,10 @@ from .geometry import BaseKind
 from .precision import at_least_fp32
 
 
-class Adapted(nn.Module):
+AdapterT = TypeVar("AdapterT", bound=Adapter)
+
+
+class Adapted(nn.Module, Generic[AdapterT]):
     """A frozen base layer (child ``base``) plus an adapter (child ``delta``).
 
     The only place that merges, unmerges and maps layouts; the adapter supplies the mathematics.
@@ -27,7 +30,11 @@ class Adapted(nn.Module):
             where a rank allocator resized this layer.
     """
 
-    def __init__(self, base: nn.Module, delta: Adapter, kind: BaseKind, config: AdapterConfig) -> None:
+    # Typed by the method, so that code which knows the method (an allocator) reads its parameters
+    # as what they are rather than as nn.Module's ``Tensor | Module`` attribute type.
+    delta: AdapterT
+
+    def __init__(self, base: nn.Module, delta: AdapterT, kind: BaseKind, config: AdapterConfig) -> None:
         super().__init__()
         self.base = base
         self.delta = delta
