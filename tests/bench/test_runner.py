@@ -165,8 +165,25 @@ def test_a_method_that_cannot_adapt_the_task_is_recorded_and_listed(
 
 
 def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-, tiny: Sizes) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Sizes
+) -> None:
+    class Missing(Synthetic):
+        name = "missing"
+
+        def _load(self):
+            raise AssetMissing("the data is not installed: pip install some-data")
+
+    monkeypatch.setitem(TASKS, "missing", Missing)
+    preset = runner.Preset("test", tasks=("missing", "synthetic"), seeds=(0,), lr_factors=(1.0,),
+                           sizes={"missing": tiny, "synthetic": tiny})
+    runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
+    assert "skipping task missing: the data is not installed: pip install some-data" in capsys.readouterr().out
+    assert [(row["task"], row["method"]) for row in _rows(tmp_path)] == [("synthetic", "lora")]
+
+
+def test_when_every_task_is_skipped_the_run_fails_saying_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes
+) -> None:
     class Missing(Synthetic):
         name = "missing"
 
@@ -175,8 +192,8 @@ def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
 
     monkeypatch.setitem(TASKS, "missing", Missing)
     preset = runner.Preset("test", tasks=("missing",), seeds=(0,), lr_factors=(1.0,), sizes={"missing": tiny})
-    runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
-    assert "skipping task missing: the data is not installed: pip install some-data" in capsys.readouterr().out
+    with pytest.raises(AssetMissing, match="no task could run; install what they need: missing: .*pip install some-data"):
+        runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
     assert not (tmp_path / "results.csv").exists()
 
 

@@ -184,7 +184,10 @@ class Preset:
         seeds: run seeds when none are selected.
         lr_factors: multiples of each recipe's starting learning rate; more than one means a sweep
             on the first seed, chosen on the validation split.
-        sizes: data, sequence length and steps per task (every task, so any can be selected).
+        sizes: data, sequence length and steps per task (every built-in task, so any can be
+            selected).
+        kinds: sizes per task kind (``"classification"``, ``"lm"``), for a task the preset does not
+            list by name: a user's own.
     """
 
     name: str
@@ -192,6 +195,21 @@ class Preset:
     seeds: tuple[int, ...]
     lr_factors: tuple[float, ...]
     sizes: dict[str, Sizes] = field(hash=False)
+    kinds: dict[str, Sizes] = field(default_factory=dict, hash=False)
+
+    def sizes_for(self, task: type[Task]) -> Sizes:
+        """The sizes of ``task``: those listed under its name, else those of its kind.
+
+        Raises:
+            ValueError: the preset has neither.
+        """
+        if task.name in self.sizes:
+            return self.sizes[task.name]
+        kind = getattr(task, "kind", None)
+        if kind in self.kinds:
+            return self.kinds[kind]
+        raise ValueError(f"preset {self.name!r} has no sizes for task {task.name!r} nor for its kind {kind!r}; "
+                         f"it has the tasks {sorted(self.sizes)} and the kinds {sorted(self.kinds)}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -206,6 +224,10 @@ PRESETS: dict[str, Preset] = {
             "fashion": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
             "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
         },
+        kinds={
+            "classification": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
+            "lm": Sizes(train=40, val=8, test=16, length=64, steps=10, batch_size=4, eval_batch_size=8),
+        },
     ),
     # About 80 minutes on 2 CPU cores with the 19 recipes of now (measured: docs/benchmarks.md,
     # Cost). Each run sees its training subset once (train = steps × batch_size).
@@ -217,6 +239,10 @@ PRESETS: dict[str, Preset] = {
             "friends": Sizes(train=40, val=12, test=24, length=64, steps=10, batch_size=4, eval_batch_size=12),
             "fashion": Sizes(train=512, val=256, test=800, length=64, steps=32, batch_size=16),
             "synthetic": Sizes(train=1600, val=256, test=512, length=1, steps=100, batch_size=16),
+        },
+        kinds={
+            "classification": Sizes(train=384, val=128, test=512, length=64, steps=24, batch_size=16),
+            "lm": Sizes(train=40, val=12, test=24, length=64, steps=10, batch_size=4, eval_batch_size=12),
         },
     ),
 }
@@ -414,15 +440,25 @@ class Results:
 
 
 def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix runs of different settings in one folder; record them for a fresh one."""
+    """Refuse to mix runs of different settings in one folder; record them for a fresh one.
+
+    ``settings["tasks"]`` (the tasks sized by kind, with their files) grows: a task not recorded
+    yet is added, one recorded must match.
+    """
     path = folder / SETTINGS
+    tasks = settings.pop("tasks")
     if path.is_file():
         before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+        recorded = before.pop("tasks", {})
+        changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+        for name in sorted(tasks.keys() & recorded.keys()):
+            now, then = tasks[name], recorded[name]
+            changed += [f"tasks.{name}.{k}" for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
+        if changed:
             raise ValueError(f"{folder} holds results made with other settings ({changed}); use another --out")
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        tasks = {**recorded, **tasks}
+    # Written only when there are such tasks: a folder of built-in tasks keeps the settings it had.
+    path.write_text(json.dumps({**settings, **({"tasks": tasks} if tasks else {})}, indent=2) + "\n")
 
 
 def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = None,
@@ -433,53 +469,72 @@ def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = 
     Args:
         out: the results folder; runs already in its ``results.csv`` are not run again.
         preset: sizes, seeds and learning-rate factors.
-        tasks: task names (default: the preset's).
+        tasks: task names, built-in or registered (:func:`rankwise.bench.register_task`; default:
+            the preset's).
         methods: recipe names (default: all of :func:`recipes`).
         seeds: run seeds (default: the preset's).
         budget: adapter parameters per task (default: LoRA at rank 8 on the task's targets).
         device: where to train (``"cpu"``, ``"cuda"``).
         progress: show a progress bar.
 
+    Every task is checked before anything is written (:meth:`Task.check`: a user's data against the
+    sizes). A task whose asset is missing is skipped with the install command.
+
     Returns:
         ``out``, holding ``results.csv``, ``curves.jsonl``, ``results.md`` and PNG plots.
 
     Raises:
-        ValueError: an unknown task or method, or ``out`` holds results of other settings.
+        ValueError: an unknown task or method, a task the preset has no sizes for or whose data
+            is too small for them, or ``out`` holds results of other settings.
+        AssetMissing: every task was skipped; the message says what to install.
     """
     table = recipes()
     task_names = tuple(tasks or preset.tasks)
     method_names = tuple(methods or table)
     seed_list = tuple(preset.seeds if seeds is None else seeds)
-    unknown = [t for t in task_names if t not in preset.sizes] + [m for m in method_names if m not in table]
+    unknown = [t for t in task_names if t not in TASKS] + [m for m in method_names if m not in table]
     if unknown:
-        raise ValueError(f"unknown {unknown}; tasks: {sorted(preset.sizes)}; methods: {list(table)}")
+        raise ValueError(f"unknown {unknown}; tasks: {sorted(TASKS)}; methods: {list(table)}")
     if not seed_list:
         raise ValueError("give at least one seed")
+    pending = [TASKS[name](preset.sizes_for(TASKS[name])) for name in task_names]
+    for task in pending:  # a user's data is checked against the sizes before anything is written
+        line = task.check()
+        if line:
+            tqdm.write(line)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, {
         "preset": preset.name, "lr_factors": list(preset.lr_factors), "budget": budget,
         "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
+        # Tasks the preset sizes by kind, a user's own: their sizes and what identifies their files.
+        "tasks": {task.name: {"sizes": dataclasses.asdict(task.sizes), **task.settings()}
+                  for task in pending if task.name not in preset.sizes},
     })
     results = Results(folder)
     per_method = _runs_per_recipe(preset.lr_factors, seed_list)
     bar = tqdm(total=len(task_names) * len(method_names) * per_method, disable=not progress, unit="run")
     torch_device = torch.device(device)
-    for task_name in task_names:
-        task = TASKS[task_name](preset.sizes[task_name])
+    skipped = {}
+    while pending:
+        task = pending.pop(0)  # dropped after its runs: the next task's model replaces it in memory
         try:
             task.prepare()
         except AssetMissing as missing:
-            bar.write(f"skipping task {task_name}: {missing}")
+            skipped[task.name] = str(missing)
+            bar.write(f"skipping task {task.name}: {missing}")
             bar.update(len(method_names) * per_method)
             continue
         task_budget = budget or default_budget(task.pretrained, task.targets, task.head)
         for name in method_names:
-            bar.set_description(f"{task_name} {name}")
+            bar.set_description(f"{task.name} {name}")
             _run_recipe(task, table[name], task_budget, seed_list, preset.lr_factors, results, torch_device, bar)
         report.write(folder, results.rows, TASKS)
-        del task  # the next task's model replaces this one in memory
+        del task
     bar.close()
+    if len(skipped) == len(task_names):
+        raise AssetMissing("no task could run; install what they need: "
+                           + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     report.write(folder, results.rows, TASKS)
     return folder
 
