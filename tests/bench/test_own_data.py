@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,91 +16,8 @@ from rankwise import cli
 from rankwise.bench import PRESETS, Preset, Sizes, register_task, run_bench, runner, task_from_files
 from rankwise.bench.tasks import TASKS, AssetMissing, Synthetic
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = {"warm": "sun warm happy bright glad calm kind sweet".split(),
-         "cold": "rain cold sad dark angry loud cruel bitter".split()}
-COMMON = "the a day was is very and it felt".split()
 CLASSIFICATION = Sizes(train=48, val=16, test=24, length=16, steps=6, batch_size=8, eval_batch_size=16, probe=32)
 LM = Sizes(train=12, val=3, test=4, length=16, steps=4, batch_size=3, eval_batch_size=4)
-
-
-def _sentence(rng: random.Random, label: str) -> str:
-    """A text whose label shows in about half its words."""
-    return " ".join(rng.choice(WORDS[label] if rng.random() < 0.5 else COMMON) for _ in range(rng.randint(4, 12)))
-
-
-def _rows(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    return [(_sentence(rng, label), label) for label in ("warm", "cold") * (count // 2)]
-
-
-def _documents(count: int, seed: int = 0) -> list[str]:
-    """Documents of 3 to 6 sentences; the i-th begins with the word ``doc<i>``, which says where a
-    block's text came from."""
-    rng = random.Random(seed)
-    return [f"doc{i} " + " ".join(_sentence(rng, rng.choice(list(WORDS))) for _ in range(rng.randint(3, 6)))
-            for i in range(count)]
-
-
-def _word_level(texts: list[str], specials: list[str]) -> tokenizers.Tokenizer:
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token=specials[0]))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=specials))
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 16-wide BERT body (no head) and its WordLevel tokenizer, as save_pretrained writes them."""
-    folder = tmp_path_factory.mktemp("bert")
-    tokenizer = _word_level([text for text, _ in _rows(200)], ["[UNK]", "[PAD]", "[CLS]", "[SEP]"])
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    ).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
-
-
-def _llama_folder(folder: Path, **config: object) -> Path:
-    tokenizer = _word_level(_documents(120), ["<unk>", "<s>", "</s>"])
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-    torch.manual_seed(0)
-    settings = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config})).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-layer, 16-wide Llama (grouped-query attention, tied embeddings), no padding token."""
-    return _llama_folder(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture
-def reviews(tmp_path: Path) -> Path:
-    path = tmp_path / "reviews.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "text", "label"])
-        writer.writerows((i, text, label) for i, (text, label) in enumerate(_rows(160)))
-    return path
-
-
-@pytest.fixture
-def story(tmp_path: Path) -> Path:
-    path = tmp_path / "story.txt"
-    path.write_text("\n\n".join(_documents(120)) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -212,10 +128,12 @@ def test_held_out_documents_are_whole_documents(llama: Path, story: Path) -> Non
     assert train_words and not train_words & {text.split()[0] for text in held_out}
 
 
-def test_a_split_column_chooses_the_splits_and_labels_of_any_type_count(bert: Path, tmp_path: Path) -> None:
+def test_a_split_column_chooses_the_splits_and_labels_of_any_type_count(
+    bert: Path, tmp_path: Path, labelled_texts: Callable[..., list[tuple[str, str]]]
+) -> None:
     path = tmp_path / "tagged.jsonl"
     rows = []
-    for i, (text, label) in enumerate(_rows(200, seed=3)):
+    for i, (text, label) in enumerate(labelled_texts(200, seed=3)):
         split = "test" if i < 30 else "validation" if i < 50 else "train"
         rows.append({"body": f"{split} {text}", "y": label == "warm", "split": split})
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")

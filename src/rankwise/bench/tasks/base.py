@@ -74,6 +74,9 @@ class Task(abc.ABC):
         targets: the layers every method adapts (``AdapterConfig.targets``).
         head: paths of the new task head, trained in every row (``AdapterConfig.trainable``).
         full_lr: the starting learning rate of the full fine-tuning reference.
+        frozen_layers_cacheable: the model is a transformers decoder called as
+            ``model(input_ids=...)`` on unpadded blocks, so a preset may run it from the cached
+            input of its first trained block (:mod:`rankwise.bench.cache`, which checks the rest).
     """
 
     name: ClassVar[str]
@@ -85,6 +88,7 @@ class Task(abc.ABC):
     targets: ClassVar[tuple[str, ...]]
     head: ClassVar[tuple[str, ...]] = ()
     full_lr: ClassVar[float]
+    frozen_layers_cacheable: ClassVar[bool] = False
 
     def __init__(self, sizes: Sizes) -> None:
         self.sizes = sizes

@@ -29,6 +29,7 @@ class LanguageModelling(Task):
     """
 
     kind = "lm"
+    frozen_layers_cacheable = True
     metrics = ("perplexity",)
     primary = "perplexity"
     higher_is_better = False

@@ -151,6 +151,7 @@ class OwnLanguageModel(_OwnFiles, LanguageModelling):
     ``DATA_SEED`` until the test, then the validation blocks are filled; the rest train."""
 
     head = ()
+    full_lr = 5e-5  # a usual full fine-tuning rate for a small causal LM, as on the built-in task
 
     def __init__(self, sizes: Sizes) -> None:
         super().__init__(sizes)
