@@ -63,7 +63,7 @@ def test_classification_runs_end_to_end_from_the_cli_and_resumes(
     report = (out / "results.md").read_text()
     assert "## reviews: reviews.csv (160 rows, 2 classes); model bert" in report and "| full |" in report
     settings = json.loads((out / "settings.json").read_text())["tasks"]["reviews"]
-    assert settings["columns"] == {"text": "text", "label": "label"} and settings["length"] == 16
+    assert settings["columns"] == {"text": "text", "label": "label"} and settings["sizes"]["length"] == 16
 
     calls = []
     monkeypatch.setattr(runner, "train", lambda *args, **kwargs: calls.append(args))
@@ -169,7 +169,7 @@ def test_the_python_api_registers_a_task_type_and_runs_it(
     run_bench(tmp_path, preset, tasks=[task.name], methods=["lora"], progress=False)
     (row,) = _results(tmp_path)
     assert (row["task"], row["adapter_params"]) == ("reviews", str(4 * 8 * (16 + 16)))
-    assert json.loads((tmp_path / "settings.json").read_text())["tasks"]["reviews"]["length"] == 12
+    assert json.loads((tmp_path / "settings.json").read_text())["tasks"]["reviews"]["sizes"]["length"] == 12
     again = register_task(task_from_files(bert, reviews, "classification"))
     assert runner.TASKS["reviews"] is again
     tweets = reviews.rename(reviews.with_name("tweets.csv"))
@@ -189,19 +189,12 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _not_a_model(tmp_path: Path) -> Path:
-    folder = tmp_path / "not-a-model"
-    folder.mkdir()
-    (folder / "weights.bin").write_bytes(b"")
-    return folder
-
-
-def _bad_config(tmp_path: Path) -> Path:
-    folder = tmp_path / "bad-config"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "no-such-model"}')
-    (folder / "model.safetensors").write_bytes(b"")
-    return folder
+def _folder(path: Path, files: dict[str, str]) -> Path:
+    """A folder holding ``files`` (name -> text; Latin-1 round-trips any bytes)."""
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text, encoding="latin-1")
+    return path
 
 
 BAD = [
@@ -221,16 +214,29 @@ BAD = [
     ("too few tokens", lambda t, b, l, d: ["--model", l, "--data", _write(t / "short.txt", "doc0 the sun\n\nday"),
                                            "--task", "lm"],
      "short: train needs 12 blocks of 16 tokens, has 0"),
-    ("no config.json", lambda t, b, l, d: ["--model", _not_a_model(t), "--data", d, "--task", "classification"],
+    ("no config.json", lambda t, b, l, d: ["--model", _folder(t / "not-a-model", {"weights.bin": ""}),
+                                           "--data", d, "--task", "classification"],
      "not-a-model is not a transformers model folder: it has no config.json"),
-    ("unknown architecture", lambda t, b, l, d: ["--model", _bad_config(t), "--data", d, "--task", "classification"],
+    ("no weights", lambda t, b, l, d: ["--model", _folder(t / "no-weights", {"config.json": "{}"}),
+                                       "--data", d, "--task", "classification"],
+     r"no-weights is not a transformers model folder: it has a config.json but no weights \(one of "),
+    ("unknown architecture", lambda t, b, l, d: ["--model", _folder(t / "bad-config", {
+        "config.json": '{"model_type": "no-such-model"}', "model.safetensors": ""}),
+        "--data", d, "--task", "classification"],
      "bad-config is not a transformers model folder: "),
+    ("no tokenizer", lambda t, b, l, d: ["--model", _folder(t / "untokenized", {
+        name: (b / name).read_text(encoding="latin-1") for name in ("config.json", "model.safetensors")}),
+        "--data", d, "--task", "classification"],
+     r"untokenized: no tokenizer in it \(none of \['tokenizer_config.json', 'tokenizer.json'\]\)"),
     ("target matching nothing", lambda t, b, l, d: ["--model", b, "--data", d, "--task", "classification",
                                                     "--targets", "re:.*q_proj"],
      r"target 're:.\*q_proj' matches no module; some module names: \[.*'query'.*\]"),
     ("txt for classification", lambda t, b, l, d: ["--model", b, "--data", _write(t / "a.txt", "x"),
                                                    "--task", "classification"],
      r"a .txt file holds documents, not labels"),
+    ("longer than the model", lambda t, b, l, d: ["--model", b, "--data", d, "--task", "classification",
+                                                  "--length", 65],
+     "reviews: sequences of 65 tokens are longer than the model's 64 positions"),
     ("model without data", lambda t, b, l, d: ["--model", b, "--task", "lm"], "go together; add --data"),
     ("column without data", lambda t, b, l, d: ["--text-column", "body"], "--text-column apply to your own data"),
 ]

@@ -165,15 +165,18 @@ def test_a_method_that_cannot_adapt_the_task_is_recorded_and_listed(
     assert f"- {fake_methods['conv_only']}: " in (tmp_path / "results.md").read_text()
 
 
+class Missing(Synthetic):
+    """A task whose asset is not installed."""
+
+    name = "missing"
+
+    def _load(self):
+        raise AssetMissing("the data is not installed: pip install some-data")
+
+
 def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Sizes
 ) -> None:
-    class Missing(Synthetic):
-        name = "missing"
-
-        def _load(self):
-            raise AssetMissing("the data is not installed: pip install some-data")
-
     monkeypatch.setitem(TASKS, "missing", Missing)
     preset = runner.Preset("test", tasks=("missing", "synthetic"), seeds=(0,), lr_factors=(1.0,),
                            sizes={"missing": tiny, "synthetic": tiny})
@@ -185,12 +188,6 @@ def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
 def test_when_every_task_is_skipped_the_run_fails_saying_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes
 ) -> None:
-    class Missing(Synthetic):
-        name = "missing"
-
-        def _load(self):
-            raise AssetMissing("the data is not installed: pip install some-data")
-
     monkeypatch.setitem(TASKS, "missing", Missing)
     preset = runner.Preset("test", tasks=("missing",), seeds=(0,), lr_factors=(1.0,), sizes={"missing": tiny})
     with pytest.raises(AssetMissing, match="no task could run; install what they need: missing: .*pip install some-data"):

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 KINDS = ("classification", "lm")
 SPLIT_COLUMN = "split"
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # the file's names -> the harness's
+# What tokenizer.save_pretrained writes: always the config, and tokenizer.json for a fast tokenizer.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 class _OwnFiles:
@@ -68,8 +70,7 @@ class _OwnFiles:
     def settings(self) -> dict[str, object]:
         digest = hashlib.sha256(self.data_file.read_bytes()).hexdigest()
         return {"kind": type(self).kind, "model": str(self.folder.resolve()), "data": str(self.data_file.resolve()),
-                "data_sha256": digest, "columns": self.columns, "targets": list(self.targets),
-                "length": self.sizes.length}
+                "data_sha256": digest, "columns": self.columns, "targets": list(self.targets)}
 
     def _check_length(self) -> None:
         if self.max_length is not None and self.sizes.length > self.max_length:
@@ -350,6 +351,11 @@ def _skeleton(folder: Path, kind: str, classes: int) -> tuple[nn.Module, Any]:
 def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    # Without these files transformers 5 builds a tokenizer of the model type's special tokens
+    # only, which would read every word as unknown.
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder}: no tokenizer in it (none of {list(TOKENIZER_FILES)}); save the tokenizer "
+                         "with save_pretrained into the same folder")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
