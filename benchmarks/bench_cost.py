@@ -23,14 +23,15 @@ evaluations (validation once per factor, test once per seed), give the task's ti
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
+from functools import partial
 
 import torch
 
 import rankwise
-
 from rankwise.bench import PRESETS, Preset, Sizes, recipes, size_to_budget
 from rankwise.bench.budget import default_budget
 from rankwise.bench.cache import FrozenLayersCache
@@ -39,6 +40,11 @@ from rankwise.bench.tasks import TASKS, AssetMissing, Batch, Fashion, Task
 
 CPU = torch.device("cpu")
 step = rankwise.step  # the runner calls it after every optimizer step: the script times steps by it
+
+
+def _timed(times: list[float], model: torch.nn.Module) -> None:
+    times.append(time.perf_counter())
+    step(model)
 
 
 class RandomImages(Fashion):
@@ -83,11 +89,12 @@ def cache_saving(steps: int, rounds: int) -> None:
     losses: dict[bool, list[float]] = {}
     for _ in range(rounds):
         for cached in (False, True):
-            run = train(task, recipe, config, 0, recipe.base_lr(task), CPU, steps=steps, cache=cache if cached else None)
+            used = cache if cached else None
+            run = train(task, recipe, config, 0, recipe.base_lr(task), CPU, steps=steps, cache=used)
             per_step[cached].append(run.seconds / steps)
             losses[cached] = run.losses
     plain, fast = statistics.median(per_step[False]), statistics.median(per_step[True])
-    difference = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
+    difference = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True], strict=True))
     print(f"friends, lora, {steps} steps x {rounds} rounds, {torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"  without the cache: {plain:.3f} s/step; with it: {fast:.3f} s/step; saving {1 - fast / plain:.0%} "
@@ -121,7 +128,7 @@ def estimate(preset: Preset, names: list[str], steps: int) -> None:
             except (ValueError, TypeError):  # the method cannot adapt this task: not run
                 continue
             stepped: list[float] = []
-            rankwise.step = lambda model: stepped.append(time.perf_counter()) or step(model)
+            rankwise.step = partial(_timed, stepped)
             start = time.perf_counter()
             try:
                 run = train(task, recipe, config, 0, recipe.base_lr(task), CPU, steps=steps, cache=cache)
@@ -129,7 +136,7 @@ def estimate(preset: Preset, names: list[str], steps: int) -> None:
                 rankwise.step = step
             wall = time.perf_counter() - start
             if run.trainable:
-                rate = statistics.median(b - a for a, b in zip(stepped, stepped[1:]))
+                rate = statistics.median(b - a for a, b in itertools.pairwise(stepped))
                 fixed = max(0.0, wall - steps * rate)
                 seconds = rate * (len(preset.lr_factors) * proxy_steps + len(preset.seeds) * sizes.steps)
                 seconds += evaluation + runs * fixed

@@ -105,9 +105,9 @@ def fake_methods(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {"stride": "test-stride", "fixed": "test-fixed", "conv_only": "test-conv-only"}
 
 
-WORDS = {"warm": "sun warm happy bright glad calm kind sweet".split(),
-         "cold": "rain cold sad dark angry loud cruel bitter".split()}
-COMMON = "the a day was is very and it felt".split()
+WORDS = {"warm": ["sun", "warm", "happy", "bright", "glad", "calm", "kind", "sweet"],
+         "cold": ["rain", "cold", "sad", "dark", "angry", "loud", "cruel", "bitter"]}
+COMMON = ["the", "a", "day", "was", "is", "very", "and", "it", "felt"]
 
 
 def _sentence(rng: random.Random, label: str) -> str:

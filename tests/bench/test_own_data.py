@@ -50,8 +50,8 @@ def test_classification_runs_end_to_end_from_the_cli_and_resumes(
     printed = capsys.readouterr().out
     assert "reviews: targets (default: every square linear layer outside the head" in printed
     assert "9 layers named dense, key, query, value" in printed  # 2 × (query, key, value, output) + the pooler
-    assert "reviews: no 'split' column: split drawn with data seed 0 from 160 rows; " \
-           "used: test 24, val 16, probe 32, train 48" in printed
+    drawn = "reviews: no 'split' column: split drawn with data seed 0 from 160 rows; used: test 24, val 16, probe 32"
+    assert drawn + ", train 48" in printed
     rows = {row["method"]: row for row in _results(out)}
     head = 16 * 2 + 2
     lora = 9 * 8 * (16 + 16)  # rank 8 on nine 16 x 16 layers: the default budget
@@ -197,48 +197,41 @@ def _folder(path: Path, files: dict[str, str]) -> Path:
     return path
 
 
-BAD = [
-    ("no model folder", lambda t, b, l, d: ["--model", t / "absent", "--data", d, "--task", "classification"],
-     "model folder .*absent does not exist"),
-    ("no data file", lambda t, b, l, d: ["--model", b, "--data", t / "absent.csv", "--task", "classification"],
-     "data file .*absent.csv does not exist"),
-    ("unknown column", lambda t, b, l, d: ["--model", b, "--data", d, "--task", "classification",
-                                           "--text-column", "body"],
+def _own(model: Path, data: Path, kind: str = "classification", *options: object) -> list[object]:
+    return ["--model", model, "--data", data, "--task", kind, *options]
+
+
+BAD = [  # (case, args from (tmp_path, bert, llama, reviews) as (t, b, m, d), the message)
+    ("no model folder", lambda t, b, m, d: _own(t / "absent", d), "model folder .*absent does not exist"),
+    ("no data file", lambda t, b, m, d: _own(b, t / "absent.csv"), "data file .*absent.csv does not exist"),
+    ("unknown column", lambda t, b, m, d: _own(b, d, "classification", "--text-column", "body"),
      r"no text column 'body'; its columns: \['id', 'text', 'label'\]"),
-    ("one label", lambda t, b, l, d: ["--model", b, "--data", _write(t / "one.csv", "text,label\na,x\nb,x\n"),
-                                      "--task", "classification"],
+    ("one label", lambda t, b, m, d: _own(b, _write(t / "one.csv", "text,label\na,x\nb,x\n")),
      r"column 'label' holds 1 distinct label \(\['x'\]\); classification needs at least 2"),
-    ("split too small", lambda t, b, l, d: ["--model", b, "--data", _write(t / "few.csv", "text,label\na,x\nb,y\n"),
-                                            "--task", "classification"],
+    ("split too small", lambda t, b, m, d: _own(b, _write(t / "few.csv", "text,label\na,x\nb,y\n")),
      r"few: the splits \{'test': 24, 'val': 16, 'probe': 32, 'train': 48\} need 120 examples, the data has 2"),
-    ("too few tokens", lambda t, b, l, d: ["--model", l, "--data", _write(t / "short.txt", "doc0 the sun\n\nday"),
-                                           "--task", "lm"],
+    ("too few tokens", lambda t, b, m, d: _own(m, _write(t / "short.txt", "doc0 the sun\n\nday"), "lm"),
      "short: train needs 12 blocks of 16 tokens, has 0"),
-    ("no config.json", lambda t, b, l, d: ["--model", _folder(t / "not-a-model", {"weights.bin": ""}),
-                                           "--data", d, "--task", "classification"],
+    ("no config.json", lambda t, b, m, d: _own(_folder(t / "not-a-model", {"weights.bin": ""}), d),
      "not-a-model is not a transformers model folder: it has no config.json"),
-    ("no weights", lambda t, b, l, d: ["--model", _folder(t / "no-weights", {"config.json": "{}"}),
-                                       "--data", d, "--task", "classification"],
+    ("no weights", lambda t, b, m, d: _own(_folder(t / "no-weights", {"config.json": "{}"}), d),
      r"no-weights is not a transformers model folder: it has a config.json but no weights \(one of "),
-    ("unknown architecture", lambda t, b, l, d: ["--model", _folder(t / "bad-config", {
-        "config.json": '{"model_type": "no-such-model"}', "model.safetensors": ""}),
-        "--data", d, "--task", "classification"],
+    ("unknown architecture",
+     lambda t, b, m, d: _own(_folder(t / "bad-config", {"config.json": '{"model_type": "no-such-model"}',
+                                                        "model.safetensors": ""}), d),
      "bad-config is not a transformers model folder: "),
-    ("no tokenizer", lambda t, b, l, d: ["--model", _folder(t / "untokenized", {
-        name: (b / name).read_text(encoding="latin-1") for name in ("config.json", "model.safetensors")}),
-        "--data", d, "--task", "classification"],
+    ("no tokenizer",
+     lambda t, b, m, d: _own(_folder(t / "untokenized", {name: (b / name).read_text(encoding="latin-1")
+                                                          for name in ("config.json", "model.safetensors")}), d),
      r"untokenized: no tokenizer in it \(none of \['tokenizer_config.json', 'tokenizer.json'\]\)"),
-    ("target matching nothing", lambda t, b, l, d: ["--model", b, "--data", d, "--task", "classification",
-                                                    "--targets", "re:.*q_proj"],
+    ("target matching nothing", lambda t, b, m, d: _own(b, d, "classification", "--targets", "re:.*q_proj"),
      r"target 're:.\*q_proj' matches no module; some module names: \[.*'query'.*\]"),
-    ("txt for classification", lambda t, b, l, d: ["--model", b, "--data", _write(t / "a.txt", "x"),
-                                                   "--task", "classification"],
+    ("txt for classification", lambda t, b, m, d: _own(b, _write(t / "a.txt", "x")),
      r"a .txt file holds documents, not labels"),
-    ("longer than the model", lambda t, b, l, d: ["--model", b, "--data", d, "--task", "classification",
-                                                  "--length", 65],
+    ("longer than the model", lambda t, b, m, d: _own(b, d, "classification", "--length", 65),
      "reviews: sequences of 65 tokens are longer than the model's 64 positions"),
-    ("model without data", lambda t, b, l, d: ["--model", b, "--task", "lm"], "go together; add --data"),
-    ("column without data", lambda t, b, l, d: ["--text-column", "body"], "--text-column apply to your own data"),
+    ("model without data", lambda t, b, m, d: ["--model", b, "--task", "lm"], "go together; add --data"),
+    ("column without data", lambda t, b, m, d: ["--text-column", "body"], "--text-column apply to your own data"),
 ]
 
 

@@ -16,7 +16,7 @@ which check failed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,6 +122,11 @@ class FrozenLayersCache:
         model's logits equal the full model's. Checked on one training example; the model and
         the random number generators are left as they were.
         """
+        plan = self._plan(model, task, device)
+        return plan if isinstance(plan, str) else None
+
+    def _plan(self, model: nn.Module, task: Task, device: torch.device) -> tuple[nn.ModuleList, int] | str:
+        """The model's blocks and the index of the first that trains, or why it cannot be cached."""
         try:
             blocks = decoder_blocks(model)
         except ValueError as error:
@@ -134,7 +139,8 @@ class FrozenLayersCache:
         example = task.batch("train", torch.arange(1), device)["input_ids"]
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
         with rng, _modes_kept(model), torch.no_grad():
-            return self._check(model, task, blocks, start, example)
+            reason = self._check(model, task, blocks, start, example)
+        return (blocks, start) if reason is None else reason
 
     def _check(self, model: nn.Module, task: Task, blocks: nn.ModuleList, start: int, example: Tensor) -> str | None:
         order: list[nn.Module] = []
@@ -153,11 +159,8 @@ class FrozenLayersCache:
         task.train_mode(model)
         for seed in (1, 2):
             torch.manual_seed(seed)
-            with _capturing(blocks[start], stop=True) as again:
-                try:
-                    model(input_ids=example)
-                except _Captured:
-                    pass
+            with _capturing(blocks[start], stop=True) as again, suppress(_Captured):
+                model(input_ids=example)
             if not torch.equal(again[0], states[0]):
                 return f"the blocks below block {start} are random in training mode (dropout)"
         model.eval()
@@ -183,11 +186,10 @@ class FrozenLayersCache:
         Raises:
             ValueError: :meth:`refusal` gives a reason.
         """
-        reason = self.refusal(model, task, device)
-        if reason is not None:
-            raise ValueError(f"the frozen-layer cache cannot serve this model: {reason}")
-        blocks = decoder_blocks(model)
-        start = _first_trained(blocks)
+        plan = self._plan(model, task, device)
+        if isinstance(plan, str):
+            raise ValueError(f"the frozen-layer cache cannot serve this model: {plan}")
+        blocks, start = plan
         with _modes_kept(model), torch.no_grad():
             model.eval()
             for split in SPLITS:
@@ -195,12 +197,9 @@ class FrozenLayersCache:
                     missing = [ids for ids in batch["input_ids"] if _key(start, ids) not in self._states]
                     if not missing:
                         continue
-                    with _capturing(blocks[start], stop=True) as states:
-                        try:
-                            model(input_ids=torch.stack(missing))
-                        except _Captured:
-                            pass
-                    for ids, state in zip(missing, states[0]):
+                    with _capturing(blocks[start], stop=True) as states, suppress(_Captured):
+                        model(input_ids=torch.stack(missing))
+                    for ids, state in zip(missing, states[0], strict=True):
                         self._states[_key(start, ids)] = state
         for i in range(start):
             blocks[i] = _Skipped()

@@ -228,10 +228,18 @@ class Preset:
                          f"it has the tasks {sorted(self.sizes)} and the kinds {sorted(self.kinds)}")
 
 
+def _preset(name: str, sizes: dict[str, Sizes], **options: Any) -> Preset:
+    """A preset whose sizes for a user's own task are those of the built-in task of its kind:
+    ``tweets``' for a classification (at 64 tokens: a user's texts are not tweets), ``friends``' for a
+    language model."""
+    kinds = {"classification": dataclasses.replace(sizes["tweets"], length=64), "lm": sizes["friends"]}
+    return Preset(name, sizes=sizes, kinds=kinds, **options)
+
+
 PRESETS: dict[str, Preset] = {
     # All methods on one task, one seed, short tweets: README's first command and the CI smoke test.
     # About 3 minutes on 2 CPU cores (measured: docs/benchmarks.md, Cost).
-    "quick": Preset(
+    "quick": _preset(
         "quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,),
         sizes={
             "tweets": Sizes(train=384, val=64, test=320, length=40, steps=24, batch_size=16, probe=384),
@@ -240,17 +248,13 @@ PRESETS: dict[str, Preset] = {
             "fashion": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
             "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
         },
-        kinds={
-            "classification": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
-            "lm": Sizes(train=40, val=8, test=16, length=64, steps=10, batch_size=4, eval_batch_size=8),
-        },
     ),
     # Long enough to separate methods: hundreds of optimizer steps per run, and a learning-rate grid
     # wide enough to reach each recipe's useful rate (0.1 to 31.6 times its starting rate, in
     # half-decades: the full preset's 1/3 to 3 left Bone and Bat at 2e-5-scale rates that do not
     # move the model). The sweep runs a quarter of the steps on the first seed; the chosen factor
     # then runs in full for every seed. Hours per task (docs/benchmarks.md, Cost).
-    "standard": Preset(
+    "standard": _preset(
         "standard", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2),
         lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)), lr_proxy=0.25, cache_frozen_layers=True,
         sizes={
@@ -260,14 +264,10 @@ PRESETS: dict[str, Preset] = {
             "fashion": Sizes(train=3840, val=512, test=2000, length=64, steps=240, batch_size=16),
             "synthetic": Sizes(train=3840, val=256, test=512, length=1, steps=240, batch_size=16),
         },
-        kinds={
-            "classification": Sizes(train=3840, val=256, test=1024, length=64, steps=240, batch_size=16),
-            "lm": Sizes(train=400, val=32, test=64, length=64, steps=100, batch_size=4, eval_batch_size=16),
-        },
     ),
     # About 80 minutes on 2 CPU cores with the 19 recipes of now (measured: docs/benchmarks.md,
     # Cost). Each run sees its training subset once (train = steps × batch_size).
-    "full": Preset(
+    "full": _preset(
         "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
         sizes={
             "tweets": Sizes(train=384, val=128, test=512, length=40, steps=24, batch_size=16),
@@ -275,10 +275,6 @@ PRESETS: dict[str, Preset] = {
             "friends": Sizes(train=40, val=12, test=24, length=64, steps=10, batch_size=4, eval_batch_size=12),
             "fashion": Sizes(train=512, val=256, test=800, length=64, steps=32, batch_size=16),
             "synthetic": Sizes(train=1600, val=256, test=512, length=1, steps=100, batch_size=16),
-        },
-        kinds={
-            "classification": Sizes(train=384, val=128, test=512, length=64, steps=24, batch_size=16),
-            "lm": Sizes(train=40, val=12, test=24, length=64, steps=10, batch_size=4, eval_batch_size=12),
         },
     ),
 }
@@ -612,7 +608,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
         try:
             sizing = size_to_budget(task.pretrained, recipe.method, budget, targets=task.targets, trainable=task.head)
         except (ValueError, TypeError) as error:  # the method cannot adapt this task's layers
-            row = dict.fromkeys(FIELDS, "")
+            row: dict[str, Any] = dict.fromkeys(FIELDS, "")
             row.update(task=task.name, method=recipe.name, status="unsupported", note=str(error), budget=budget)
             results.add([row], [])
             bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")
@@ -658,17 +654,17 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
             chosen = _factor(factors, next(row for row in done if row["selected"] == "yes"))
             bar.update(len(factors))
         else:
-            rows, curves, kept = [], [], {}
+            rows, curves, best_model = [], [], None
             for factor in factors:
                 row, curve, trained = run(first, factor, ("val",))
                 rows.append(row)
                 curves.append(curve)
                 if _choice(task, rows) is row:
-                    kept = {"row": row, "model": trained.model}  # only the best model: the LM's are 0.5 GB each
+                    best_model = trained.model  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
-            best_row = kept["row"]
+            best_row = _choice(task, rows)
             best_row["selected"] = "yes"
-            _add_metrics(best_row, "test", task.evaluate(kept["model"], "test", device))
+            _add_metrics(best_row, "test", task.evaluate(best_model, "test", device))
             chosen = _factor(factors, best_row)
             results.add(rows, curves)
     elif len(factors) > 1:

@@ -16,7 +16,7 @@ Debian (docs/benchmarks.md, "Installing the models and data"); a missing one rai
 
 from .base import DATA_SEED, AssetMissing, Batch, Classification, Sizes, Task, macro_f1
 from .lm import Friends, LanguageModelling
-from .own import KINDS, OwnClassification, OwnLanguageModel, task_from_files
+from .own import KINDS, OwnClassification, OwnLanguageModel, OwnTask, task_from_files
 from .synthetic import Synthetic, SyntheticNet
 from .text import Reuters, SentenceClassifier, TextClassification, Tweets
 from .vision import Fashion
@@ -42,7 +42,9 @@ def register_task(task: type[Task]) -> type[Task]:
         raise ValueError(f"{task.name!r} is a built-in task's name; give yours another (for a data file: rename it)")
     unknown = [metric for metric in task.metrics if metric not in METRICS]
     if unknown:
-        raise ValueError(f"task {task.name!r}: the results have no column for the metrics {unknown}; use {list(METRICS)}")
+        raise ValueError(
+            f"task {task.name!r}: the results have no column for the metrics {unknown}; use {list(METRICS)}"
+        )
     TASKS[task.name] = task
     return task
 
@@ -59,6 +61,7 @@ __all__ = [
     "LanguageModelling",
     "OwnClassification",
     "OwnLanguageModel",
+    "OwnTask",
     "Reuters",
     "SentenceClassifier",
     "Sizes",

@@ -69,7 +69,8 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
             message gives the line).
     """
     if path.suffix not in TABLES:
-        raise ValueError(f"{path}: a table must be one of {list(TABLES)}, not {path.suffix or 'a file without suffix'!r}")
+        suffix = path.suffix or "a file without suffix"
+        raise ValueError(f"{path}: a table must be one of {list(TABLES)}, not {suffix!r}")
     if path.suffix == ".jsonl":
         columns: dict[str, None] = {}
         rows = []
@@ -100,7 +101,7 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
                 continue
             if len(row) != len(header):
                 raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
-            rows.append(dict(zip(header, row)))
+            rows.append(dict(zip(header, row, strict=True)))
     if not rows:
         raise ValueError(f"{path} holds a header and no rows")
     return header, rows

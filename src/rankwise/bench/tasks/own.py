@@ -28,7 +28,7 @@ from .lm import LanguageModelling
 from .text import TextClassification
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 KINDS = ("classification", "lm")
 SPLIT_COLUMN = "split"
@@ -37,8 +37,9 @@ SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}  # the fil
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
-class _OwnFiles:
-    """What a task on a user's files shares, whatever its kind: the files, and how it reports them.
+class OwnTask(Task):
+    """What a task on a user's model folder and data file is, whatever its kind: the files, and how
+    it reports them.
 
     Class variables (set by :func:`task_from_files`):
         folder: the model folder.
@@ -52,8 +53,6 @@ class _OwnFiles:
         targets_note: how the targets were chosen, for the log.
     """
 
-    name: ClassVar[str]
-    targets: ClassVar[tuple[str, ...]]
     folder: ClassVar[Path]
     data_file: ClassVar[Path]
     columns: ClassVar[dict[str, str]]
@@ -62,7 +61,6 @@ class _OwnFiles:
     length: ClassVar[int | None]
     max_length: ClassVar[int | None]
     targets_note: ClassVar[str]
-    sizes: Sizes
 
     def __init__(self, sizes: Sizes) -> None:
         super().__init__(sizes if self.length is None else dataclasses.replace(sizes, length=self.length))
@@ -88,12 +86,12 @@ class _OwnFiles:
         return tokenizer
 
 
-class OwnClassification(_OwnFiles, TextClassification):
+class OwnClassification(OwnTask, TextClassification):
     """A user's transformers model (``AutoModelForSequenceClassification``: the pretrained body and
     a new head) on a table of texts and labels; the head is fitted as a linear probe first, as on
     the built-in tasks.
 
-    Class variables beyond :class:`_OwnFiles`: ``labels`` (every row's label, as text) and
+    Class variables beyond :class:`OwnTask`: ``labels`` (every row's label, as text) and
     ``probe_path`` (the head's layer that outputs the logits).
     """
 
@@ -105,29 +103,30 @@ class OwnClassification(_OwnFiles, TextClassification):
         self._index: dict[str, np.ndarray] | None = None
 
     def check(self) -> str:
+        self._index, how = self._draw()
+        used = ", ".join(f"{split} {len(index)}" for split, index in self._index.items())
+        return f"{self.name}: {how}; used: {used}"
+
+    def _draw(self) -> tuple[dict[str, np.ndarray], str]:
+        """The rows of each split, and how they were chosen."""
         self._check_length()
         s, rng = self.sizes, np.random.default_rng(DATA_SEED)
         if self.splits is None:
             order = rng.permutation(len(self.texts))
-            self._index = _split(order, {"test": s.test, "val": s.val, "probe": s.probe, "train": s.train}, self.name)
-            how = f"no {SPLIT_COLUMN!r} column: split drawn with data seed {DATA_SEED} from {len(order)} rows"
-        else:
-            rows = {split: np.flatnonzero(np.array(self.splits) == split) for split in SPLIT_NAMES.values()}
-            named = {v: k for k, v in SPLIT_NAMES.items()}
-            self._index = _split(rng.permutation(rows["train"]), {"probe": s.probe, "train": s.train},
-                                 f"{self.name} (its {named['train']!r} rows)")
-            for split in ("val", "test"):
-                self._index[split] = _split(rng.permutation(rows[split]), {split: getattr(s, split)},
-                                            f"{self.name} (its {named[split]!r} rows)")[split]
-            how = f"{SPLIT_COLUMN!r} column: " + ", ".join(f"{named[k]} {len(v)} rows" for k, v in rows.items())
-        used = ", ".join(f"{split} {len(index)}" for split, index in self._index.items())
-        return f"{self.name}: {how}; used: {used}"
+            index = _split(order, {"test": s.test, "val": s.val, "probe": s.probe, "train": s.train}, self.name)
+            return index, f"no {SPLIT_COLUMN!r} column: split drawn with data seed {DATA_SEED} from {len(order)} rows"
+        rows = {split: np.flatnonzero(np.array(self.splits) == split) for split in SPLIT_NAMES.values()}
+        named = {v: k for k, v in SPLIT_NAMES.items()}
+        index = _split(rng.permutation(rows["train"]), {"probe": s.probe, "train": s.train},
+                       f"{self.name} (its {named['train']!r} rows)")
+        for split in ("val", "test"):
+            index[split] = _split(rng.permutation(rows[split]), {split: getattr(s, split)},
+                                  f"{self.name} (its {named[split]!r} rows)")[split]
+        return index, f"{SPLIT_COLUMN!r} column: " + ", ".join(f"{named[k]} {len(v)} rows" for k, v in rows.items())
 
     def _texts(self) -> dict[str, tuple[list[str], list[str]]]:
-        if self._index is None:
-            self.check()
-        return {split: ([self.texts[i] for i in index], [self.labels[i] for i in index])
-                for split, index in self._index.items()}
+        index = self._index if self._index is not None else self._draw()[0]
+        return {split: ([self.texts[i] for i in rows], [self.labels[i] for i in rows]) for split, rows in index.items()}
 
     def _classifier(self, classes: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         from transformers import AutoModelForSequenceClassification
@@ -146,7 +145,7 @@ class OwnClassification(_OwnFiles, TextClassification):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-class OwnLanguageModel(_OwnFiles, LanguageModelling):
+class OwnLanguageModel(OwnTask, LanguageModelling):
     """A user's causal language model (``AutoModelForCausalLM``) on their documents, scored by
     held-out perplexity. Without a ``split`` column, whole documents are held out: drawn with
     ``DATA_SEED`` until the test, then the validation blocks are filled; the rest train."""
@@ -159,6 +158,12 @@ class OwnLanguageModel(_OwnFiles, LanguageModelling):
         self._blocks_by_split: dict[str, Batch] | None = None
 
     def check(self) -> str:
+        self._blocks_by_split, how = self._split()
+        s = self.sizes
+        return f"{self.name}: {how}; blocks of {s.length} tokens: train {s.train}, val {s.val}, test {s.test}"
+
+    def _split(self) -> tuple[dict[str, Batch], str]:
+        """The blocks of each split, and how the documents were split."""
         self._check_length()
         tokenizer = self._tokenizer()
         if self.splits is None:
@@ -166,12 +171,10 @@ class OwnLanguageModel(_OwnFiles, LanguageModelling):
             how = (f"no {SPLIT_COLUMN!r} column: whole documents held out, drawn with data seed {DATA_SEED}: "
                    + ", ".join(f"{split} {count}" for split, count in drawn.items()) + " documents")
         else:
-            documents = {split: [t for t, s in zip(self.texts, self.splits) if s == split]
+            documents = {split: [t for t, s in zip(self.texts, self.splits, strict=True) if s == split]
                          for split in ("train", "val", "test")}
             how = f"{SPLIT_COLUMN!r} column: " + ", ".join(f"{k} {len(v)}" for k, v in documents.items()) + " documents"
-        self._blocks_by_split = self._blocks(tokenizer, documents)
-        s = self.sizes
-        return f"{self.name}: {how}; blocks of {s.length} tokens: train {s.train}, val {s.val}, test {s.test}"
+        return self._blocks(tokenizer, documents), how
 
     def _draw(self, tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Whole documents for test, then validation, in a seeded order until each holds its blocks'
@@ -191,15 +194,14 @@ class OwnLanguageModel(_OwnFiles, LanguageModelling):
     def _load(self) -> tuple[nn.Module, dict[str, Batch]]:
         from transformers import AutoModelForCausalLM
 
-        if self._blocks_by_split is None:
-            self.check()
+        blocks = self._blocks_by_split if self._blocks_by_split is not None else self._split()[0]
         model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32, local_files_only=True)
-        return model, self._blocks_by_split
+        return model, blocks
 
 
 def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_column: str = "text",
                     label_column: str = "label", targets: Sequence[str] | None = None,
-                    length: int | None = None) -> type[Task]:
+                    length: int | None = None) -> type[OwnTask]:
     """The benchmark task type for a transformers model folder and a data file.
 
     Register it (:func:`rankwise.bench.register_task`) and run it by its name, which is the data
@@ -245,8 +247,8 @@ def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_colu
     if kind == "classification":
         classes = sorted(set(labels))
         if len(classes) < 2:
-            raise ValueError(f"{data}: column {label_column!r} holds {len(classes)} distinct label{'s' * (len(classes) != 1)} "
-                             f"({classes}); classification needs at least 2")
+            labels_found = f"{len(classes)} distinct label{'s' * (len(classes) != 1)} ({classes})"
+            raise ValueError(f"{data}: column {label_column!r} holds {labels_found}; classification needs at least 2")
         attributes.update(labels=tuple(labels))
     skeleton, config = _skeleton(folder, kind, len(set(labels)))
     tokenizer = _load_tokenizer(folder)
@@ -326,10 +328,10 @@ def _read(data: Path, kind: str, columns: dict[str, str]) -> tuple[list[str], li
     unknown = sorted({str(v) for v in values if v not in SPLIT_NAMES})
     if unknown:
         raise ValueError(f"{data}: column {SPLIT_COLUMN!r} holds {unknown}; allowed: {list(SPLIT_NAMES)}")
-    return texts, labels, tuple(SPLIT_NAMES[v] for v in values)
+    return texts, labels, tuple(SPLIT_NAMES[str(v)] for v in values)
 
 
-def _skeleton(folder: Path, kind: str, classes: int) -> tuple[nn.Module, Any]:
+def _skeleton(folder: Path, kind: str, classes: int) -> tuple[PreTrainedModel, PretrainedConfig]:
     """The model of ``kind`` built from the folder's config on the meta device (no weights, no memory),
     and the config: module names and shapes without loading anything."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -363,14 +365,14 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
                          f"into the same folder): {str(error).splitlines()[0]}") from None
 
 
-def _head(model: nn.Module) -> tuple[str, ...]:
+def _head(model: PreTrainedModel) -> tuple[str, ...]:
     """The new head of a transformers classifier: its children with parameters outside the
     pretrained body (``base_model``), such as BERT's ``classifier`` or Llama's ``score``."""
     return tuple(name for name, child in model.named_children()
                  if child is not model.base_model and any(True for _ in child.parameters()))
 
 
-def _probe_path(model: nn.Module, head: tuple[str, ...], classes: int, folder: Path) -> str:
+def _probe_path(model: PreTrainedModel, head: tuple[str, ...], classes: int, folder: Path) -> str:
     """The head's linear layer that outputs the ``classes`` logits."""
     found = [path for path, module in model.named_modules()
              if isinstance(module, nn.Linear) and module.out_features == classes
@@ -381,15 +383,15 @@ def _probe_path(model: nn.Module, head: tuple[str, ...], classes: int, folder: P
     return found[0]
 
 
-def _square_layers(model: nn.Module, head: tuple[str, ...], folder: Path) -> tuple[str, ...]:
+def _square_layers(model: PreTrainedModel, head: tuple[str, ...], folder: Path) -> tuple[str, ...]:
     """Every linear layer with ``in_features == out_features`` outside the head and the output
     embedding: the built-in tasks' choice of square layers, so that every method can run."""
     output = model.get_output_embeddings()
     paths = []
     for path, module in model.named_modules():
         kind = geometry.base_kind(module)
-        if kind not in ("linear", "conv1d") or module is output or any(path.startswith(h + ".") or path == h
-                                                                        for h in head):
+        inside_head = any(path == h or path.startswith(h + ".") for h in head)
+        if kind is None or kind == "conv2d" or module is output or inside_head:
             continue
         out_features, in_features = geometry.weight_matrix(module, kind).shape
         if in_features == out_features:
