@@ -2,6 +2,7 @@
 
     rankwise list
     rankwise bench --preset quick
+    rankwise bench --model my-model/ --data reviews.csv --task classification
     rankwise inspect runs/adapter
     rankwise merge --model base-model/ --adapter runs/adapter --out merged-model/
 """
@@ -30,21 +31,44 @@ def list_methods(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {registry.get(name).summary}")
 
 
-def bench(args: argparse.Namespace) -> None:
-    """``rankwise bench``: run or resume a benchmark, then print its report."""
+def bench(args: argparse.Namespace) -> int:
+    """``rankwise bench``: run or resume a benchmark, then print its report. Returns 1 when no task
+    could run (their assets are missing)."""
     # Imported here: the harness pulls in matplotlib and tqdm, which the other commands don't need.
-    from rankwise.bench import PRESETS, run_bench
+    from rankwise.bench import PRESETS, AssetMissing, register_task, run_bench, task_from_files
 
+    own = {"--model": args.model, "--data": args.data, "--task": args.task}
+    if any(own.values()) and not all(own.values()):
+        missing = [name for name, value in own.items() if not value]
+        raise ValueError(f"--model, --data and --task go together; add {' '.join(missing)}")
+    if args.model and args.tasks:
+        raise ValueError("--tasks runs built-in tasks, --model/--data your own; give one or the other")
+    options = {"--text-column": args.text_column, "--label-column": args.label_column,
+               "--targets": args.targets, "--length": args.length}
+    if not args.model and any(value is not None for value in options.values()):
+        given = [name for name, value in options.items() if value is not None]
+        raise ValueError(f"{' '.join(given)} apply to your own data: add --model DIR --data FILE --task KIND")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     out = args.out or Path("bench-out") / preset.name
     _check_folder("--out", out)
     _check_device(args.device)
-    folder = run_bench(out, preset, tasks=args.tasks, methods=args.methods, seeds=args.seeds, budget=args.budget,
-                       device=args.device, progress=not args.no_progress)
+    tasks = args.tasks
+    if args.model:
+        task = task_from_files(args.model, args.data, args.task, text_column=args.text_column or "text",
+                               label_column=args.label_column or "label", targets=args.targets, length=args.length)
+        print(f"{task.name}: {task.targets_note}")
+        tasks = [register_task(task).name]
+    try:
+        folder = run_bench(out, preset, tasks=tasks, methods=args.methods, seeds=args.seeds, budget=args.budget,
+                           device=args.device, progress=not args.no_progress)
+    except AssetMissing as missing:
+        print(f"rankwise bench: {missing}", file=sys.stderr)
+        return 1
     print((folder / "results.md").read_text())
     print(f"results, report and plots in {folder}")
+    return 0
 
 
 def _check_folder(option: str, path: Path) -> None:
@@ -135,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the registered methods, one line each").set_defaults(run=list_methods)
 
     run = commands.add_parser("bench", help="benchmark methods on pretrained models at equal parameter budgets")
-    run.add_argument("--preset", choices=("quick", "full"), default="quick",
-                     help="quick: all methods, one task, one seed (minutes); full: every task, 3 seeds, an lr sweep")
+    run.add_argument("--preset", choices=("quick", "standard", "full"), default="quick",
+                     help="quick: all methods, one task, one seed (minutes); standard: every task, 3 seeds, "
+                          "hundreds of steps, a wide lr sweep (hours); full: every task, 3 seeds, an lr sweep")
     run.add_argument("--tasks", nargs="+", help="task names (default: the preset's)")
     run.add_argument("--methods", nargs="+", help="methods and references (default: all)")
     run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the preset's)")
@@ -145,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    own = run.add_argument_group("your own model and data (instead of --tasks)")
+    own.add_argument("--model", type=Path, help="a transformers model folder (save_pretrained), tokenizer included")
+    own.add_argument("--data", type=Path, help=".csv, .tsv or .jsonl (text, label, optional split column); "
+                                               "for --task lm also .txt, documents separated by blank lines")
+    own.add_argument("--task", choices=("classification", "lm"),
+                     help="classification: a new head on AutoModelForSequenceClassification; lm: AutoModelForCausalLM")
+    own.add_argument("--text-column", help="the text column (default: text)")
+    own.add_argument("--label-column", help="the label column (default: label)")
+    own.add_argument("--targets", nargs="+",
+                     help="layers to adapt: module names or re: patterns (default: every square linear layer "
+                          "outside the head, printed)")
+    own.add_argument("--length", type=int, help="tokens per sequence (default: the preset's)")
     run.set_defaults(run=bench)
 
     show = commands.add_parser("inspect", help="an adapter checkpoint's method, config, modules and size")
@@ -163,11 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rankwise`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except ValueError as error:  # bad input (CheckpointError is one): a message, not a traceback
         print(f"rankwise {args.command}: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def test_a_new_method_s_declarations_reach_its_row_and_its_config(
     task = Synthetic(tiny)
     config = rw.make_config(fake_methods["stride"], targets=task.targets)
     assert recipe.configured(config, task).block == tiny.steps
+    assert recipe.configured(config, task, 3).block == 3  # a proxy sweep's shorter run
 
 
 def test_the_sweep_picks_the_best_validation_factor_and_later_seeds_use_it(
@@ -166,19 +167,33 @@ def test_a_method_that_cannot_adapt_the_task_is_recorded_and_listed(
     assert f"- {fake_methods['conv_only']}: " in (tmp_path / "results.md").read_text()
 
 
+class Missing(Synthetic):
+    """A task whose asset is not installed."""
+
+    name = "missing"
+
+    def _load(self):
+        raise AssetMissing("the data is not installed: pip install some-data")
+
+
 def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-, tiny: Sizes) -> None:
-    class Missing(Synthetic):
-        name = "missing"
-
-        def _load(self):
-            raise AssetMissing("the data is not installed: pip install some-data")
-
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Sizes
+) -> None:
     monkeypatch.setitem(TASKS, "missing", Missing)
-    preset = runner.Preset("test", tasks=("missing",), seeds=(0,), lr_factors=(1.0,), sizes={"missing": tiny})
+    preset = runner.Preset("test", tasks=("missing", "synthetic"), seeds=(0,), lr_factors=(1.0,),
+                           sizes={"missing": tiny, "synthetic": tiny})
     runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
     assert "skipping task missing: the data is not installed: pip install some-data" in capsys.readouterr().out
+    assert [(row["task"], row["method"]) for row in _rows(tmp_path)] == [("synthetic", "lora")]
+
+
+def test_when_every_task_is_skipped_the_run_fails_saying_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes
+) -> None:
+    monkeypatch.setitem(TASKS, "missing", Missing)
+    preset = runner.Preset("test", tasks=("missing",), seeds=(0,), lr_factors=(1.0,), sizes={"missing": tiny})
+    with pytest.raises(AssetMissing, match=r"no task could run; install what they need: missing: .*pip install some"):
+        runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
     assert not (tmp_path / "results.csv").exists()
 
 
@@ -302,3 +317,71 @@ def test_without_a_head_the_frozen_row_trains_nothing_and_is_the_model_before(
     assert len([row for row in rows if row["method"] == "lora"]) == 4
     assert "| frozen |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "tiny-lm_metric_vs_params.png").is_file()
+
+
+def test_a_proxy_sweep_trains_short_runs_then_every_seed_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes, make_preset: MakePreset
+) -> None:
+    preset = make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0), lr_proxy=0.5)
+    runner.run_bench(tmp_path, preset, methods=("full",), progress=False)
+    rows = _rows(tmp_path)
+    sweep = [row for row in rows if row["selected"] == "proxy"]
+    assert [(row["seed"], row["lr_factor"], row["steps"]) for row in sweep] == [
+        ("0", "0.01", "3"), ("0", "1", "3"), ("0", "10", "3")]  # half of the 6 steps
+    assert all(row["val_accuracy"] and not row["test_accuracy"] for row in sweep)
+    best = max(float(row["val_accuracy"]) for row in sweep)
+    chosen = next(row["lr_factor"] for row in sweep if float(row["val_accuracy"]) == best)
+    counted = [row for row in rows if row["selected"] == "yes"]
+    assert [(row["seed"], row["lr_factor"], row["steps"]) for row in counted] == [
+        ("0", chosen, "6"), ("1", chosen, "6")]
+    assert all(row["test_accuracy"] for row in counted)
+    curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    assert [len(c["losses"]) for c in curves if c.get("proxy")] == [3, 3, 3]
+
+    calls = []
+    train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *args, **kwargs: calls.append(args) or train(*args, **kwargs))
+    runner.run_bench(tmp_path, preset, methods=("full",), seeds=(0, 1, 2), progress=False)
+    assert [args[3] for args in calls] == [2]  # only the new seed, at the factor chosen before
+    with pytest.raises(ValueError, match=r"other settings \(\['lr_proxy'\]\)"):
+        runner.run_bench(tmp_path, make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0)), methods=("full",),
+                         progress=False)
+
+
+def test_an_interrupted_proxy_sweep_resumes_with_the_factor_it_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset
+) -> None:
+    preset = make_preset(seeds=(0,), lr_factors=(0.01, 1.0, 10.0), lr_proxy=0.5)
+    train = runner.train
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 4:  # the first full-length run, after the sweep
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_bench(tmp_path, preset, methods=("full",), progress=False)
+    sweep = _rows(tmp_path)
+    assert [row["selected"] for row in sweep] == ["proxy"] * 3
+    chosen_lr = calls[3]
+    calls.clear()
+    runner.run_bench(tmp_path, preset, methods=("full",), progress=False)
+    assert calls == [chosen_lr]
+    assert [row["selected"] for row in _rows(tmp_path)] == ["proxy"] * 3 + ["yes"]
+
+
+def test_the_standard_preset_trains_hundreds_of_steps_over_a_wide_learning_rate_grid() -> None:
+    standard, quick = runner.PRESETS["standard"], runner.PRESETS["quick"]
+    assert all(standard.sizes[task].steps >= 240 for task in ("tweets", "r8", "fashion"))
+    assert standard.sizes["friends"].steps >= 100 and standard.kinds["lm"].steps >= 100
+    assert standard.kinds["classification"].steps >= 240
+    assert max(standard.lr_factors) / min(standard.lr_factors) >= 100 and 1.0 in standard.lr_factors
+    assert standard.lr_proxy is not None and round(standard.lr_proxy * standard.sizes["tweets"].steps) >= 50
+    assert standard.cache_frozen_layers
+    for sizes in (*standard.sizes.values(), *standard.kinds.values()):
+        assert sizes.train >= sizes.steps * sizes.batch_size  # each run sees its training subset once
+    # The quick preset stays a few minutes: one task, one seed, one rate, two dozen steps.
+    assert (quick.tasks, quick.seeds, quick.lr_factors, quick.sizes["tweets"].steps) == (("tweets",), (0,), (1.0,), 24)

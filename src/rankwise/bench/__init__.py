@@ -3,11 +3,17 @@ trainable-parameter budgets. ``rankwise bench`` drives it; docs/benchmarks.md gi
 
     from rankwise.bench import PRESETS, run_bench
     run_bench("results/quick", PRESETS["quick"])
+
+Your own model folder and data file (``rankwise bench --model DIR --data FILE --task KIND``)::
+
+    from rankwise.bench import PRESETS, register_task, run_bench, task_from_files
+    task = register_task(task_from_files("my-model", "reviews.csv", "classification"))
+    run_bench("results/reviews", PRESETS["quick"], tasks=[task.name])
 """
 
 from .budget import Sizing, default_budget, size_to_budget
 from .runner import PRESETS, Preset, Recipe, recipes, run_bench
-from .tasks import TASKS, AssetMissing, Sizes, Task
+from .tasks import TASKS, AssetMissing, Sizes, Task, register_task, task_from_files
 
 __all__ = [
     "PRESETS",
@@ -20,6 +26,8 @@ __all__ = [
     "Task",
     "default_budget",
     "recipes",
+    "register_task",
     "run_bench",
     "size_to_budget",
+    "task_from_files",
 ]

@@ -135,12 +135,15 @@ def write_markdown(path: Path, rows: Sequence[Mapping[str, str]], tasks: Mapping
 
 
 def read_curves(path: Path) -> dict[tuple[str, str, str, str], list[float]]:
-    """``{(task, method, seed, lr_factor): losses}`` from ``curves.jsonl``."""
+    """``{(task, method, seed, lr_factor): losses}`` of the full-length runs in ``curves.jsonl`` (the
+    shortened runs of a proxy sweep are left out: one of them shares its key with a full run)."""
     if not path.is_file():
         return {}
     curves = {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
+        if entry.get("proxy"):
+            continue
         curves[entry["task"], entry["method"], str(entry["seed"]), entry["lr_factor"]] = entry["losses"]
     return curves
 

@@ -45,6 +45,7 @@ from ..core.config import AdapterConfig
 from ..core.inject import adapted_modules, module_overrides
 from . import report
 from .budget import Sizing, default_budget, size_to_budget
+from .cache import FrozenLayersCache
 from .tasks import METRICS, TASKS, AssetMissing, Sizes, Task
 
 HEAD_LR = 1e-3  # Adam's usual rate for a linear probe
@@ -56,6 +57,7 @@ WARMUP = 0.1  # fraction of steps with a linear warm-up; then linear decay to ze
 INIT_BATCHES = 8
 RESULTS = "results.csv"
 SETTINGS = "settings.json"
+PROXY = "proxy"  # ``selected`` of a shortened sweep run: it chose the factor, it is not counted
 
 OptimizerFactory = Callable[[nn.Module, float], torch.optim.Optimizer]
 TaskInitializer = Callable[[nn.Module, Task, int, torch.device], None]  # (model, task, seed, device)
@@ -114,10 +116,11 @@ class Recipe:
             return registry.get(self.method).config_class.recommended_lr
         return HEAD_LR if self.lr_from == "head" else task.full_lr
 
-    def configured(self, config: AdapterConfig, task: Task) -> AdapterConfig:
+    def configured(self, config: AdapterConfig, task: Task, steps: int | None = None) -> AdapterConfig:
         """The budget-sized ``config`` as this recipe trains it on ``task``: fitted by the method to
-        a run of the task's steps (a schedule measured in steps), then by ``configure``."""
-        config = registry.get(self.method).module_class.for_run(config, task.sizes.steps)
+        a run of ``steps`` optimizer steps (default: the task's; a schedule measured in steps),
+        then by ``configure``."""
+        config = registry.get(self.method).module_class.for_run(config, task.sizes.steps if steps is None else steps)
         return config if self.configure is None else self.configure(config, task)
 
     def trains(self, task: Task) -> bool:
@@ -187,7 +190,17 @@ class Preset:
         seeds: run seeds when none are selected.
         lr_factors: multiples of each recipe's starting learning rate; more than one means a sweep
             on the first seed, chosen on the validation split.
-        sizes: data, sequence length and steps per task (every task, so any can be selected).
+        sizes: data, sequence length and steps per task (every built-in task, so any can be
+            selected).
+        kinds: sizes per task kind (``"classification"``, ``"lm"``), for a task the preset does not
+            list by name: a user's own.
+        lr_proxy: with a sweep, its runs train this fraction of the steps (a complete, shorter
+            run: warm-up and decay fit its length), and then every seed runs at full length at
+            the chosen factor. ``None``: the sweep runs at full length, and its chosen run is the
+            first seed's.
+        cache_frozen_layers: on tasks that allow it, compute the frozen blocks below the first
+            trained one once per example (:mod:`rankwise.bench.cache`); the results are those of
+            uncached runs to fp32 rounding.
     """
 
     name: str
@@ -195,12 +208,41 @@ class Preset:
     seeds: tuple[int, ...]
     lr_factors: tuple[float, ...]
     sizes: dict[str, Sizes] = field(hash=False)
+    kinds: dict[str, Sizes] = field(default_factory=dict, hash=False)
+    lr_proxy: float | None = None
+    cache_frozen_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr_proxy is not None and not 0 < self.lr_proxy < 1:
+            raise ValueError(f"preset {self.name!r}: lr_proxy={self.lr_proxy} must be between 0 and 1")
+
+    def sizes_for(self, task: type[Task]) -> Sizes:
+        """The sizes of ``task``: those listed under its name, else those of its kind.
+
+        Raises:
+            ValueError: the preset has neither.
+        """
+        if task.name in self.sizes:
+            return self.sizes[task.name]
+        kind = getattr(task, "kind", None)
+        if kind in self.kinds:
+            return self.kinds[kind]
+        raise ValueError(f"preset {self.name!r} has no sizes for task {task.name!r} nor for its kind {kind!r}; "
+                         f"it has the tasks {sorted(self.sizes)} and the kinds {sorted(self.kinds)}")
+
+
+def _preset(name: str, sizes: dict[str, Sizes], **options: Any) -> Preset:
+    """A preset whose sizes for a user's own task are those of the built-in task of its kind:
+    ``tweets``' for a classification (at 64 tokens: a user's texts are not tweets), ``friends``' for a
+    language model."""
+    kinds = {"classification": dataclasses.replace(sizes["tweets"], length=64), "lm": sizes["friends"]}
+    return Preset(name, sizes=sizes, kinds=kinds, **options)
 
 
 PRESETS: dict[str, Preset] = {
     # All methods on one task, one seed, short tweets: README's first command and the CI smoke test.
     # About 3 minutes on 2 CPU cores (measured: docs/benchmarks.md, Cost).
-    "quick": Preset(
+    "quick": _preset(
         "quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,),
         sizes={
             "tweets": Sizes(train=384, val=64, test=320, length=40, steps=24, batch_size=16, probe=384),
@@ -210,9 +252,25 @@ PRESETS: dict[str, Preset] = {
             "synthetic": Sizes(train=384, val=64, test=128, length=1, steps=24, batch_size=16, probe=256),
         },
     ),
+    # Long enough to separate methods: hundreds of optimizer steps per run, and a learning-rate grid
+    # wide enough to reach each recipe's useful rate (0.1 to 31.6 times its starting rate, in
+    # half-decades: the full preset's 1/3 to 3 left Bone and Bat at 2e-5-scale rates that do not
+    # move the model). The sweep runs a quarter of the steps on the first seed; the chosen factor
+    # then runs in full for every seed. Hours per task (docs/benchmarks.md, Cost).
+    "standard": _preset(
+        "standard", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2),
+        lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)), lr_proxy=0.25, cache_frozen_layers=True,
+        sizes={
+            "tweets": Sizes(train=3840, val=256, test=1024, length=40, steps=240, batch_size=16),
+            "r8": Sizes(train=3840, val=256, test=2189, length=48, steps=240, batch_size=16),
+            "friends": Sizes(train=400, val=32, test=64, length=64, steps=100, batch_size=4, eval_batch_size=16),
+            "fashion": Sizes(train=3840, val=512, test=2000, length=64, steps=240, batch_size=16),
+            "synthetic": Sizes(train=3840, val=256, test=512, length=1, steps=240, batch_size=16),
+        },
+    ),
     # About 80 minutes on 2 CPU cores with the 19 recipes of now (measured: docs/benchmarks.md,
     # Cost). Each run sees its training subset once (train = steps × batch_size).
-    "full": Preset(
+    "full": _preset(
         "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
         sizes={
             "tweets": Sizes(train=384, val=128, test=512, length=40, steps=24, batch_size=16),
@@ -295,12 +353,16 @@ def _count(model: nn.Module, task: Task, params: list[nn.Parameter]) -> tuple[in
 
 
 def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, lr: float,
-          device: torch.device) -> Trained:
-    """One run: a fresh model, prepared by ``recipe``, trained for ``task.sizes.steps`` steps."""
-    steps = task.sizes.steps
+          device: torch.device, steps: int | None = None, cache: FrozenLayersCache | None = None) -> Trained:
+    """One run: a fresh model, prepared by ``recipe``, trained for ``steps`` steps (default: the
+    task's). With ``cache``, the model runs from it where its checks allow (the frozen blocks below
+    the first trained one are computed once per example); otherwise as is."""
+    steps = task.sizes.steps if steps is None else steps
     with peak_memory(device) as memory:
         torch.manual_seed(seed)  # the adapter's init and dropout
         model = recipe.prepare(task.model(), task, config).to(device)
+        if cache is not None and cache.refusal(model, task, device) is None:
+            cache.attach(model, task, device)
         task.train_mode(model)
         losses: list[float] = []
         diverged_at = None
@@ -418,15 +480,25 @@ class Results:
 
 
 def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix runs of different settings in one folder; record them for a fresh one."""
+    """Refuse to mix runs of different settings in one folder; record them for a fresh one.
+
+    ``settings["tasks"]`` (the tasks sized by kind, with their files) grows: a task not recorded
+    yet is added, one recorded must match.
+    """
     path = folder / SETTINGS
+    tasks = settings.pop("tasks")
     if path.is_file():
         before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+        recorded = before.pop("tasks", {})
+        changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+        for name in sorted(tasks.keys() & recorded.keys()):
+            now, then = tasks[name], recorded[name]
+            changed += [f"tasks.{name}.{k}" for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
+        if changed:
             raise ValueError(f"{folder} holds results made with other settings ({changed}); use another --out")
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        tasks = {**recorded, **tasks}
+    # Written only when there are such tasks: a folder of built-in tasks keeps the settings it had.
+    path.write_text(json.dumps({**settings, **({"tasks": tasks} if tasks else {})}, indent=2) + "\n")
 
 
 def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = None,
@@ -437,65 +509,101 @@ def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = 
     Args:
         out: the results folder; runs already in its ``results.csv`` are not run again.
         preset: sizes, seeds and learning-rate factors.
-        tasks: task names (default: the preset's).
+        tasks: task names, built-in or registered (:func:`rankwise.bench.register_task`; default:
+            the preset's).
         methods: recipe names (default: all of :func:`recipes`).
         seeds: run seeds (default: the preset's).
         budget: adapter parameters per task (default: LoRA at rank 8 on the task's targets).
         device: where to train (``"cpu"``, ``"cuda"``).
         progress: show a progress bar.
 
+    Every task is checked before anything is written (:meth:`Task.check`: a user's data against the
+    sizes). A task whose asset is missing is skipped with the install command.
+
     Returns:
         ``out``, holding ``results.csv``, ``curves.jsonl``, ``results.md`` and PNG plots.
 
     Raises:
-        ValueError: an unknown task or method, or ``out`` holds results of other settings.
+        ValueError: an unknown task or method, a task the preset has no sizes for or whose data
+            is too small for them, or ``out`` holds results of other settings.
+        AssetMissing: every task was skipped; the message says what to install.
     """
     table = recipes()
     task_names = tuple(tasks or preset.tasks)
     method_names = tuple(methods or table)
     seed_list = tuple(preset.seeds if seeds is None else seeds)
-    unknown = [t for t in task_names if t not in preset.sizes] + [m for m in method_names if m not in table]
+    unknown = [t for t in task_names if t not in TASKS] + [m for m in method_names if m not in table]
     if unknown:
-        raise ValueError(f"unknown {unknown}; tasks: {sorted(preset.sizes)}; methods: {list(table)}")
+        raise ValueError(f"unknown {unknown}; tasks: {sorted(TASKS)}; methods: {list(table)}")
     if not seed_list:
         raise ValueError("give at least one seed")
+    pending = [TASKS[name](preset.sizes_for(TASKS[name])) for name in task_names]
+    for task in pending:  # a user's data is checked against the sizes before anything is written
+        line = task.check()
+        if line:
+            tqdm.write(line)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, {
         "preset": preset.name, "lr_factors": list(preset.lr_factors), "budget": budget,
         "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
+        # Recorded only when set, so that folders written before they existed keep their settings.
+        **({"lr_proxy": preset.lr_proxy} if preset.lr_proxy is not None else {}),
+        **({"cache_frozen_layers": True} if preset.cache_frozen_layers else {}),
+        # Tasks the preset sizes by kind, a user's own: their sizes and what identifies their files.
+        "tasks": {task.name: {"sizes": dataclasses.asdict(task.sizes), **task.settings()}
+                  for task in pending if task.name not in preset.sizes},
     })
     results = Results(folder)
-    per_method = _runs_per_recipe(preset.lr_factors, seed_list)
+    per_method = _runs_per_recipe(preset.lr_factors, seed_list, preset.lr_proxy)
     bar = tqdm(total=len(task_names) * len(method_names) * per_method, disable=not progress, unit="run")
     torch_device = torch.device(device)
-    for task_name in task_names:
-        task = TASKS[task_name](preset.sizes[task_name])
+    skipped = {}
+    while pending:
+        task = pending.pop(0)  # dropped after its runs: the next task's model replaces it in memory
         try:
             task.prepare()
         except AssetMissing as missing:
-            bar.write(f"skipping task {task_name}: {missing}")
+            skipped[task.name] = str(missing)
+            bar.write(f"skipping task {task.name}: {missing}")
             bar.update(len(method_names) * per_method)
             continue
         task_budget = budget or default_budget(task.pretrained, task.targets, task.head)
+        cache = FrozenLayersCache() if preset.cache_frozen_layers and task.frozen_layers_cacheable else None
         for name in method_names:
-            bar.set_description(f"{task_name} {name}")
-            _run_recipe(task, table[name], task_budget, seed_list, preset.lr_factors, results, torch_device, bar)
+            bar.set_description(f"{task.name} {name}")
+            _run_recipe(task, table[name], task_budget, seed_list, preset, results, torch_device, bar, cache)
         report.write(folder, results.rows, TASKS)
-        del task  # the next task's model replaces this one in memory
+        del task
     bar.close()
+    if len(skipped) == len(task_names):
+        raise AssetMissing("no task could run; install what they need: "
+                           + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     report.write(folder, results.rows, TASKS)
     return folder
 
 
-def _runs_per_recipe(factors: tuple[float, ...], seeds: tuple[int, ...]) -> int:
-    """A sweep on the first seed, then one run per other seed; one run per seed without a sweep."""
-    return len(factors) + len(seeds) - 1 if len(factors) > 1 else len(seeds)
+def _runs_per_recipe(factors: tuple[float, ...], seeds: tuple[int, ...], proxy: float | None) -> int:
+    """One run per seed, and a sweep: on the first seed in place of its run, or (``proxy``) shortened
+    runs before it."""
+    if len(factors) == 1:
+        return len(seeds)
+    return len(factors) + len(seeds) - (proxy is None)
 
 
-def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...], factors: tuple[float, ...],
-                results: Results, device: torch.device, bar: Any) -> None:
-    planned = _runs_per_recipe(factors, seeds)
+def _choice(task: Task, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's row with the best validation metric; the first (the smaller rate) on a tie."""
+    best = rows[0]
+    for row in rows[1:]:
+        if _score(task, row) > _score(task, best):
+            best = row
+    return best
+
+
+def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...], preset: Preset,
+                results: Results, device: torch.device, bar: Any, cache: FrozenLayersCache | None) -> None:
+    factors, proxy = preset.lr_factors, preset.lr_proxy
+    planned = _runs_per_recipe(factors, seeds, proxy)
     if any(row["status"] == "unsupported" for row in results.find(task.name, recipe.name)):
         bar.update(planned)
         return
@@ -510,12 +618,13 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
             bar.write(f"{task.name} / {recipe.name}: unsupported: {error}")
             bar.update(planned)
             return
-    config = recipe.configured(sizing.config, task) if sizing else None
     base_lr = recipe.base_lr(task)
 
-    def run(seed: int, factor: float, splits: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], Trained]:
+    def run(seed: int, factor: float, splits: tuple[str, ...],
+            steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any], Trained]:
         lr = base_lr * factor
-        trained = train(task, recipe, config, seed, lr, device)
+        config = recipe.configured(sizing.config, task, steps) if sizing else None
+        trained = train(task, recipe, config, seed, lr, device, steps, cache)
         row = _row(task, recipe, sizing, budget, seed, factor, lr, trained)
         for split in splits:
             _add_metrics(row, split, task.evaluate(trained.model, split, device))
@@ -523,34 +632,51 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
                  "losses": trained.losses}
         return row, curve, trained
 
-    chosen = 1.0
+    chosen = factors[0]
     remaining = list(seeds)
-    if len(factors) > 1 and recipe.trains(task):
+    if len(factors) > 1 and recipe.trains(task) and proxy is not None:
+        # The sweep is a set of shortened runs on the first seed; every seed then runs in full.
+        done = [row for row in results.find(task.name, recipe.name, seeds[0]) if row["selected"] == PROXY]
+        if not done:
+            steps = max(1, round(proxy * task.sizes.steps))
+            rows, curves = [], []
+            for factor in factors:
+                row, curve, _ = run(seeds[0], factor, ("val",), steps)
+                row["selected"] = PROXY
+                rows.append(row)
+                curves.append({**curve, "proxy": True})
+                bar.update(1)
+            results.add(rows, curves)
+            done = rows
+        else:
+            bar.update(len(factors))
+        chosen = _factor(factors, _choice(task, done))
+    elif len(factors) > 1 and recipe.trains(task):
         first = remaining.pop(0)
         done = results.find(task.name, recipe.name, first)
         if done:
             chosen = _factor(factors, next(row for row in done if row["selected"] == "yes"))
             bar.update(len(factors))
         else:
-            rows, curves, best = [], [], None
+            rows, curves, best_model = [], [], None
             for factor in factors:
                 row, curve, trained = run(first, factor, ("val",))
                 rows.append(row)
                 curves.append(curve)
-                if best is None or _score(task, row) > _score(task, best[0]):
-                    best = (row, trained)  # only the best model is kept: the LM's are 0.5 GB each
+                if _choice(task, rows) is row:
+                    best_model = trained.model  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
-            best_row, best_run = best
+            best_row = _choice(task, rows)
             best_row["selected"] = "yes"
-            _add_metrics(best_row, "test", task.evaluate(best_run.model, "test", device))
+            _add_metrics(best_row, "test", task.evaluate(best_model, "test", device))
             chosen = _factor(factors, best_row)
             results.add(rows, curves)
     elif len(factors) > 1:
-        bar.update(len(factors) - 1)  # nothing trains, so there is no learning rate to choose
-    else:
-        chosen = factors[0]
+        # Nothing trains, so there is no learning rate to choose: one run per seed.
+        chosen = 1.0
+        bar.update(planned - len(seeds))
     for seed in remaining:
-        if not results.find(task.name, recipe.name, seed, chosen):
+        if not [row for row in results.find(task.name, recipe.name, seed, chosen) if row["selected"] == "yes"]:
             row, curve, _ = run(seed, chosen, ("test",))
             row["selected"] = "yes"
             results.add([row], [curve])

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.inject import replace_module
+
 DATA_SEED = 0
 
 Batch = dict[str, Tensor]
@@ -63,6 +65,8 @@ class Task(abc.ABC):
 
     Class variables:
         name: the task's key in :data:`TASKS` and on the command line.
+        kind: what sort of task it is (``"classification"``, ``"lm"``): a preset's sizes for a
+            task it does not list by name are those of its kind.
         description: one line for reports.
         metrics: the metrics :meth:`evaluate` returns; ``primary`` is the one learning rates are
             chosen by and plots show.
@@ -70,9 +74,13 @@ class Task(abc.ABC):
         targets: the layers every method adapts (``AdapterConfig.targets``).
         head: paths of the new task head, trained in every row (``AdapterConfig.trainable``).
         full_lr: the starting learning rate of the full fine-tuning reference.
+        frozen_layers_cacheable: the model is a transformers decoder called as
+            ``model(input_ids=...)`` on unpadded blocks, so a preset may run it from the cached
+            input of its first trained block (:mod:`rankwise.bench.cache`, which checks the rest).
     """
 
     name: ClassVar[str]
+    kind: ClassVar[str]
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
     primary: ClassVar[str]
@@ -80,11 +88,30 @@ class Task(abc.ABC):
     targets: ClassVar[tuple[str, ...]]
     head: ClassVar[tuple[str, ...]] = ()
     full_lr: ClassVar[float]
+    frozen_layers_cacheable: ClassVar[bool] = False
 
     def __init__(self, sizes: Sizes) -> None:
         self.sizes = sizes
         self._model: nn.Module | None = None
         self._data: dict[str, Batch] = {}
+
+    def check(self) -> str:
+        """Refuse, before any model is loaded, data that cannot fill ``sizes``; return one line on the
+        data used (how it was split), or ``""`` when there is nothing to add to the docs.
+
+        The built-in tasks read fixed corpora whose sizes the presets were written for, so they
+        check in :meth:`_load`; a task on a user's file checks here, before the runner trains
+        anything.
+
+        Raises:
+            ValueError: a split has fewer examples than ``sizes`` asks for.
+        """
+        return ""
+
+    def settings(self) -> dict[str, object]:
+        """What identifies this task's data and model beyond its name and sizes (a user's files),
+        recorded with the results so that a resume cannot mix two versions; JSON values."""
+        return {}
 
     def prepare(self) -> None:
         """Load the model and the data once.
@@ -152,9 +179,16 @@ class Classification(Task):
     leave the methods no gradient to learn from.
     """
 
+    kind = "classification"
     metrics = ("accuracy", "macro_f1")
     primary = "accuracy"
     higher_is_better = True
+
+    def probe_layer(self) -> str:
+        """Path of the ``nn.Linear`` the probe fits: the one that outputs the logits. By default
+        the head is that one layer."""
+        (path,) = self.head
+        return path
 
     def prepare(self) -> None:
         """Load the model and the data once, and fit the head on the probe split."""
@@ -163,22 +197,26 @@ class Classification(Task):
             self._fit_head()
 
     def _fit_head(self) -> None:
-        (path,) = self.head
+        path = self.probe_layer()
         head = self.pretrained.get_submodule(path)
-        features: list[Tensor] = []
-        hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+        # The features are what the model outputs with the head replaced by the identity: whatever
+        # the model does after its head (Llama's classifier scores every token, then keeps the last
+        # real one) is a selection, and applies to the features the same way.
+        replace_module(self.pretrained, path, nn.Identity())
         self.pretrained.eval()
-        labels = []
-        with torch.no_grad():
-            for batch in self.eval_batches("probe"):
-                self.logits(self.pretrained, batch)
-                labels.append(batch["labels"])
-        hook.remove()
+        features, labels = [], []
+        try:
+            with torch.no_grad():
+                for batch in self.eval_batches("probe"):
+                    features.append(self.logits(self.pretrained, batch))
+                    labels.append(batch["labels"])
+        finally:
+            replace_module(self.pretrained, path, head)
         x, y = torch.cat(features), torch.cat(labels)
         l2 = 0.5 / len(x)  # scikit-learn's LogisticRegression default (C = 1), per example
         with torch.no_grad():
-            head.weight.zero_()
-            head.bias.zero_()
+            for parameter in head.parameters():  # a head may have no bias (Llama's score)
+                parameter.zero_()
         head.requires_grad_(True)
         optimizer = torch.optim.LBFGS(head.parameters(), max_iter=500, line_search_fn="strong_wolfe")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import Tensor, nn
 
 from .base import DATA_SEED, AssetMissing, Batch, Classification, _split
 from .files import orange_dataset, read_tab
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def minilm_path() -> Path:
@@ -40,8 +44,10 @@ class SentenceClassifier(nn.Module):
 
 
 class TextClassification(Classification):
-    """MiniLM-L6 (BERT, 6 layers, hidden 384) with a linear classifier on mean-pooled states.
+    """Texts tokenized to ``sizes.length`` tokens, classified by a transformer with a new linear head.
 
+    By default (the built-in tasks) the model is MiniLM-L6 (BERT, 6 layers, hidden 384) with a
+    linear classifier on mean-pooled states; a subclass may bring its own (:meth:`_classifier`).
     Methods adapt the query and value projections (384 x 384 in each of 6 layers, the LoRA paper's
     choice); square layers let the methods that need ``in_features == out_features`` run too.
     """
@@ -54,15 +60,19 @@ class TextClassification(Classification):
     def _texts(self) -> dict[str, tuple[list[str], list[str]]]:
         """``{split: (texts, labels)}`` for probe, train, val and test, already subset to ``sizes``."""
 
-    def _load(self) -> tuple[nn.Module, dict[str, Batch]]:
+    def _classifier(self, classes: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+        """The model with a new head of ``classes`` outputs, and its tokenizer."""
         from transformers import AutoModel, AutoTokenizer
 
-        texts = self._texts()
         folder = minilm_path()
-        classes = sorted({label for _, labels in texts.values() for label in labels})
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
-        model = SentenceClassifier(encoder, len(classes))
+        return SentenceClassifier(encoder, classes), tokenizer
+
+    def _load(self) -> tuple[nn.Module, dict[str, Batch]]:
+        texts = self._texts()
+        classes = sorted({label for _, labels in texts.values() for label in labels})
+        model, tokenizer = self._classifier(len(classes))
         data = {}
         for split, (documents, labels) in texts.items():
             encoded = tokenizer(

