@@ -120,6 +120,7 @@ class Recipe:
         """The budget-sized ``config`` as this recipe trains it on ``task``: fitted by the method to
         a run of ``steps`` optimizer steps (default: the task's; a schedule measured in steps),
         then by ``configure``."""
+        assert self.method is not None  # a reference has no config to fit
         config = registry.get(self.method).module_class.for_run(config, task.sizes.steps if steps is None else steps)
         return config if self.configure is None else self.configure(config, task)
 
@@ -667,6 +668,7 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
                     best_model = trained.model  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
             best_row = _choice(task, rows)
+            assert best_model is not None  # _choice returns one of the rows, whose model was kept
             best_row["selected"] = "yes"
             _add_metrics(best_row, "test", task.evaluate(best_model, "test", device))
             chosen = _factor(factors, best_row)

@@ -199,6 +199,8 @@ class Classification(Task):
     def _fit_head(self) -> None:
         path = self.probe_layer()
         head = self.pretrained.get_submodule(path)
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"{self.name}: the probe fits a linear head; '{path}' is a {type(head).__name__}")
         # The features are what the model outputs with the head replaced by the identity: whatever
         # the model does after its head (Llama's classifier scores every token, then keeps the last
         # real one) is a selection, and applies to the features the same way.

@@ -50,7 +50,8 @@ class LanguageModelling(Task):
         data = {}
         for split, texts in documents.items():
             order = rng.permutation(len(texts)) if split == "train" else range(len(texts))
-            wanted, ids = getattr(s, split), []
+            wanted: int = getattr(s, split)
+            ids: list[int] = []
             for i in order:
                 if len(ids) >= wanted * s.length:
                     break

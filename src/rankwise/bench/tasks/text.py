@@ -15,7 +15,7 @@ from .base import DATA_SEED, AssetMissing, Batch, Classification, _split
 from .files import orange_dataset, read_tab
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def minilm_path() -> Path:
@@ -32,7 +32,7 @@ class SentenceClassifier(nn.Module):
     """A sentence encoder and a linear classifier on its mean-pooled token states: the pooling
     all-MiniLM-L6-v2 was trained with (its [CLS] state was never trained to summarize)."""
 
-    def __init__(self, encoder: nn.Module, classes: int) -> None:
+    def __init__(self, encoder: PreTrainedModel, classes: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, classes)
