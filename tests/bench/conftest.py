@@ -23,9 +23,9 @@ TINY = Sizes(train=64, val=32, test=32, length=1, steps=6, batch_size=8, eval_ba
 
 
 def tiny_preset(*, seeds: tuple[int, ...] = (0,), lr_factors: tuple[float, ...] = (1.0,),
-                sizes: Sizes = TINY, lr_proxy: float | None = None) -> Preset:
+                sizes: Sizes = TINY, lr_proxy: float | None = None, lr_extend: int = 0) -> Preset:
     return Preset("test", tasks=("synthetic",), seeds=seeds, lr_factors=lr_factors, sizes={"synthetic": sizes},
-                  lr_proxy=lr_proxy)
+                  lr_proxy=lr_proxy, lr_extend=lr_extend)
 
 
 @pytest.fixture

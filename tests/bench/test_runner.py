@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -346,6 +347,37 @@ def test_a_proxy_sweep_trains_short_runs_then_every_seed_in_full(
     with pytest.raises(ValueError, match=r"other settings \(\['lr_proxy'\]\)"):
         runner.run_bench(tmp_path, make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0)), methods=("full",),
                          progress=False)
+
+
+@pytest.mark.parametrize(("peak", "swept", "chosen"), [
+    (1e9, ["0.01", "0.1", "1", "10", "100"], "100"),  # better the larger: two steps up, the limit
+    (10.0, ["0.01", "0.1", "1", "10", "100"], "10"),  # peaks one step past the grid: found, then no further
+    (1e-9, ["0.0001", "0.001", "0.01", "0.1", "1"], "0.0001"),  # better the smaller: two steps down
+    (0.1, ["0.01", "0.1", "1"], "0.1"),  # inside the grid: nothing more
+])
+def test_a_proxy_sweep_goes_past_the_grid_while_its_end_is_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset, peak: float, swept: list[str],
+    chosen: str,
+) -> None:
+    # Validation accuracy made a function of the learning-rate factor alone, peaking at `peak` and
+    # flat below 1e-3 (a tie there goes to the smaller rate, as every sweep's does).
+    factors: list[float] = []
+    train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *a, **k: factors.append(a[4] / runner.HEAD_LR) or train(*a, **k))
+
+    def accuracy(model: torch.nn.Module, split: str, device: torch.device) -> dict[str, float]:
+        distance = abs(math.log10(max(factors[-1], 1e-3)) - math.log10(peak))
+        return {"accuracy": 1 / (1 + distance), "macro_f1": 0.0}
+
+    monkeypatch.setattr(Synthetic, "evaluate", lambda self, *a: accuracy(*a))
+    preset = make_preset(seeds=(0,), lr_factors=(0.01, 0.1, 1.0), lr_proxy=0.5, lr_extend=2)
+    runner.run_bench(tmp_path, preset, methods=("frozen",), progress=False)
+    rows = _rows(tmp_path)
+    assert sorted((row["lr_factor"] for row in rows if row["selected"] == "proxy"), key=float) == swept
+    assert [row["lr_factor"] for row in rows if row["selected"] == "yes"] == [chosen]
+    before = len(factors)
+    runner.run_bench(tmp_path, preset, methods=("frozen",), progress=False)  # resumes: nothing to run
+    assert len(factors) == before
 
 
 def test_an_interrupted_proxy_sweep_resumes_with_the_factor_it_chose(

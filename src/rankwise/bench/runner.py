@@ -199,6 +199,9 @@ class Preset:
             run: warm-up and decay fit its length), and then every seed runs at full length at
             the chosen factor. ``None``: the sweep runs at full length, and its chosen run is the
             first seed's.
+        lr_extend: with a proxy sweep, how many more grid steps it may take past either end of
+            ``lr_factors`` while the best factor is that end and strictly better than its neighbour:
+            a recipe whose best rate lies outside the grid is not judged at the grid's edge.
         cache_frozen_layers: on tasks that allow it, compute the frozen blocks below the first
             trained one once per example (:mod:`rankwise.bench.cache`); the results are those of
             uncached runs to fp32 rounding.
@@ -211,11 +214,14 @@ class Preset:
     sizes: dict[str, Sizes] = field(hash=False)
     kinds: dict[str, Sizes] = field(default_factory=dict, hash=False)
     lr_proxy: float | None = None
+    lr_extend: int = 0
     cache_frozen_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_proxy is not None and not 0 < self.lr_proxy < 1:
             raise ValueError(f"preset {self.name!r}: lr_proxy={self.lr_proxy} must be between 0 and 1")
+        if self.lr_extend and (self.lr_proxy is None or len(self.lr_factors) < 2):
+            raise ValueError(f"preset {self.name!r}: lr_extend needs a proxy sweep over at least two factors")
 
     def sizes_for(self, task: type[Task]) -> Sizes:
         """The sizes of ``task``: those listed under its name, else those of its kind.
@@ -256,11 +262,14 @@ PRESETS: dict[str, Preset] = {
     # Long enough to separate methods: hundreds of optimizer steps per run, and a learning-rate grid
     # wide enough to reach each recipe's useful rate (0.1 to 31.6 times its starting rate, in
     # half-decades: the full preset's 1/3 to 3 left Bone and Bat at 2e-5-scale rates that do not
-    # move the model). The sweep runs a quarter of the steps on the first seed; the chosen factor
-    # then runs in full for every seed. Hours per task (docs/benchmarks.md, Cost).
+    # move the model). The sweep runs a quarter of the steps on the first seed, and goes up to three
+    # half-decades further where the best rate is at an end of the grid (LoRA and Bone on friends
+    # were); the chosen factor then runs in full for every seed. Hours per task (docs/benchmarks.md,
+    # Cost).
     "standard": _preset(
         "standard", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2),
-        lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)), lr_proxy=0.25, cache_frozen_layers=True,
+        lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)), lr_proxy=0.25, lr_extend=3,
+        cache_frozen_layers=True,
         sizes={
             "tweets": Sizes(train=3840, val=256, test=1024, length=40, steps=240, batch_size=16),
             "r8": Sizes(train=3840, val=256, test=2189, length=48, steps=240, batch_size=16),
@@ -550,6 +559,7 @@ def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = 
         "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
         # Recorded only when set, so that folders written before they existed keep their settings.
         **({"lr_proxy": preset.lr_proxy} if preset.lr_proxy is not None else {}),
+        **({"lr_extend": preset.lr_extend} if preset.lr_extend else {}),
         **({"cache_frozen_layers": True} if preset.cache_frozen_layers else {}),
         # Tasks the preset sizes by kind, a user's own: their sizes and what identifies their files.
         "tasks": {task.name: {"sizes": dataclasses.asdict(task.sizes), **task.settings()}
@@ -601,6 +611,28 @@ def _choice(task: Task, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def _extended(factors: tuple[float, ...], steps: int) -> tuple[float, ...]:
+    """``factors`` (a geometric grid, ascending) with ``steps`` more grid steps past either end."""
+    ratio = factors[1] / factors[0]
+    return (*(factors[0] / ratio**k for k in range(steps, 0, -1)), *factors,
+            *(factors[-1] * ratio**k for k in range(1, steps + 1)))
+
+
+def _extensions(task: Task, rows: list[dict[str, Any]], grid: tuple[float, ...]) -> Iterator[float]:
+    """Factors of ``grid`` past the swept ones, one step at a time, while the best row is an end of
+    the sweep and strictly better than the row beside it (``rows`` grows as the caller runs each)."""
+    while True:
+        ordered = sorted(rows, key=lambda row: _factor(grid, row))
+        best = _choice(task, ordered)
+        low, high = grid.index(_factor(grid, ordered[0])), grid.index(_factor(grid, ordered[-1]))
+        if best is ordered[-1] and _score(task, best) > _score(task, ordered[-2]) and high + 1 < len(grid):
+            yield grid[high + 1]
+        elif best is ordered[0] and _score(task, best) > _score(task, ordered[1]) and low > 0:
+            yield grid[low - 1]
+        else:
+            return
+
+
 def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...], preset: Preset,
                 results: Results, device: torch.device, bar: Any, cache: FrozenLayersCache | None) -> None:
     factors, proxy = preset.lr_factors, preset.lr_proxy
@@ -641,17 +673,26 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
         if not done:
             steps = max(1, round(proxy * task.sizes.steps))
             rows, curves = [], []
-            for factor in factors:
+
+            def sweep(factor: float) -> None:
                 row, curve, _ = run(seeds[0], factor, ("val",), steps)
                 row["selected"] = PROXY
                 rows.append(row)
                 curves.append({**curve, "proxy": True})
                 bar.update(1)
-            results.add(rows, curves)
+
+            for factor in factors:
+                sweep(factor)
+            for factor in _extensions(task, rows, _extended(factors, preset.lr_extend)):
+                bar.total += 1  # a run the plan did not count
+                sweep(factor)
+            results.add(rows, curves)  # the whole sweep at once, so a resumed run sees all or none
             done = rows
         else:
             bar.update(len(factors))
-        chosen = _factor(factors, _choice(task, done))
+        grid = _extended(factors, preset.lr_extend)
+        # In the order of the rates, so that a tie goes to the smaller one wherever it was swept.
+        chosen = _factor(grid, _choice(task, sorted(done, key=lambda row: _factor(grid, row))))
     elif len(factors) > 1 and recipe.trains(task):
         first = remaining.pop(0)
         done = results.find(task.name, recipe.name, first)
