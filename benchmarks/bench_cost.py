@@ -54,8 +54,13 @@ class RandomImages(Fashion):
     def _images(self) -> dict[str, Batch]:
         generator = torch.Generator().manual_seed(0)
         counts = {"train": self.sizes.train, "val": self.sizes.val, "test": self.sizes.test, "probe": self.sizes.probe}
-        return {split: {"images": torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-                        "labels": torch.randint(0, 10, (n,), generator=generator)} for split, n in counts.items()}
+        return {
+            split: {
+                "images": torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
+                "labels": torch.randint(0, 10, (n,), generator=generator),
+            }
+            for split, n in counts.items()
+        }
 
 
 def _task(name: str, sizes: Sizes) -> Task:
@@ -95,17 +100,23 @@ def cache_saving(steps: int, rounds: int) -> None:
             losses[cached] = run.losses
     plain, fast = statistics.median(per_step[False]), statistics.median(per_step[True])
     difference = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True], strict=True))
-    print(f"friends, lora, {steps} steps x {rounds} rounds, {torch.get_num_threads()} thread(s), "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"  without the cache: {plain:.3f} s/step; with it: {fast:.3f} s/step; saving {1 - fast / plain:.0%} "
-          f"({plain / fast:.2f}x)")
+    print(
+        f"friends, lora, {steps} steps x {rounds} rounds, {torch.get_num_threads()} thread(s), "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"  without the cache: {plain:.3f} s/step; with it: {fast:.3f} s/step; saving {1 - fast / plain:.0%} "
+        f"({plain / fast:.2f}x)"
+    )
     print(f"  filling it ({len(cache)} examples, once per process, in the first run): {fill:.1f} s")
     print(f"  largest relative difference between the runs' losses: {difference:.1e}")
 
 
 def estimate(preset: Preset, names: list[str], steps: int) -> None:
-    print(f"preset {preset.name}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f} "
-          f"at the start; {len(preset.lr_factors)} factors, proxy {preset.lr_proxy}, {len(preset.seeds)} seeds")
+    print(
+        f"preset {preset.name}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f} "
+        f"at the start; {len(preset.lr_factors)} factors, proxy {preset.lr_proxy}, {len(preset.seeds)} seeds"
+    )
     table = recipes()
     for name in names:
         sizes = preset.sizes[name]

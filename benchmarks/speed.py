@@ -51,9 +51,24 @@ class Case:
 
 def _cases() -> list[Case]:
     cases = [
-        Case("lora r=8", "lora", lambda t: rw.LoRAConfig(rank=8, targets=t), lambda t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t)),
-        Case("lora r=64", "lora", lambda t: rw.LoRAConfig(rank=64, alpha=128, targets=t), lambda t: peft.LoraConfig(r=64, lora_alpha=128, target_modules=t)),
-        Case("dora r=8", "dora", lambda t: rw.DoRAConfig(rank=8, targets=t), lambda t: peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=t)),
+        Case(
+            "lora r=8",
+            "lora",
+            lambda t: rw.LoRAConfig(rank=8, targets=t),
+            lambda t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
+        ),
+        Case(
+            "lora r=64",
+            "lora",
+            lambda t: rw.LoRAConfig(rank=64, alpha=128, targets=t),
+            lambda t: peft.LoraConfig(r=64, lora_alpha=128, target_modules=t),
+        ),
+        Case(
+            "dora r=8",
+            "dora",
+            lambda t: rw.DoRAConfig(rank=8, targets=t),
+            lambda t: peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=t),
+        ),
     ]
     cases += [case for case in _registered_cases() if case.method in rw.methods()]
     return cases
@@ -63,13 +78,36 @@ def _registered_cases() -> list[Case]:
     """Methods beyond LoRA/DoRA at the settings the performance targets name."""
     make = rw.make_config
     return [
-        Case("c3a block 64", "c3a", lambda t: make("c3a", block_size=64, targets=t), lambda t: peft.C3AConfig(block_size=64, target_modules=t)),
-        Case("gralora r=32 k=2", "gralora", lambda t: make("gralora", rank=32, k=2, targets=t),
-             lambda t: peft.GraloraConfig(r=32, gralora_k=2, target_modules=t)),
-        Case("bone r=64", "bone", lambda t: make("bone", rank=64, targets=t), lambda t: peft.MissConfig(r=64, target_modules=t)),
-        Case("bat r=64", "bat", lambda t: make("bat", rank=64, targets=t), lambda t: peft.MissConfig(r=64, init_weights="bat", target_modules=t)),
-        Case("adalora r=8", "adalora", lambda t: make("adalora", rank=8, targets=t),  # α = 16 on both sides
-             lambda t: peft.AdaLoraConfig(init_r=8, target_r=8, lora_alpha=16, total_step=1000, target_modules=t)),
+        Case(
+            "c3a block 64",
+            "c3a",
+            lambda t: make("c3a", block_size=64, targets=t),
+            lambda t: peft.C3AConfig(block_size=64, target_modules=t),
+        ),
+        Case(
+            "gralora r=32 k=2",
+            "gralora",
+            lambda t: make("gralora", rank=32, k=2, targets=t),
+            lambda t: peft.GraloraConfig(r=32, gralora_k=2, target_modules=t),
+        ),
+        Case(
+            "bone r=64",
+            "bone",
+            lambda t: make("bone", rank=64, targets=t),
+            lambda t: peft.MissConfig(r=64, target_modules=t),
+        ),
+        Case(
+            "bat r=64",
+            "bat",
+            lambda t: make("bat", rank=64, targets=t),
+            lambda t: peft.MissConfig(r=64, init_weights="bat", target_modules=t),
+        ),
+        Case(
+            "adalora r=8",
+            "adalora",
+            lambda t: make("adalora", rank=8, targets=t),  # α = 16 on both sides
+            lambda t: peft.AdaLoraConfig(init_r=8, target_r=8, lora_alpha=16, total_step=1000, target_modules=t),
+        ),
     ] + [
         Case(f"{name} (default)", name, lambda t, name=name: make(name, targets=t))
         for name in rw.methods()
@@ -90,16 +128,25 @@ def _mlp() -> nn.Module:
 
 
 def _encoder() -> nn.Module:
-    config = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    config = transformers.BertConfig(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
 WORKLOADS = {
-    "mlp": Workload("4 × Linear(1024, 1024) + GELU, input (8, 128, 1024)", _mlp, ("0", "2", "4", "6"),
-                    lambda: {"input": torch.randn(8, 128, 1024, requires_grad=True)}),
-    "encoder": Workload("MiniLM-size BERT encoder (384 hidden, 6 layers), batch 16 × 128, adapters on query/key/value/dense",
-                        _encoder, ("query", "key", "value", "dense"),
-                        lambda: {"inputs_embeds": torch.randn(16, 128, 384, requires_grad=True)}),
+    "mlp": Workload(
+        "4 × Linear(1024, 1024) + GELU, input (8, 128, 1024)",
+        _mlp,
+        ("0", "2", "4", "6"),
+        lambda: {"input": torch.randn(8, 128, 1024, requires_grad=True)},
+    ),
+    "encoder": Workload(
+        "MiniLM-size BERT encoder (384 hidden, 6 layers), batch 16 × 128, adapters on query/key/value/dense",
+        _encoder,
+        ("query", "key", "value", "dense"),
+        lambda: {"inputs_embeds": torch.randn(16, 128, 384, requires_grad=True)},
+    ),
 }
 
 
@@ -208,7 +255,9 @@ def _timings(
     )
 
 
-def run_workload(key: str, rounds: int, methods: set[str] | None, clock: Callable[[], float] = time.perf_counter) -> str:
+def run_workload(
+    key: str, rounds: int, methods: set[str] | None, clock: Callable[[], float] = time.perf_counter
+) -> str:
     workload = WORKLOADS[key]
     torch.manual_seed(0)
     base = workload.build()
@@ -223,7 +272,9 @@ def run_workload(key: str, rounds: int, methods: set[str] | None, clock: Callabl
         runners[group[0]] = Runner(rw.adapt(copy.deepcopy(base), case.ours(workload.targets)), inputs)
         if peft is not None and case.theirs is not None:
             group.append(f"peft:{case.label}")
-            runners[group[-1]] = Runner(peft.get_peft_model(copy.deepcopy(base), case.theirs(list(workload.targets))), inputs)
+            runners[group[-1]] = Runner(
+                peft.get_peft_model(copy.deepcopy(base), case.theirs(list(workload.targets))), inputs
+            )
         if _mergeable(case):
             group.append(f"merged:{case.label}")
             runners[group[-1]] = Runner(rw.merge(copy.deepcopy(runners[group[0]].model)), inputs)
@@ -259,7 +310,8 @@ def run_workload(key: str, rounds: int, methods: set[str] | None, clock: Callabl
         theirs = f"peft:{case.label}"
         peft_cols = (
             f"{train.to_floor[theirs]:.2f} | **{train.to_peft[ours]:.2f}** | {memory[theirs]:.0f}"
-            if theirs in train.seconds else "— | — | —"
+            if theirs in train.seconds
+            else "— | — | —"
         )
         lines.append(
             f"| {case.label} | {1e3 * train.seconds[ours]:.1f} | {ratio:.2f} | {limit:.2f} | {ratio / limit:.2f} | "
@@ -310,10 +362,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--methods", nargs="+", help="registry names to include (default: all)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="wall-clock, or this process's CPU time (a cross-check on a shared machine, with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall-clock, or this process's CPU time (a cross-check on a shared machine, with --threads 1)",
+    )
     parser.add_argument("--out", help="write the markdown report here as well")
-    parser.add_argument("--section", default="results", help="in --out, replace only this section's block (default: results)")
+    parser.add_argument(
+        "--section", default="results", help="in --out, replace only this section's block (default: results)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]

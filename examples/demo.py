@@ -12,7 +12,9 @@ import rankwise as rw
 
 def main() -> None:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config)
     # A toy language: each token is the previous one plus one (mod 64); the random model can't.
     starts = torch.randint(0, 64, (32, 1))
@@ -37,8 +39,10 @@ def main() -> None:
         reloaded = rw.load_adapter(transformers.GPT2LMHeadModel(config), folder).eval()
         print(f"\nsave -> load, max output difference: {(reloaded(input_ids=batch).logits - adapted).abs().max():.2e}")
         merged = rw.unwrap(reloaded, merge=True)
-        print(f"merged plain model ({type(merged.transformer.h[0].attn.c_attn).__name__} layers again), "
-              f"max output difference: {(merged(input_ids=batch).logits - adapted).abs().max():.2e}")
+        print(
+            f"merged plain model ({type(merged.transformer.h[0].attn.c_attn).__name__} layers again), "
+            f"max output difference: {(merged(input_ids=batch).logits - adapted).abs().max():.2e}"
+        )
     print("\nmethods:", ", ".join(rw.methods()))
 
 

@@ -1,7 +1,7 @@
 """rankwise: low-rank and structured adaptation and compression of neural networks.
 
-    import rankwise as rw
-    model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
+import rankwise as rw
+model = rw.adapt(model, rw.LoRAConfig(rank=8, targets=("q_proj", "v_proj")))
 """
 
 from types import ModuleType
@@ -19,7 +19,12 @@ from .version import __version__
 
 __all__ = [
     *adapters.__all__,
-    "adapters", "allocate", "compress", "decompose", "interop", "optim",
+    "adapters",
+    "allocate",
+    "compress",
+    "decompose",
+    "interop",
+    "optim",
     "Adapted",
     "AdapterConfig",
     "CheckpointError",

@@ -112,8 +112,9 @@ def rank_for_energy(values: Tensor, energy: float) -> int:
     return min(int((cumulative < energy - 1e-12).sum().item()) + 1, values.shape[0])
 
 
-def truncated_svd(A: Tensor, *, rank: int | None = None, energy: float | None = None,
-                  threshold: float | None = None) -> SVDResult:
+def truncated_svd(
+    A: Tensor, *, rank: int | None = None, energy: float | None = None, threshold: float | None = None
+) -> SVDResult:
     """The best approximation of ``A`` (m, n) of a given rank (Eckart–Young–Mirsky).
 
     Exactly one rule picks the rank: ``rank`` itself; ``energy``, the smallest k whose squared
@@ -142,8 +143,9 @@ def truncated_svd(A: Tensor, *, rank: int | None = None, energy: float | None = 
     return SVDResult(U, S, Vh, _relative_error(A, (U * S) @ Vh))
 
 
-def als(A: Tensor, rank: int, *, ridge: float = 0.0, iterations: int = 500, tol: float = 1e-10,
-        seed: int = 0) -> ALSResult:
+def als(
+    A: Tensor, rank: int, *, ridge: float = 0.0, iterations: int = 500, tol: float = 1e-10, seed: int = 0
+) -> ALSResult:
     """Alternating least squares ``A ≈ W Z`` (survey §(a)): from a random W, alternate
     ``Z ← (WᵀW + λI)⁻¹ Wᵀ A`` and ``W ← A Zᵀ (Z Zᵀ + λI)⁻¹``.
 
@@ -160,8 +162,16 @@ def als(A: Tensor, rank: int, *, ridge: float = 0.0, iterations: int = 500, tol:
     return weighted_als(A, torch.ones_like(A), rank, ridge=ridge, iterations=iterations, tol=tol, seed=seed)
 
 
-def weighted_als(A: Tensor, weights: Tensor, rank: int, *, ridge: float = 0.0, iterations: int = 500,
-                 tol: float = 1e-10, seed: int = 0) -> ALSResult:
+def weighted_als(
+    A: Tensor,
+    weights: Tensor,
+    rank: int,
+    *,
+    ridge: float = 0.0,
+    iterations: int = 500,
+    tol: float = 1e-10,
+    seed: int = 0,
+) -> ALSResult:
     """Weighted low-rank approximation ``min Σ w_ij (a_ij − (W Z)_ij)² + λ(‖W‖² + ‖Z‖²)`` by ALS.
 
     Each row of W and each column of Z is its own weighted ridge regression (survey §(a), missing
@@ -195,8 +205,9 @@ def weighted_als(A: Tensor, weights: Tensor, rank: int, *, ridge: float = 0.0, i
     return ALSResult(W, Z, error, sweep)
 
 
-def hadamard(A: Tensor, ranks: tuple[int, int], *, ridge: float = 0.0, iterations: int = 500,
-             tol: float = 1e-10, seed: int = 0) -> HadamardResult:
+def hadamard(
+    A: Tensor, ranks: tuple[int, int], *, ridge: float = 0.0, iterations: int = 500, tol: float = 1e-10, seed: int = 0
+) -> HadamardResult:
     """Hadamard decomposition ``A ≈ (W1 Z1) ⊙ (W2 Z2)`` (survey §(b)).
 
     With ``M2 = W2 Z2`` fixed, ``(W1, Z1)`` solve the weighted problem

@@ -48,8 +48,14 @@ class RankAllocationCallback(TrainerCallback):
         self.add_penalty = add_penalty
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         name = type(self.allocator).__name__
         if state.global_step != self.allocator.t:
             raise ValueError(
@@ -64,14 +70,21 @@ class RankAllocationCallback(TrainerCallback):
         if self.add_penalty and self.allocator.has_penalty:
             self._hook = self.allocator.model.register_forward_hook(self._add_penalty)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
         if optimizer is None:
             raise ValueError("RankAllocationCallback: the Trainer passed no optimizer to on_optimizer_step")
         self.allocator.step(optimizer)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

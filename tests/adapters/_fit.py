@@ -10,8 +10,15 @@ from torch import nn
 import rankwise as rw
 
 
-def fit(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lr: float, steps: int = 60,
-        params: Iterable[nn.Parameter] | None = None) -> list[float]:
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    lr: float,
+    steps: int = 60,
+    params: Iterable[nn.Parameter] | None = None,
+) -> list[float]:
     """Train the trainable parameters (or ``params``) for ``steps``; the loss before each step.
 
     ``rw.step(model)`` follows every optimizer step, as a training loop with step-dependent

@@ -53,7 +53,9 @@ def test_delta_weight_and_forward_are_the_block_circulant(in_features, out_featu
 def test_gradients_equal_the_dense_formula(in_features, out_features, block_size) -> None:
     """The written-out backward against autograd through x ΔWᵀ, odd and even block sizes."""
     torch.manual_seed(0)
-    model = rw.adapt(nn.Sequential(nn.Linear(in_features, out_features)), rw.C3AConfig(block_size=block_size, targets="0"))
+    model = rw.adapt(
+        nn.Sequential(nn.Linear(in_features, out_features)), rw.C3AConfig(block_size=block_size, targets="0")
+    )
     _randomize(model)
     delta = model[0].delta
     kernel = delta.kernel.detach().clone().requires_grad_()
@@ -77,17 +79,28 @@ def test_a_single_circulant_block_can_be_full_rank() -> None:
 def _tiny_bert() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=16,
     )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
-@pytest.mark.parametrize(("build", "targets", "block_size", "make_input"), [
-    (_tiny_bert, ["query", "value", "intermediate.dense"], 16, lambda: {"input_ids": torch.randint(0, 50, (2, 7))}),
-    (lambda: nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16)), ["0", "2"], 8,
-     lambda: {"input": torch.randn(3, 5, 24)}),
-])
+@pytest.mark.parametrize(
+    ("build", "targets", "block_size", "make_input"),
+    [
+        (_tiny_bert, ["query", "value", "intermediate.dense"], 16, lambda: {"input_ids": torch.randint(0, 50, (2, 7))}),
+        (
+            lambda: nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16)),
+            ["0", "2"],
+            8,
+            lambda: {"input": torch.randn(3, 5, 24)},
+        ),
+    ],
+)
 def test_equals_peft_c3a_on_identical_weights(build, targets, block_size, make_input) -> None:
     base = build()
     torch.manual_seed(1)
@@ -129,12 +142,15 @@ def test_inits() -> None:
     assert (xavier(x).abs() > 0).any()  # PEFT's init: not the base model at step 0
 
 
-@pytest.mark.parametrize(("in_features", "out_features", "block_size", "expected"), [
-    (768, 768, None, 768),  # gcd 768: a single circulant, d parameters
-    (768, 3072, None, 3072),
-    (3072, 1024, 64, 3072 * 1024 // 64),  # Llama-3.2-3B's v_proj: 49,152 per layer
-    (144, 32, None, 144 * 32 // 16),  # a 3 × 3 convolution 16 -> 32, gcd 16
-])
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "block_size", "expected"),
+    [
+        (768, 768, None, 768),  # gcd 768: a single circulant, d parameters
+        (768, 3072, None, 3072),
+        (3072, 1024, 64, 3072 * 1024 // 64),  # Llama-3.2-3B's v_proj: 49,152 per layer
+        (144, 32, None, 144 * 32 // 16),  # a 3 × 3 convolution 16 -> 32, gcd 16
+    ],
+)
 def test_parameter_count_is_in_times_out_over_block(in_features, out_features, block_size, expected) -> None:
     config = rw.C3AConfig(block_size=block_size, targets="0")
     assert rw.C3A.num_params(in_features, out_features, config) == expected
@@ -172,8 +188,10 @@ def test_adapted_layers_each_read_their_own_input() -> None:
     """PEFT's forward rebinds x to one adapter's output, so the next adapter reads it; here each
     layer's branch must see exactly that layer's input, and the input tensor is left unchanged."""
     torch.manual_seed(0)
-    model = rw.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)),
-                     rw.C3AConfig(block_size=4, targets=("0", "1", "2")))
+    model = rw.adapt(
+        nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)),
+        rw.C3AConfig(block_size=4, targets=("0", "1", "2")),
+    )
     _randomize(model)
     x = torch.randn(3, 8)
     before = x.clone()

@@ -37,7 +37,12 @@ def test_equals_peft_on_identical_weights(hybrid_rank: int, kind: str) -> None:
     reference = peft.get_peft_model(
         copy.deepcopy(base),
         peft.GraloraConfig(
-            r=6, alpha=10, gralora_k=3, hybrid_r=hybrid_rank, target_modules=["0", "2"], init_weights=False,
+            r=6,
+            alpha=10,
+            gralora_k=3,
+            hybrid_r=hybrid_rank,
+            target_modules=["0", "2"],
+            init_weights=False,
             fan_in_fan_out=kind == "conv1d",
         ),
     )
@@ -70,9 +75,9 @@ def test_delta_weight_is_the_block_formula(hybrid_rank: int) -> None:
     expected = torch.zeros(8, 12)
     for j in range(k):  # output block
         for n in range(k):  # input block
-            A_jn = delta.A[n][:, j * c:(j + 1) * c].T  # (r/k, in/k): block (j, n)'s down-projection
-            B_jn = delta.B[j][n * c:(n + 1) * c, :].T  # (out/k, r/k): its up-projection
-            expected[j * o:(j + 1) * o, n * i:(n + 1) * i] = s * B_jn @ A_jn
+            A_jn = delta.A[n][:, j * c : (j + 1) * c].T  # (r/k, in/k): block (j, n)'s down-projection
+            B_jn = delta.B[j][n * c : (n + 1) * c, :].T  # (out/k, r/k): its up-projection
+            expected[j * o : (j + 1) * o, n * i : (n + 1) * i] = s * B_jn @ A_jn
     if hybrid_rank:
         expected += s * delta.hybrid_B @ delta.hybrid_A
     torch.testing.assert_close(delta.delta_weight(), expected.detach(), rtol=1e-6, atol=1e-6)
@@ -126,7 +131,9 @@ def test_shapes_that_k_does_not_divide_raise_naming_the_layer() -> None:
 @pytest.mark.parametrize("hybrid_rank", [0, 2])
 def test_gradients_equal_the_dense_formula(hybrid_rank: int) -> None:
     """The hand-written backward of the block product against autograd through x ΔWᵀ."""
-    model = rw.adapt(nn.Sequential(nn.Linear(24, 36)), rw.GraLoRAConfig(rank=6, k=3, hybrid_rank=hybrid_rank, targets="0"))
+    model = rw.adapt(
+        nn.Sequential(nn.Linear(24, 36)), rw.GraLoRAConfig(rank=6, k=3, hybrid_rank=hybrid_rank, targets="0")
+    )
     _randomize(model)
     delta = model[0].delta
     reference = copy.deepcopy(delta)

@@ -29,8 +29,13 @@ def _gpt2() -> tuple[nn.Module, tuple[str, ...]]:
 
 def _llama() -> tuple[nn.Module, tuple[str, ...]]:
     config = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
     )
     return transformers.LlamaForCausalLM(config), ("q_proj", "v_proj", "up_proj", "down_proj")
 
@@ -53,8 +58,12 @@ def test_outputs_equal_peft(build, config_class, rslora) -> None:
     reference = peft.get_peft_model(
         copy.deepcopy(base),
         peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=list(targets), use_rslora=rslora,
-            use_dora=config_class is rw.DoRAConfig, init_lora_weights=False,  # random B: ΔW ≠ 0
+            r=4,
+            lora_alpha=8,
+            target_modules=list(targets),
+            use_rslora=rslora,
+            use_dora=config_class is rw.DoRAConfig,
+            init_lora_weights=False,  # random B: ΔW ≠ 0
         ),
     )
     ours = rw.adapt(base, config_class(rank=4, alpha=8, rslora=rslora, targets=targets))
@@ -81,7 +90,9 @@ def test_outputs_equal_peft(build, config_class, rslora) -> None:
 def test_dora_magnitude_starts_at_peft_row_norms() -> None:
     torch.manual_seed(0)
     base, targets = _llama()
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), use_dora=True))
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=list(targets), use_dora=True)
+    )
     ours = rw.adapt(base, rw.DoRAConfig(rank=4, targets=targets))
     for path, layer in adapted_modules(ours):
         expected = reference.base_model.model.get_submodule(path).lora_magnitude_vector["default"].weight

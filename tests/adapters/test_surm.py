@@ -65,12 +65,15 @@ def _adapted(in_features: int, out_features: int, config: rw.AdapterConfig) -> n
     return model
 
 
-@pytest.mark.parametrize(("structure", "in_features", "out_features"), [
-    (structure, *shape)
-    for structure in STRUCTURES
-    for shape in [(8, 8), (7, 7), (6, 10), (10, 6)]
-    if structure != "kronecker" or shape != (7, 7)  # f = 2 must divide both dimensions
-])
+@pytest.mark.parametrize(
+    ("structure", "in_features", "out_features"),
+    [
+        (structure, *shape)
+        for structure in STRUCTURES
+        for shape in [(8, 8), (7, 7), (6, 10), (10, 6)]
+        if structure != "kronecker" or shape != (7, 7)  # f = 2 must divide both dimensions
+    ],
+)
 def test_delta_weight_and_forward_equal_the_dense_matrix(structure, in_features, out_features) -> None:
     config = rw.SURMConfig(structure=structure, alpha=0.7, displacement_rank=2, kron_factor=2, targets="0")
     model = _adapted(in_features, out_features, config)
@@ -82,9 +85,10 @@ def test_delta_weight_and_forward_equal_the_dense_matrix(structure, in_features,
     torch.testing.assert_close(model(x), x @ (layer.base.weight + expected).T + layer.base.bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("structure", "in_features", "out_features"), [
-    (structure, *shape) for structure in ("circulant", "toeplitz", "ldr") for shape in [(8, 8), (7, 7), (6, 10)]
-])
+@pytest.mark.parametrize(
+    ("structure", "in_features", "out_features"),
+    [(structure, *shape) for structure in ("circulant", "toeplitz", "ldr") for shape in [(8, 8), (7, 7), (6, 10)]],
+)
 def test_gradients_equal_the_dense_formula(structure, in_features, out_features) -> None:
     """The written-out FFT backward against autograd through x ΔWᵀ (ΔW from delta_weight)."""
     config = rw.SURMConfig(structure=structure, alpha=0.7, displacement_rank=2, targets="0")
@@ -106,9 +110,9 @@ def test_non_square_circulant_is_a_general_rectangular_toeplitz() -> None:
     v = (delta.b * delta.a).detach()  # n = 4 + 6 − 1 = 9 free diagonals
     assert v.shape == (9,)
     first_column, first_row = v[:6], torch.cat([v[:1], v[1:].flip(0)[:3]])
-    expected = torch.stack([
-        torch.stack([first_column[i - j] if i >= j else first_row[j - i] for j in range(4)]) for i in range(6)
-    ])
+    expected = torch.stack(
+        [torch.stack([first_column[i - j] if i >= j else first_row[j - i] for j in range(4)]) for i in range(6)]
+    )
     torch.testing.assert_close(delta.delta_weight(), expected, rtol=0, atol=0)
 
 
@@ -136,20 +140,23 @@ def test_every_structure_is_the_base_model_at_init() -> None:
         torch.testing.assert_close(rw.adapt(base, config)(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("config", "in_features", "out_features", "expected"), [
-    (rw.SURMConfig(), 768, 768, 2 * 768),
-    (rw.SURMConfig(), 768, 3072, 2 * (768 + 3072 - 1)),
-    (rw.SURMConfig(structure="toeplitz"), 768, 768, 2 * 768),
-    (rw.SURMConfig(structure="ldr", displacement_rank=3), 768, 768, 2 * 3 * 768),
-    (rw.SURMConfig(structure="ldr", displacement_rank=2), 12, 8, 2 * 2 * 19),
-    (rw.SURMConfig(structure="kronecker"), 768, 3072, 768 + 3072),
-    (rw.SURMConfig(structure="kronecker", kron_factor=4), 12, 8, 12 + 8),
-    (rw.SURMAdapterConfig(), 768, 768, 3 * 768),
-    (rw.SURMAdapterConfig(), 768, 3072, 3 * 3072),  # the adapter acts on the output width
-    (rw.SURMAdapterConfig(structure="toeplitz"), 16, 12, 3 * 12),
-    (rw.SURMAdapterConfig(structure="kronecker"), 768, 768, 16 * 16 + (768 // 16) ** 2 + 768),
-    (rw.SURMAdapterConfig(structure="kronecker", kron_factor=4), 16, 12, 16 + 9 + 12),
-])
+@pytest.mark.parametrize(
+    ("config", "in_features", "out_features", "expected"),
+    [
+        (rw.SURMConfig(), 768, 768, 2 * 768),
+        (rw.SURMConfig(), 768, 3072, 2 * (768 + 3072 - 1)),
+        (rw.SURMConfig(structure="toeplitz"), 768, 768, 2 * 768),
+        (rw.SURMConfig(structure="ldr", displacement_rank=3), 768, 768, 2 * 3 * 768),
+        (rw.SURMConfig(structure="ldr", displacement_rank=2), 12, 8, 2 * 2 * 19),
+        (rw.SURMConfig(structure="kronecker"), 768, 3072, 768 + 3072),
+        (rw.SURMConfig(structure="kronecker", kron_factor=4), 12, 8, 12 + 8),
+        (rw.SURMAdapterConfig(), 768, 768, 3 * 768),
+        (rw.SURMAdapterConfig(), 768, 3072, 3 * 3072),  # the adapter acts on the output width
+        (rw.SURMAdapterConfig(structure="toeplitz"), 16, 12, 3 * 12),
+        (rw.SURMAdapterConfig(structure="kronecker"), 768, 768, 16 * 16 + (768 // 16) ** 2 + 768),
+        (rw.SURMAdapterConfig(structure="kronecker", kron_factor=4), 16, 12, 16 + 9 + 12),
+    ],
+)
 def test_parameter_count_is_the_formula(config, in_features, out_features, expected) -> None:
     method = rw.core.registry.for_config(config).module_class
     assert method.num_params(in_features, out_features, config) == expected
@@ -209,15 +216,18 @@ def test_half_precision_runs_the_fft_in_fp32(structure: str, dtype: torch.dtype)
 
 # The bilinear forms (T(b) T(a), Σ C(b_i) S(a_i)) are non-convex in (a, b): on this toy problem
 # Toeplitz stalls near 10% of the start loss (a local minimum; other seeds land between 0% and 17%).
-@pytest.mark.parametrize(("config", "lr", "bound"), [
-    (rw.SURMConfig(structure="circulant"), 1e-2, 0.01),
-    (rw.SURMConfig(structure="toeplitz"), 3e-2, 0.2),
-    (rw.SURMConfig(structure="kronecker", kron_factor=4), 3e-2, 0.01),
-    (rw.SURMConfig(structure="ldr", displacement_rank=2), 3e-2, 0.1),
-    (rw.SURMAdapterConfig(structure="circulant"), 3e-2, 0.01),
-    (rw.SURMAdapterConfig(structure="toeplitz"), 3e-2, 0.01),
-    (rw.SURMAdapterConfig(structure="kronecker", kron_factor=4), 3e-2, 0.01),
-])
+@pytest.mark.parametrize(
+    ("config", "lr", "bound"),
+    [
+        (rw.SURMConfig(structure="circulant"), 1e-2, 0.01),
+        (rw.SURMConfig(structure="toeplitz"), 3e-2, 0.2),
+        (rw.SURMConfig(structure="kronecker", kron_factor=4), 3e-2, 0.01),
+        (rw.SURMConfig(structure="ldr", displacement_rank=2), 3e-2, 0.1),
+        (rw.SURMAdapterConfig(structure="circulant"), 3e-2, 0.01),
+        (rw.SURMAdapterConfig(structure="toeplitz"), 3e-2, 0.01),
+        (rw.SURMAdapterConfig(structure="kronecker", kron_factor=4), 3e-2, 0.01),
+    ],
+)
 def test_learns_a_target_of_its_own_structure(config: rw.AdapterConfig, lr: float, bound: float) -> None:
     """Train from the zero-ΔW init towards a teacher with random parameters of the same structure."""
     torch.manual_seed(0)

@@ -56,8 +56,19 @@ def test_schedule_is_the_formula_by_hand() -> None:
     # t = 3: 6 + 6·(12/13)³ = 10.72 → 10;  t = 6: 6 + 6·(9/13)³ = 7.991 → 7 (the floor matters).
     model = rw.adapt(Net(), rw.AdaLoRAConfig(rank=4, targets=("a", "b", "c")))
     alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=20, budget=6, t_init=2, t_final=5, delta_t=3)
-    expected = {0: (12, False), 2: (12, False), 3: (10, True), 4: (9, False), 5: (8, False), 6: (7, True),
-                7: (7, False), 8: (6, False), 9: (6, True), 15: (6, True), 16: (6, True)}
+    expected = {
+        0: (12, False),
+        2: (12, False),
+        3: (10, True),
+        4: (9, False),
+        5: (8, False),
+        6: (7, True),
+        7: (7, False),
+        8: (6, False),
+        9: (6, True),
+        15: (6, True),
+        16: (6, True),
+    }
     assert {t: alloc.schedule(t) for t in expected} == expected
 
 
@@ -95,19 +106,33 @@ def test_importance_of_a_triplet_by_hand() -> None:
 def test_masks_match_peft_adalora_on_identical_weights() -> None:
     torch.manual_seed(0)
     base = Net()
-    config = peft.AdaLoraConfig(target_modules=["a", "b", "c"], init_r=4, target_r=2, lora_alpha=16, tinit=3,
-                                tfinal=8, deltaT=2, total_step=STEPS, orth_reg_weight=0.0)
+    config = peft.AdaLoraConfig(
+        target_modules=["a", "b", "c"],
+        init_r=4,
+        target_r=2,
+        lora_alpha=16,
+        tinit=3,
+        tfinal=8,
+        deltaT=2,
+        total_step=STEPS,
+        orth_reg_weight=0.0,
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     ours = rw.adapt(copy.deepcopy(base), rw.AdaLoRAConfig(rank=4, alpha=16, targets=("a", "b", "c")))
     with torch.no_grad():
         for name in "abc":
             layer, peft_layer = getattr(ours, name), getattr(theirs.base_model.model, name)
-            for ours_p, theirs_p in ((layer.delta.A, peft_layer.lora_A), (layer.delta.e, peft_layer.lora_E),
-                                     (layer.delta.B, peft_layer.lora_B)):
+            for ours_p, theirs_p in (
+                (layer.delta.A, peft_layer.lora_A),
+                (layer.delta.e, peft_layer.lora_E),
+                (layer.delta.B, peft_layer.lora_B),
+            ):
                 theirs_p["default"].normal_(0, 0.3)
                 ours_p.copy_(theirs_p["default"])
     # PEFT adds its orthogonality term only to a returned `.loss`; compare without it.
-    alloc = rw.allocate.AdaLoRAAllocator(ours, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2, orth_weight=0.0)
+    alloc = rw.allocate.AdaLoRAAllocator(
+        ours, total_steps=STEPS, budget=6, t_init=3, t_final=8, delta_t=2, orth_weight=0.0
+    )
     x, y = _data()
     optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (theirs, ours)]
     for t in range(STEPS):
@@ -211,16 +236,19 @@ def test_resize_keeps_scale_and_rows() -> None:
     assert torch.equal(delta.A[:2], A[[2, 0]]) and delta.scale == 16 / (4 + 1e-5)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"total_steps": 0}, "total_steps"),
-    ({"total_steps": 10, "budget": 13}, "budget"),
-    ({"total_steps": 10, "budget": -1}, "budget"),
-    ({"total_steps": 10, "t_final": 0}, "t_final"),
-    ({"total_steps": 10, "t_init": 8, "t_final": 2}, "t_init"),
-    ({"total_steps": 10, "delta_t": 0}, "delta_t"),
-    ({"total_steps": 10, "beta1": 1.0}, "beta1"),
-    ({"total_steps": 10, "orth_weight": -0.1}, "orth_weight"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 10, "budget": 13}, "budget"),
+        ({"total_steps": 10, "budget": -1}, "budget"),
+        ({"total_steps": 10, "t_final": 0}, "t_final"),
+        ({"total_steps": 10, "t_init": 8, "t_final": 2}, "t_init"),
+        ({"total_steps": 10, "delta_t": 0}, "delta_t"),
+        ({"total_steps": 10, "beta1": 1.0}, "beta1"),
+        ({"total_steps": 10, "orth_weight": -0.1}, "orth_weight"),
+    ],
+)
 def test_bad_arguments_raise_naming_them(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         rw.allocate.AdaLoRAAllocator(_adapted(), **kwargs)

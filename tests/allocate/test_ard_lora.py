@@ -49,8 +49,9 @@ def test_gates_by_hand() -> None:
     with torch.no_grad():
         delta.rank_scale.copy_(torch.tensor([1.0, 0.6, 1.8]))  # r0 α = 4, 2.4, 7.2; ⌈8 + 1/2⌉ = 9 slots
     # gate_i = clamp((r0 α − i + 1/2) / 2, 0, 1)
-    expected = torch.tensor([[1, 1, 1, 0.75, 0.25, 0, 0, 0, 0], [1, 0.95, 0.45, 0, 0, 0, 0, 0, 0],
-                             [1, 1, 1, 1, 1, 1, 0.85, 0.35, 0]])
+    expected = torch.tensor(
+        [[1, 1, 1, 0.75, 0.25, 0, 0, 0, 0], [1, 0.95, 0.45, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0.85, 0.35, 0]]
+    )
     torch.testing.assert_close(delta.gates(), expected)
     torch.testing.assert_close(delta.effective_rank(), torch.tensor([4.0, 2.4, 7.2]))
 
@@ -78,9 +79,9 @@ def test_per_head_update_is_the_dense_block_formula(side: str) -> None:
         rows = delta.A[h] / delta.A[h].norm(dim=1, keepdim=True)
         block = delta.scale * delta.magnitude[h] * columns @ torch.diag(gates[h]) @ rows
         if side == "out":
-            expected[4 * h:4 * (h + 1)] = block
+            expected[4 * h : 4 * (h + 1)] = block
         else:
-            expected[:, 3 * h:3 * (h + 1)] = block
+            expected[:, 3 * h : 3 * (h + 1)] = block
     torch.testing.assert_close(delta.delta_weight(), expected)
     x = torch.randn(5, 6)
     torch.testing.assert_close(delta(x), x @ expected.T)
@@ -147,8 +148,11 @@ def test_alpha_follows_the_allocator_whether_or_not_the_optimizer_holds_it() -> 
     for with_alpha in (True, False):
         model = _model()
         alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2)
-        params = [p for name, p in model.named_parameters()
-                  if p.requires_grad and (with_alpha or not name.endswith("rank_scale"))]
+        params = [
+            p
+            for name, p in model.named_parameters()
+            if p.requires_grad and (with_alpha or not name.endswith("rank_scale"))
+        ]
         optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.5)
         x, y = _data()
         for _ in range(6):
@@ -199,7 +203,7 @@ def test_budget_holds_and_the_end_keeps_only_used_slots(tmp_path) -> None:
         for i in (0, 2, 4):
             uncut[i].delta.rank_scale.copy_(model[i].delta.rank_scale)
     torch.testing.assert_close(model(x), uncut(x), rtol=0, atol=1e-6)
-    for layer, rank in zip((model[0], model[2], model[4]), ranks.values()):
+    for layer, rank in zip((model[0], model[2], model[4]), ranks.values(), strict=True):
         assert layer.delta.config.slots == math.ceil(rank + 0.5) < 9  # gate_i > 0 for i < r0 α + 1/2
     rw.save_adapter(model, tmp_path)
     loaded = rw.load_adapter(_base(), tmp_path)
@@ -220,14 +224,17 @@ def test_heads_split_layers_and_reload(tmp_path) -> None:
     assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"l1": -1.0}, "l1"),
-    ({"tv": float("nan")}, "tv"),
-    ({"warmup": -1}, "warmup"),
-    ({"budget": -5}, "budget"),
-    ({"heads": {"nothing": (2, "out")}}, "matches no adapted layer"),
-    ({"heads": {"0": (3, "out")}}, "heads=3 must divide out_features=16"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"l1": -1.0}, "l1"),
+        ({"tv": float("nan")}, "tv"),
+        ({"warmup": -1}, "warmup"),
+        ({"budget": -5}, "budget"),
+        ({"heads": {"nothing": (2, "out")}}, "matches no adapted layer"),
+        ({"heads": {"0": (3, "out")}}, "heads=3 must divide out_features=16"),
+    ],
+)
 def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rw.allocate.ARDLoRAAllocator(_model(), total_steps=STEPS, **kwargs)
@@ -293,11 +300,22 @@ def test_attention_projections_get_one_alpha_per_head_from_the_model_config() ->
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "dense")
     model = rw.adapt(model, rw.ARDLoRAConfig(rank=2, targets=targets))
     rw.allocate.ARDLoRAAllocator(model, total_steps=10)
-    layout = {path: (m.delta.config.heads, m.delta.config.head_side)
-              for path, m in model.named_modules() if isinstance(m, rw.Adapted)}
-    assert layout == {"attn.q_proj": (4, "out"), "attn.k_proj": (2, "out"), "attn.v_proj": (2, "out"),
-                      "attn.o_proj": (4, "in"), "attn.c_attn": (12, "out"), "attn.c_proj": (4, "in"),
-                      "mlp.c_proj": (1, "out"), "attention.output.dense": (4, "in"), "output.dense": (1, "out")}
+    layout = {
+        path: (m.delta.config.heads, m.delta.config.head_side)
+        for path, m in model.named_modules()
+        if isinstance(m, rw.Adapted)
+    }
+    assert layout == {
+        "attn.q_proj": (4, "out"),
+        "attn.k_proj": (2, "out"),
+        "attn.v_proj": (2, "out"),
+        "attn.o_proj": (4, "in"),
+        "attn.c_attn": (12, "out"),
+        "attn.c_proj": (4, "in"),
+        "mlp.c_proj": (1, "out"),
+        "attention.output.dense": (4, "in"),
+        "output.dense": (1, "out"),
+    }
     assert model.attn.q_proj.delta.rank_scale.shape == (4,)
     plain = rw.adapt(_base(), rw.ARDLoRAConfig(rank=2, targets=("0",)))
     rw.allocate.ARDLoRAAllocator(plain, total_steps=10)  # no config: one α per matrix
@@ -309,7 +327,7 @@ def _fit_one_target(singular_values: list[float], l1: float, seed: int = 0) -> f
     the final effective rank."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(100 + seed)
-    u, v = (torch.linalg.qr(torch.randn(32, 32, generator=generator)).Q[:, :len(singular_values)] for _ in range(2))
+    u, v = (torch.linalg.qr(torch.randn(32, 32, generator=generator)).Q[:, : len(singular_values)] for _ in range(2))
     target = u @ torch.diag(torch.tensor(singular_values)) @ v.T
     model = rw.adapt(nn.Sequential(nn.Linear(32, 32)), rw.ARDLoRAConfig(rank=2, max_scale=4.0, targets="0"))
     alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=400, l1=l1, tv=0.0)

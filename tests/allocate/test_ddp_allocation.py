@@ -36,8 +36,10 @@ def _model(method: str) -> nn.Module:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator))
+        for _ in range(STEPS)
+    ]
 
 
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -46,7 +48,7 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 def _train(method: str, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     share = GLOBAL_BATCH // world
-    batches = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in _batches()]
+    batches = [(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]) for x, y in _batches()]
     model = _model(method)
     alloc = None
     if method == "gora":  # before DDP and before the optimizer; gradients are averaged across processes
@@ -56,7 +58,9 @@ def _train(method: str, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.
     elif method == "elalora":
         alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=STEPS, changes=2, t_init=1, t_final=2, delta_t=2)
     else:
-        alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2, budget=120, l1=1e-2, heads={"2": (2, "out")})
+        alloc = rw.allocate.ARDLoRAAllocator(
+            model, total_steps=STEPS, warmup=2, budget=120, l1=1e-2, heads={"2": (2, "out")}
+        )
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     for batch in batches:
@@ -75,8 +79,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
     ranks = {}
     for method in METHODS:
         state, ranks[method] = _train(method, rank, world)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
-                                    os.path.join(folder, f"{method}-{rank}.safetensors"))
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in state.items()}, os.path.join(folder, f"{method}-{rank}.safetensors")
+        )
     with open(os.path.join(folder, f"ranks-{rank}.json"), "w") as file:
         json.dump(ranks, file)
     dist.destroy_process_group()

@@ -58,8 +58,9 @@ def test_one_event_by_hand() -> None:
         for layer in _layers(model):
             layer.delta.A.copy_(torch.eye(layer.delta.in_features)[:3])
             layer.delta.B.copy_(torch.eye(layer.delta.out_features, 3))
-    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1,
-                                schedule=False)
+    alloc = rw.allocate.ElaLoRAAllocator(
+        model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1, schedule=False
+    )
     # Scores through e alone (Ī = Ū = √S, zero A and B entries). Pool: layer 0 → {0.1, 0.5}, layer 1 →
     # {0.02, 0.03}, layer 2 → {0.3, 0.6}. Prune the two lowest (both in layer 1), grow at the two
     # highest (0.6 in layer 2, 0.5 in layer 0).
@@ -99,8 +100,10 @@ def test_event_replaces_parameters_keeps_exact_moments_and_the_lr_schedule() -> 
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         scheduler.step()
-        before = {id(layer): (layer.delta.A, {k: v.clone() for k, v in optimizer.state[layer.delta.A].items()})
-                  for layer in _layers(model)}
+        before = {
+            id(layer): (layer.delta.A, {k: v.clone() for k, v in optimizer.state[layer.delta.A].items()})
+            for layer in _layers(model)
+        }
         if alloc.step(optimizer):
             seen_event = True
             for layer in _layers(model):
@@ -117,9 +120,9 @@ def test_event_replaces_parameters_keeps_exact_moments_and_the_lr_schedule() -> 
                 grown = layer.delta.rank - len(kept)
                 if grown:
                     width = layer.delta.in_features
-                    assert torch.equal(state["exp_avg"][len(kept):], torch.zeros(grown, width))
+                    assert torch.equal(state["exp_avg"][len(kept) :], torch.zeros(grown, width))
                     expected = torch.full((grown, width), old_state["exp_avg_sq"][kept].mean().item())
-                    torch.testing.assert_close(state["exp_avg_sq"][len(kept):], expected)
+                    torch.testing.assert_close(state["exp_avg_sq"][len(kept) :], expected)
         optimizer.zero_grad()
     assert seen_event
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / (1 + STEPS))  # the schedule kept running
@@ -139,7 +142,9 @@ def test_total_rank_is_constant_and_ranks_never_fall_below_one() -> None:
 
 def test_reset_optimizer_drops_all_state_as_the_official_trainer() -> None:
     model = _model()
-    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, t_init=1, t_final=0, delta_t=2, reset_optimizer=True)
+    alloc = rw.allocate.ElaLoRAAllocator(
+        model, total_steps=10, changes=2, t_init=1, t_final=0, delta_t=2, reset_optimizer=True
+    )
     x, y = _data()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(4):  # the first event is at t = 3
@@ -176,21 +181,26 @@ def test_allocator_state_round_trips() -> None:
     assert torch.equal(*scores)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"changes": 0}, "changes"),
-    ({"candidates": 0}, "candidates"),
-    ({"delta_t": 0}, "delta_t"),
-    ({"t_init": 20, "t_final": 4}, "t_init"),
-    ({"moment_fill": "ones"}, "moment_fill"),
-    ({"beta2": 0.0}, "beta2"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"changes": 0}, "changes"),
+        ({"candidates": 0}, "candidates"),
+        ({"delta_t": 0}, "delta_t"),
+        ({"t_init": 20, "t_final": 4}, "t_init"),
+        ({"moment_fill": "ones"}, "moment_fill"),
+        ({"beta2": 0.0}, "beta2"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_raise_naming_them(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         rw.allocate.ElaLoRAAllocator(_model(), total_steps=STEPS, **kwargs)
 
 
-def _at_event(alloc: rw.allocate.ElaLoRAAllocator, model: nn.Module, scores: dict[str, list[float]]) -> list[nn.Parameter]:
+def _at_event(
+    alloc: rw.allocate.ElaLoRAAllocator, model: nn.Module, scores: dict[str, list[float]]
+) -> list[nn.Parameter]:
     """Set each layer's triplet scores (through e alone, with Ī = Ū = √S), zero gradients and an
     event step (t = 1 with t_i = 0, ΔT = 1); returns the trainable parameters."""
     for path, values in scores.items():
@@ -213,8 +223,9 @@ def test_new_directions_are_orthogonal_to_the_kept_ones_when_those_are_not_ortho
         for layer in layers:  # correlated rows and columns of unequal lengths, far from orthonormal
             layer.delta.A.add_(torch.randn(1, layer.delta.in_features)).mul_(torch.rand(4, 1) + 0.5)
             layer.delta.B.add_(torch.randn(layer.delta.out_features, 1))
-    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1,
-                                schedule=False)
+    alloc = rw.allocate.ElaLoRAAllocator(
+        model, total_steps=10, changes=2, candidates=2, t_init=0, t_final=0, delta_t=1, schedule=False
+    )
     params = _at_event(alloc, model, {"0": [0.5, 0.6, 0.7, 0.8], "1": [0.01, 0.02, 0.9, 0.9]})
     kept = (layers[0].delta.A.detach().clone(), layers[0].delta.B.detach().clone())
     assert alloc.step(torch.optim.SGD(params, lr=0.0))
@@ -234,11 +245,14 @@ def test_new_directions_are_orthogonal_to_the_kept_ones_when_those_are_not_ortho
 def test_growing_past_the_layer_width_raises_before_any_change() -> None:
     torch.manual_seed(0)
     model = rw.adapt(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 8)), rw.ElaLoRAConfig(rank=3, targets=("0", "1")))
-    alloc = rw.allocate.ElaLoRAAllocator(model, total_steps=10, changes=1, candidates=2, t_init=0, t_final=0, delta_t=1,
-                                schedule=False)
+    alloc = rw.allocate.ElaLoRAAllocator(
+        model, total_steps=10, changes=1, candidates=2, t_init=0, t_final=0, delta_t=1, schedule=False
+    )
     # Layer 0 (3 × 3, already at rank 3) holds the pool's strongest candidates, so it would grow.
     params = _at_event(alloc, model, {"0": [0.7, 0.8, 0.9], "1": [0.01, 0.02, 0.9]})
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match=r"'0' would grow to rank 4, past min\(in, out\) = 3"):
         alloc.step(torch.optim.SGD(params, lr=0.0))
-    assert all(torch.equal(p, q) for p, q in zip([p for p in model.parameters() if p.requires_grad], before))
+    assert all(
+        torch.equal(p, q) for p, q in zip([p for p in model.parameters() if p.requires_grad], before, strict=True)
+    )

@@ -47,7 +47,7 @@ def _problem(seed: int) -> tuple[Layers, Callable[[torch.Generator, int], Batch]
     model = Layers().requires_grad_(False)
     generator = torch.Generator().manual_seed(1000 + seed)
     weights = []
-    for layer, rank in zip(model.layers, NEEDS):
+    for layer, rank in zip(model.layers, NEEDS, strict=True):
         u = torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=generator)).Q[:, :rank]
         v = torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=generator)).Q[:, :rank]
         weights.append(layer[0].weight + u @ v.T)  # the target's rank is `rank`, its singular values 1
@@ -66,8 +66,13 @@ def _loss(model: nn.Module, batch: Batch) -> Tensor:
     return nn.functional.mse_loss(model(x), y) * len(NEEDS)  # the sum of the three layers' MSEs
 
 
-def _train(model: nn.Module, batch: Callable, generator: torch.Generator, lr: float,
-           alloc: rw.allocate.RankAllocator | None = None) -> float:
+def _train(
+    model: nn.Module,
+    batch: Callable,
+    generator: torch.Generator,
+    lr: float,
+    alloc: rw.allocate.RankAllocator | None = None,
+) -> float:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(STEPS):
         (_loss(model, batch(generator)) + (alloc.penalty() if alloc else 0)).backward()
@@ -82,7 +87,7 @@ def _train(model: nn.Module, batch: Callable, generator: torch.Generator, lr: fl
 @functools.cache
 def _lora_by_hand(seed: int) -> float:
     model, batch, generator = _problem(seed)
-    for layer, rank in zip(model.layers, NEEDS):
+    for layer, rank in zip(model.layers, NEEDS, strict=True):
         rw.adapt(layer, rw.LoRAConfig(rank=rank, alpha=2 * rank, targets="0"))
     return _train(model, batch, generator, lr=1e-2)  # LoRA's best of 5e-4, 2e-3, 1e-2, 2e-2, 3e-2 here
 
@@ -117,8 +122,9 @@ def _ard_lora(seed: int) -> tuple[tuple[float, ...], float]:
 def _gora(seed: int) -> tuple[tuple[float, ...], float]:
     model, batch, generator = _problem(seed)
     rw.adapt(model, rw.GoRAConfig(rank=TOTAL // len(NEEDS), targets=TARGETS))
-    result = rw.allocate.gora(model, [batch(generator) for _ in range(8)], loss_fn=_loss, r_min=1,
-                              budget=TOTAL * 2 * WIDTH)
+    result = rw.allocate.gora(
+        model, [batch(generator) for _ in range(8)], loss_fn=_loss, r_min=1, budget=TOTAL * 2 * WIDTH
+    )
     return tuple(float(r) for r in result.ranks.values()), _train(model, batch, generator, lr=1e-2)
 
 
@@ -156,8 +162,9 @@ def test_adalora_barely_learns_in_300_steps_at_its_glue_rate() -> None:
     # the frozen model's 0.78, where LoRA at the same rate reaches 0.18. The test above needs 1e-2.
     model, batch, generator = _problem(SEED)
     rw.adapt(model, rw.AdaLoRAConfig(rank=20, targets=TARGETS))
-    loss = _train(model, batch, generator, lr=5e-4,
-                  alloc=rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=TOTAL))
+    loss = _train(
+        model, batch, generator, lr=5e-4, alloc=rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=TOTAL)
+    )
     with torch.no_grad():
         frozen = _loss(_problem(SEED)[0], batch(torch.Generator().manual_seed(7), 2048)).item()
     assert loss > 0.8 * frozen

@@ -22,10 +22,23 @@ from rankwise.core.delta import Delta
 TINY = Sizes(train=64, val=32, test=32, length=1, steps=6, batch_size=8, eval_batch_size=32, probe=64)
 
 
-def tiny_preset(*, seeds: tuple[int, ...] = (0,), lr_factors: tuple[float, ...] = (1.0,),
-                sizes: Sizes = TINY, lr_proxy: float | None = None, lr_extend: int = 0) -> Preset:
-    return Preset("test", tasks=("synthetic",), seeds=seeds, lr_factors=lr_factors, sizes={"synthetic": sizes},
-                  lr_proxy=lr_proxy, lr_extend=lr_extend)
+def tiny_preset(
+    *,
+    seeds: tuple[int, ...] = (0,),
+    lr_factors: tuple[float, ...] = (1.0,),
+    sizes: Sizes = TINY,
+    lr_proxy: float | None = None,
+    lr_extend: int = 0,
+) -> Preset:
+    return Preset(
+        "test",
+        tasks=("synthetic",),
+        seeds=seeds,
+        lr_factors=lr_factors,
+        sizes={"synthetic": sizes},
+        lr_proxy=lr_proxy,
+        lr_extend=lr_extend,
+    )
 
 
 @pytest.fixture
@@ -105,8 +118,10 @@ def fake_methods(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {"stride": "test-stride", "fixed": "test-fixed", "conv_only": "test-conv-only"}
 
 
-WORDS = {"warm": ["sun", "warm", "happy", "bright", "glad", "calm", "kind", "sweet"],
-         "cold": ["rain", "cold", "sad", "dark", "angry", "loud", "cruel", "bitter"]}
+WORDS = {
+    "warm": ["sun", "warm", "happy", "bright", "glad", "calm", "kind", "sweet"],
+    "cold": ["rain", "cold", "sad", "dark", "angry", "loud", "cruel", "bitter"],
+}
 COMMON = ["the", "a", "day", "was", "is", "very", "and", "it", "felt"]
 
 
@@ -124,8 +139,10 @@ def _documents(count: int, seed: int = 0) -> list[str]:
     """Documents of 3 to 6 sentences; the i-th begins with the word ``doc<i>``, which says where a
     block's text came from."""
     rng = random.Random(seed)
-    return [f"doc{i} " + " ".join(_sentence(rng, rng.choice(list(WORDS))) for _ in range(rng.randint(3, 6)))
-            for i in range(count)]
+    return [
+        f"doc{i} " + " ".join(_sentence(rng, rng.choice(list(WORDS))) for _ in range(rng.randint(3, 6)))
+        for i in range(count)
+    ]
 
 
 def _word_level(texts: list[str], specials: list[str]) -> Any:
@@ -154,13 +171,20 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = _word_level([text for text, _ in _labelled_texts(200)], ["[UNK]", "[PAD]", "[CLS]", "[SEP]"])
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
     ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).save_pretrained(folder)
     return folder
 
@@ -179,19 +203,38 @@ def make_decoder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
             folder = tmp_path_factory.mktemp(architecture)
             tokenizer = _word_level(_documents(120), ["<unk>", "<s>", "</s>"])
             transformers.PreTrainedTokenizerFast(
-                tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                tokenizer_object=tokenizer,
+                unk_token="<unk>",
+                bos_token="<s>",
+                eos_token="</s>",
             ).save_pretrained(folder)
             torch.manual_seed(0)
             if architecture == "llama":
-                config = transformers.LlamaConfig(**{
-                    "vocab_size": tokenizer.get_vocab_size(), "hidden_size": 16, "intermediate_size": 32,
-                    "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
-                    "max_position_embeddings": 64, "tie_word_embeddings": True, **overrides})
+                config = transformers.LlamaConfig(
+                    **{
+                        "vocab_size": tokenizer.get_vocab_size(),
+                        "hidden_size": 16,
+                        "intermediate_size": 32,
+                        "num_hidden_layers": 4,
+                        "num_attention_heads": 2,
+                        "num_key_value_heads": 1,
+                        "max_position_embeddings": 64,
+                        "tie_word_embeddings": True,
+                        **overrides,
+                    }
+                )
                 transformers.LlamaForCausalLM(config).save_pretrained(folder)
             else:
-                config = transformers.GPT2Config(**{
-                    "vocab_size": tokenizer.get_vocab_size(), "n_embd": 16, "n_layer": 4, "n_head": 2,
-                    "n_positions": 64, **overrides})
+                config = transformers.GPT2Config(
+                    **{
+                        "vocab_size": tokenizer.get_vocab_size(),
+                        "n_embd": 16,
+                        "n_layer": 4,
+                        "n_head": 2,
+                        "n_positions": 64,
+                        **overrides,
+                    }
+                )
                 transformers.GPT2LMHeadModel(config).save_pretrained(folder)
             made[key] = folder
         return made[key]

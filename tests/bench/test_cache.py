@@ -49,15 +49,14 @@ def test_a_run_from_the_cache_gives_the_losses_and_metrics_of_a_run_without(llam
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
     for split in ("val", "test"):
         assert task.evaluate(cached.model, split)["perplexity"] == pytest.approx(
-            task.evaluate(plain.model, split)["perplexity"], rel=1e-5)
+            task.evaluate(plain.model, split)["perplexity"], rel=1e-5
+        )
     # A second run reuses the entries: nothing is added, and the losses repeat.
     again = runner.train(task, recipe, config, 0, 0.1, CPU, steps=30, cache=cache)
     assert len(cache) == LM.train + LM.val + LM.test and again.losses == cached.losses
 
 
-def test_the_cache_refuses_a_model_it_would_change(
-    make_decoder: Callable[..., Path], llama: Path, story: Path
-) -> None:
+def test_the_cache_refuses_a_model_it_would_change(make_decoder: Callable[..., Path], llama: Path, story: Path) -> None:
     cache = FrozenLayersCache()
     task = _task(llama, story)
     table = runner.recipes()
@@ -77,11 +76,15 @@ def test_the_cache_refuses_a_model_it_would_change(
 
     dropout = _task(make_decoder(attention_dropout=0.5), story)
     assert cache.refusal(prepared("lora", _lora(dropout)[1], dropout), dropout, CPU) == (
-        "the blocks below block 2 are random in training mode (dropout)")
+        "the blocks below block 2 are random in training mode (dropout)"
+    )
 
     # GPT-2 adds its position embeddings to inputs_embeds: cached states would get them twice.
-    gpt2 = _task(make_decoder("gpt2", embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0), story,
-                 r"re:transformer\.h\.[23]\.attn\.c_proj")
+    gpt2 = _task(
+        make_decoder("gpt2", embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0),
+        story,
+        r"re:transformer\.h\.[23]\.attn\.c_proj",
+    )
     reason = cache.refusal(prepared("lora", _lora(gpt2)[1], gpt2), gpt2, CPU)
     assert reason.startswith("run from the input of block 2, the model does not reproduce its logits")
     assert len(cache) == 0
@@ -94,8 +97,9 @@ def test_a_preset_with_the_cache_records_it_and_gives_the_rows_of_one_without(
     monkeypatch.setitem(runner.TASKS, task.name, task)
     rows = {}
     for cached in (False, True):
-        preset = Preset("test", tasks=(), seeds=(0,), lr_factors=(1.0,), sizes={}, kinds={"lm": LM},
-                        cache_frozen_layers=cached)
+        preset = Preset(
+            "test", tasks=(), seeds=(0,), lr_factors=(1.0,), sizes={}, kinds={"lm": LM}, cache_frozen_layers=cached
+        )
         runner.run_bench(tmp_path / str(cached), preset, tasks=[task.name], methods=["lora", "full"], progress=False)
         with (tmp_path / str(cached) / "results.csv").open(newline="") as file:
             rows[cached] = {row["method"]: row for row in csv.DictReader(file)}

@@ -23,8 +23,14 @@ LM = Sizes(train=12, val=3, test=4, length=16, steps=4, batch_size=3, eval_batch
 @pytest.fixture
 def small(monkeypatch: pytest.MonkeyPatch) -> Preset:
     """The quick preset with sizes small enough for the tiny models, and a copy of the task table."""
-    preset = Preset("quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,), sizes=dict(PRESETS["quick"].sizes),
-                    kinds={"classification": CLASSIFICATION, "lm": LM})
+    preset = Preset(
+        "quick",
+        tasks=("tweets",),
+        seeds=(0,),
+        lr_factors=(1.0,),
+        sizes=dict(PRESETS["quick"].sizes),
+        kinds={"classification": CLASSIFICATION, "lm": LM},
+    )
     monkeypatch.setitem(runner.PRESETS, "quick", preset)
     monkeypatch.setattr(runner, "TASKS", dict(TASKS))
     monkeypatch.setattr("rankwise.bench.tasks.TASKS", runner.TASKS)
@@ -41,12 +47,31 @@ def _results(folder: Path) -> list[dict[str, str]]:
 
 
 def test_classification_runs_end_to_end_from_the_cli_and_resumes(
-    bert: Path, reviews: Path, tmp_path: Path, small: Preset, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str]
+    bert: Path,
+    reviews: Path,
+    tmp_path: Path,
+    small: Preset,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    assert _bench("--model", bert, "--data", reviews, "--task", "classification", "--methods", "lora", "frozen",
-                  "full", "--out", out) == 0
+    assert (
+        _bench(
+            "--model",
+            bert,
+            "--data",
+            reviews,
+            "--task",
+            "classification",
+            "--methods",
+            "lora",
+            "frozen",
+            "full",
+            "--out",
+            out,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reviews: targets (default: every square linear layer outside the head" in printed
     assert "9 layers named dense, key, query, value" in printed  # 2 × (query, key, value, output) + the pooler
@@ -67,13 +92,29 @@ def test_classification_runs_end_to_end_from_the_cli_and_resumes(
 
     calls = []
     monkeypatch.setattr(runner, "train", lambda *args, **kwargs: calls.append(args))
-    assert _bench("--model", bert, "--data", reviews, "--task", "classification", "--methods", "lora", "frozen",
-                  "full", "--out", out) == 0
+    assert (
+        _bench(
+            "--model",
+            bert,
+            "--data",
+            reviews,
+            "--task",
+            "classification",
+            "--methods",
+            "lora",
+            "frozen",
+            "full",
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert calls == [] and len(_results(out)) == 3
 
     reviews.write_text(reviews.read_text() + "999,the sun,warm\n")
-    assert _bench("--model", bert, "--data", reviews, "--task", "classification", "--methods", "lora",
-                  "--out", out) == 2
+    assert (
+        _bench("--model", bert, "--data", reviews, "--task", "classification", "--methods", "lora", "--out", out) == 2
+    )
     assert "other settings (['tasks.reviews.data_sha256'])" in capsys.readouterr().err
 
 
@@ -96,8 +137,24 @@ def test_a_language_model_runs_end_to_end_on_a_text_file(
     llama: Path, story: Path, tmp_path: Path, small: Preset, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert _bench("--model", llama, "--data", story, "--task", "lm", "--targets", r"re:model\.layers\.[23]\..*q_proj",
-                  "--methods", "lora", "frozen", "--out", out) == 0
+    assert (
+        _bench(
+            "--model",
+            llama,
+            "--data",
+            story,
+            "--task",
+            "lm",
+            "--targets",
+            r"re:model\.layers\.[23]\..*q_proj",
+            "--methods",
+            "lora",
+            "frozen",
+            "--out",
+            out,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert r"story: targets: re:model\.layers\.[23]\..*q_proj" in printed
     assert "story: no 'split' column: whole documents held out, drawn with data seed 0" in printed
@@ -122,9 +179,13 @@ def test_held_out_documents_are_whole_documents(llama: Path, story: Path) -> Non
     task.prepare()
     # The test blocks are the test documents' tokens from their start, joined by the end token.
     ids = [t for text in documents["test"] for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
-    assert task.batch("test", torch.arange(LM.test))["input_ids"].flatten().tolist() == ids[:LM.test * LM.length]
-    train_words = {word for block in task.batch("train", torch.arange(LM.train))["input_ids"]
-                   for word in tokenizer.decode(block).split() if word.startswith("doc")}
+    assert task.batch("test", torch.arange(LM.test))["input_ids"].flatten().tolist() == ids[: LM.test * LM.length]
+    train_words = {
+        word
+        for block in task.batch("train", torch.arange(LM.train))["input_ids"]
+        for word in tokenizer.decode(block).split()
+        if word.startswith("doc")
+    }
     assert train_words and not train_words & {text.split()[0] for text in held_out}
 
 
@@ -138,8 +199,10 @@ def test_a_split_column_chooses_the_splits_and_labels_of_any_type_count(
         rows.append({"body": f"{split} {text}", "y": label == "warm", "split": split})
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     task = task_from_files(bert, path, "classification", text_column="body", label_column="y")(CLASSIFICATION)
-    assert task.check() == ("tagged: 'split' column: train 150 rows, validation 20 rows, test 30 rows; "
-                            "used: probe 32, train 48, val 16, test 24")
+    assert task.check() == (
+        "tagged: 'split' column: train 150 rows, validation 20 rows, test 30 rows; "
+        "used: probe 32, train 48, val 16, test 24"
+    )
     texts = task._texts()
     for split, prefix in (("train", "train"), ("probe", "train"), ("val", "validation"), ("test", "test")):
         assert all(text.split()[0] == prefix for text in texts[split][0]), split
@@ -151,12 +214,16 @@ def test_tsv_and_jsonl_tables_are_read_with_their_columns(tmp_path: Path) -> Non
 
     tsv = tmp_path / "a.tsv"
     tsv.write_text('text\tlabel\n"a, quoted\ttab"\t1\nplain\t2\n')
-    assert read_table(tsv) == (["text", "label"], [{"text": "a, quoted\ttab", "label": "1"},
-                                                   {"text": "plain", "label": "2"}])
+    assert read_table(tsv) == (
+        ["text", "label"],
+        [{"text": "a, quoted\ttab", "label": "1"}, {"text": "plain", "label": "2"}],
+    )
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text('{"text": "x", "label": 1}\n\n{"text": "y", "label": [1, 2], "extra": null}\n')
-    assert read_table(jsonl) == (["text", "label", "extra"], [{"text": "x", "label": 1},
-                                                               {"text": "y", "label": [1, 2], "extra": None}])
+    assert read_table(jsonl) == (
+        ["text", "label", "extra"],
+        [{"text": "x", "label": 1}, {"text": "y", "label": [1, 2], "extra": None}],
+    )
 
 
 def test_the_python_api_registers_a_task_type_and_runs_it(
@@ -204,32 +271,69 @@ def _own(model: Path, data: Path, kind: str = "classification", *options: object
 BAD = [  # (case, args from (tmp_path, bert, llama, reviews) as (t, b, m, d), the message)
     ("no model folder", lambda t, b, m, d: _own(t / "absent", d), "model folder .*absent does not exist"),
     ("no data file", lambda t, b, m, d: _own(b, t / "absent.csv"), "data file .*absent.csv does not exist"),
-    ("unknown column", lambda t, b, m, d: _own(b, d, "classification", "--text-column", "body"),
-     r"no text column 'body'; its columns: \['id', 'text', 'label'\]"),
-    ("one label", lambda t, b, m, d: _own(b, _write(t / "one.csv", "text,label\na,x\nb,x\n")),
-     r"column 'label' holds 1 distinct label \(\['x'\]\); classification needs at least 2"),
-    ("split too small", lambda t, b, m, d: _own(b, _write(t / "few.csv", "text,label\na,x\nb,y\n")),
-     r"few: the splits \{'test': 24, 'val': 16, 'probe': 32, 'train': 48\} need 120 examples, the data has 2"),
-    ("too few tokens", lambda t, b, m, d: _own(m, _write(t / "short.txt", "doc0 the sun\n\nday"), "lm"),
-     "short: train needs 12 blocks of 16 tokens, has 0"),
-    ("no config.json", lambda t, b, m, d: _own(_folder(t / "not-a-model", {"weights.bin": ""}), d),
-     "not-a-model is not a transformers model folder: it has no config.json"),
-    ("no weights", lambda t, b, m, d: _own(_folder(t / "no-weights", {"config.json": "{}"}), d),
-     r"no-weights is not a transformers model folder: it has a config.json but no weights \(one of "),
-    ("unknown architecture",
-     lambda t, b, m, d: _own(_folder(t / "bad-config", {"config.json": '{"model_type": "no-such-model"}',
-                                                        "model.safetensors": ""}), d),
-     "bad-config is not a transformers model folder: "),
-    ("no tokenizer",
-     lambda t, b, m, d: _own(_folder(t / "untokenized", {name: (b / name).read_text(encoding="latin-1")
-                                                          for name in ("config.json", "model.safetensors")}), d),
-     r"untokenized: no tokenizer in it \(none of \['tokenizer_config.json', 'tokenizer.json'\]\)"),
-    ("target matching nothing", lambda t, b, m, d: _own(b, d, "classification", "--targets", "re:.*q_proj"),
-     r"target 're:.\*q_proj' matches no module; some module names: \[.*'query'.*\]"),
-    ("txt for classification", lambda t, b, m, d: _own(b, _write(t / "a.txt", "x")),
-     r"a .txt file holds documents, not labels"),
-    ("longer than the model", lambda t, b, m, d: _own(b, d, "classification", "--length", 65),
-     "reviews: sequences of 65 tokens are longer than the model's 64 positions"),
+    (
+        "unknown column",
+        lambda t, b, m, d: _own(b, d, "classification", "--text-column", "body"),
+        r"no text column 'body'; its columns: \['id', 'text', 'label'\]",
+    ),
+    (
+        "one label",
+        lambda t, b, m, d: _own(b, _write(t / "one.csv", "text,label\na,x\nb,x\n")),
+        r"column 'label' holds 1 distinct label \(\['x'\]\); classification needs at least 2",
+    ),
+    (
+        "split too small",
+        lambda t, b, m, d: _own(b, _write(t / "few.csv", "text,label\na,x\nb,y\n")),
+        r"few: the splits \{'test': 24, 'val': 16, 'probe': 32, 'train': 48\} need 120 examples, the data has 2",
+    ),
+    (
+        "too few tokens",
+        lambda t, b, m, d: _own(m, _write(t / "short.txt", "doc0 the sun\n\nday"), "lm"),
+        "short: train needs 12 blocks of 16 tokens, has 0",
+    ),
+    (
+        "no config.json",
+        lambda t, b, m, d: _own(_folder(t / "not-a-model", {"weights.bin": ""}), d),
+        "not-a-model is not a transformers model folder: it has no config.json",
+    ),
+    (
+        "no weights",
+        lambda t, b, m, d: _own(_folder(t / "no-weights", {"config.json": "{}"}), d),
+        r"no-weights is not a transformers model folder: it has a config.json but no weights \(one of ",
+    ),
+    (
+        "unknown architecture",
+        lambda t, b, m, d: _own(
+            _folder(t / "bad-config", {"config.json": '{"model_type": "no-such-model"}', "model.safetensors": ""}), d
+        ),
+        "bad-config is not a transformers model folder: ",
+    ),
+    (
+        "no tokenizer",
+        lambda t, b, m, d: _own(
+            _folder(
+                t / "untokenized",
+                {name: (b / name).read_text(encoding="latin-1") for name in ("config.json", "model.safetensors")},
+            ),
+            d,
+        ),
+        r"untokenized: no tokenizer in it \(none of \['tokenizer_config.json', 'tokenizer.json'\]\)",
+    ),
+    (
+        "target matching nothing",
+        lambda t, b, m, d: _own(b, d, "classification", "--targets", "re:.*q_proj"),
+        r"target 're:.\*q_proj' matches no module; some module names: \[.*'query'.*\]",
+    ),
+    (
+        "txt for classification",
+        lambda t, b, m, d: _own(b, _write(t / "a.txt", "x")),
+        r"a .txt file holds documents, not labels",
+    ),
+    (
+        "longer than the model",
+        lambda t, b, m, d: _own(b, d, "classification", "--length", 65),
+        "reviews: sequences of 65 tokens are longer than the model's 64 positions",
+    ),
     ("model without data", lambda t, b, m, d: ["--model", b, "--task", "lm"], "go together; add --data"),
     ("column without data", lambda t, b, m, d: ["--text-column", "body"], "--text-column apply to your own data"),
 ]
@@ -237,8 +341,16 @@ BAD = [  # (case, args from (tmp_path, bert, llama, reviews) as (t, b, m, d), th
 
 @pytest.mark.parametrize(("case", "args", "message"), BAD, ids=[case for case, _, _ in BAD])
 def test_bad_input_is_one_line_and_exit_2_before_any_training(
-    case: str, args: Callable[..., list[object]], message: str, bert: Path, llama: Path, reviews: Path,
-    tmp_path: Path, small: Preset, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    case: str,
+    args: Callable[..., list[object]],
+    message: str,
+    bert: Path,
+    llama: Path,
+    reviews: Path,
+    tmp_path: Path,
+    small: Preset,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     calls = []
     monkeypatch.setattr(runner, "train", lambda *a, **k: calls.append(a))
@@ -262,6 +374,8 @@ def test_when_every_task_is_skipped_the_command_fails_and_says_what_to_install(
     register_task(Missing)
     small.sizes["missing"] = CLASSIFICATION
     assert _bench("--tasks", "missing", "--methods", "lora", "--out", tmp_path) == 1
-    assert "no task could run; install what they need: missing: the model is not installed: pip install the-model" \
+    assert (
+        "no task could run; install what they need: missing: the model is not installed: pip install the-model"
         in capsys.readouterr().err
+    )
     assert not (tmp_path / "results.csv").exists()

@@ -15,12 +15,33 @@ from rankwise.bench.runner import FIELDS
 from rankwise.bench.tasks import Friends, Synthetic
 
 
-def _row(method: str, seed: int, metrics: dict[str, float], *, task: str = "synthetic", selected: str = "yes",
-         matched: str = "yes", status: str = "ok") -> dict[str, str]:
+def _row(
+    method: str,
+    seed: int,
+    metrics: dict[str, float],
+    *,
+    task: str = "synthetic",
+    selected: str = "yes",
+    matched: str = "yes",
+    status: str = "ok",
+) -> dict[str, str]:
     row = dict.fromkeys(FIELDS, "")
-    row.update(task=task, method=method, seed=str(seed), lr="0.001", lr_factor="1", selected=selected, status=status,
-               size="rank=8", budget="1024", adapter_params="1024", trainable_params="1156", budget_matched=matched,
-               train_time_s="2.0", peak_memory_mb="300")
+    row.update(
+        task=task,
+        method=method,
+        seed=str(seed),
+        lr="0.001",
+        lr_factor="1",
+        selected=selected,
+        status=status,
+        size="rank=8",
+        budget="1024",
+        adapter_params="1024",
+        trainable_params="1156",
+        budget_matched=matched,
+        train_time_s="2.0",
+        peak_memory_mb="300",
+    )
     row.update({f"test_{name}": str(value) for name, value in metrics.items()})
     return row
 
@@ -42,8 +63,10 @@ def test_means_and_sample_std_over_seeds_with_the_best_in_bold() -> None:
 
 
 def test_lower_perplexity_is_best_and_an_unmatched_budget_is_marked() -> None:
-    rows = [_row("lora", 0, {"perplexity": 20.0}, task="friends"),
-            _row("loldu", 0, {"perplexity": 25.0}, task="friends", matched="no")]
+    rows = [
+        _row("lora", 0, {"perplexity": 20.0}, task="friends"),
+        _row("loldu", 0, {"perplexity": 25.0}, task="friends", matched="no"),
+    ]
     table = report.task_table(rows, Friends)
     assert "**20.00**" in next(line for line in table.splitlines() if line.startswith("| lora "))
     assert "1,024 †" in next(line for line in table.splitlines() if line.startswith("| loldu "))
@@ -73,8 +96,11 @@ def test_points_of_near_equal_counts_are_spread_apart_in_order_and_lone_points_s
 
 def test_the_metric_plot_has_a_legend_entry_per_trained_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     labels = []
-    monkeypatch.setattr(Figure, "savefig", lambda self, path, **_: labels.extend(
-        text.get_text() for text in self.axes[0].get_legend().get_texts()))
+    monkeypatch.setattr(
+        Figure,
+        "savefig",
+        lambda self, path, **_: labels.extend(text.get_text() for text in self.axes[0].get_legend().get_texts()),
+    )
     methods = ["lora", "dora", "bone", "full"]
     rows = [_row(method, 0, {"accuracy": 0.8, "macro_f1": 0.8}) for method in methods]
     report.plot_metric_vs_params(tmp_path / "plot.png", rows, Synthetic)

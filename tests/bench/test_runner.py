@@ -92,7 +92,9 @@ def test_a_new_method_s_declarations_reach_its_row_and_its_config(
 
     monkeypatch.setattr(stride, "allocator", allocator)
     monkeypatch.setattr(stride, "initializer", staticmethod(initializer))
-    monkeypatch.setattr(stride, "for_run", classmethod(lambda cls, config, steps: dataclasses.replace(config, block=steps)))
+    monkeypatch.setattr(
+        stride, "for_run", classmethod(lambda cls, config, steps: dataclasses.replace(config, block=steps))
+    )
     recipe = runner.recipes()[fake_methods["stride"]]
     assert recipe.allocator is allocator and recipe.initialize.args == (initializer,)
     task = Synthetic(tiny)
@@ -181,8 +183,13 @@ def test_a_task_whose_asset_is_missing_is_skipped_with_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny: Sizes
 ) -> None:
     monkeypatch.setitem(TASKS, "missing", Missing)
-    preset = runner.Preset("test", tasks=("missing", "synthetic"), seeds=(0,), lr_factors=(1.0,),
-                           sizes={"missing": tiny, "synthetic": tiny})
+    preset = runner.Preset(
+        "test",
+        tasks=("missing", "synthetic"),
+        seeds=(0,),
+        lr_factors=(1.0,),
+        sizes={"missing": tiny, "synthetic": tiny},
+    )
     runner.run_bench(tmp_path, preset, methods=("lora",), progress=False)
     assert "skipping task missing: the data is not installed: pip install some-data" in capsys.readouterr().out
     assert [(row["task"], row["method"]) for row in _rows(tmp_path)] == [("synthetic", "lora")]
@@ -285,8 +292,10 @@ class TinyLM(Task):
             torch.manual_seed(0)
             model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
         s = self.sizes
-        data = {split: {"ids": torch.randint(0, 10, (getattr(s, split), 6), generator=generator)}
-                for split in ("train", "val", "test")}
+        data = {
+            split: {"ids": torch.randint(0, 10, (getattr(s, split), 6), generator=generator)}
+            for split in ("train", "val", "test")
+        }
         return model, data
 
     def loss(self, model, batch):
@@ -304,13 +313,16 @@ def test_without_a_head_the_frozen_row_trains_nothing_and_is_the_model_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Sizes
 ) -> None:
     monkeypatch.setitem(TASKS, "tiny-lm", TinyLM)
-    preset = runner.Preset("test", tasks=("tiny-lm",), seeds=(0, 1), lr_factors=(0.5, 1.0, 2.0),
-                           sizes={"tiny-lm": tiny})
+    preset = runner.Preset(
+        "test", tasks=("tiny-lm",), seeds=(0, 1), lr_factors=(0.5, 1.0, 2.0), sizes={"tiny-lm": tiny}
+    )
     runner.run_bench(tmp_path, preset, methods=("lora", "frozen"), progress=False)
     rows = _rows(tmp_path)
     frozen = [row for row in rows if row["method"] == "frozen"]
     assert [(row["seed"], row["lr_factor"], row["steps"], row["trainable_params"]) for row in frozen] == [
-        ("0", "1", "0", "0"), ("1", "1", "0", "0")]
+        ("0", "1", "0", "0"),
+        ("1", "1", "0", "0"),
+    ]
     task = TinyLM(tiny)
     task.prepare()
     before = task.evaluate(task.pretrained, "test")["perplexity"]
@@ -328,13 +340,18 @@ def test_a_proxy_sweep_trains_short_runs_then_every_seed_in_full(
     rows = _rows(tmp_path)
     sweep = [row for row in rows if row["selected"] == "proxy"]
     assert [(row["seed"], row["lr_factor"], row["steps"]) for row in sweep] == [
-        ("0", "0.01", "3"), ("0", "1", "3"), ("0", "10", "3")]  # half of the 6 steps
+        ("0", "0.01", "3"),
+        ("0", "1", "3"),
+        ("0", "10", "3"),
+    ]  # half of the 6 steps
     assert all(row["val_accuracy"] and not row["test_accuracy"] for row in sweep)
     best = max(float(row["val_accuracy"]) for row in sweep)
     chosen = next(row["lr_factor"] for row in sweep if float(row["val_accuracy"]) == best)
     counted = [row for row in rows if row["selected"] == "yes"]
     assert [(row["seed"], row["lr_factor"], row["steps"]) for row in counted] == [
-        ("0", chosen, "6"), ("1", chosen, "6")]
+        ("0", chosen, "6"),
+        ("1", chosen, "6"),
+    ]
     assert all(row["test_accuracy"] for row in counted)
     curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
     assert [len(c["losses"]) for c in curves if c.get("proxy")] == [3, 3, 3]
@@ -345,18 +362,26 @@ def test_a_proxy_sweep_trains_short_runs_then_every_seed_in_full(
     runner.run_bench(tmp_path, preset, methods=("full",), seeds=(0, 1, 2), progress=False)
     assert [args[3] for args in calls] == [2]  # only the new seed, at the factor chosen before
     with pytest.raises(ValueError, match=r"other settings \(\['lr_proxy'\]\)"):
-        runner.run_bench(tmp_path, make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0)), methods=("full",),
-                         progress=False)
+        runner.run_bench(
+            tmp_path, make_preset(seeds=(0, 1), lr_factors=(0.01, 1.0, 10.0)), methods=("full",), progress=False
+        )
 
 
-@pytest.mark.parametrize(("peak", "swept", "chosen"), [
-    (1e9, ["0.01", "0.1", "1", "10", "100"], "100"),  # better the larger: two steps up, the limit
-    (10.0, ["0.01", "0.1", "1", "10", "100"], "10"),  # peaks one step past the grid: found, then no further
-    (1e-9, ["0.0001", "0.001", "0.01", "0.1", "1"], "0.0001"),  # better the smaller: two steps down
-    (0.1, ["0.01", "0.1", "1"], "0.1"),  # inside the grid: nothing more
-])
+@pytest.mark.parametrize(
+    ("peak", "swept", "chosen"),
+    [
+        (1e9, ["0.01", "0.1", "1", "10", "100"], "100"),  # better the larger: two steps up, the limit
+        (10.0, ["0.01", "0.1", "1", "10", "100"], "10"),  # peaks one step past the grid: found, then no further
+        (1e-9, ["0.0001", "0.001", "0.01", "0.1", "1"], "0.0001"),  # better the smaller: two steps down
+        (0.1, ["0.01", "0.1", "1"], "0.1"),  # inside the grid: nothing more
+    ],
+)
 def test_a_proxy_sweep_goes_past_the_grid_while_its_end_is_best(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset, peak: float, swept: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_preset: MakePreset,
+    peak: float,
+    swept: list[str],
     chosen: str,
 ) -> None:
     # Validation accuracy made a function of the learning-rate factor alone, peaking at `peak` and

@@ -50,8 +50,10 @@ def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_pa
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8)
     base = transformers.GPT2LMHeadModel(config).eval()
     base.save_pretrained(tmp_path / "base")
-    model = rw.adapt(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
-                     rw.LoRAConfig(rank=2, targets=("c_attn", "c_fc")))
+    model = rw.adapt(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+        rw.LoRAConfig(rank=2, targets=("c_attn", "c_fc")),
+    )
     for name, parameter in model.named_parameters():
         if name.endswith("delta.B"):  # B starts at zero; give the adapter something to merge
             nn.init.normal_(parameter, std=0.1)
@@ -61,8 +63,20 @@ def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_pa
         expected = model(ids).logits
         unchanged = base(ids).logits
 
-    assert cli.main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                     "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        cli.main(
+            [
+                "merge",
+                "--model",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
 
     with safetensors.safe_open(tmp_path / "merged" / "model.safetensors", framework="pt") as file:
         merged_keys = set(file.keys())
@@ -78,8 +92,21 @@ def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_pa
 def test_bench_runs_the_quick_preset_machinery_on_the_synthetic_task(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status = cli.main(["bench", "--preset", "quick", "--tasks", "synthetic", "--methods", "lora", "frozen",
-                       "--out", str(tmp_path), "--no-progress"])
+    status = cli.main(
+        [
+            "bench",
+            "--preset",
+            "quick",
+            "--tasks",
+            "synthetic",
+            "--methods",
+            "lora",
+            "frozen",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     assert "## synthetic" in capsys.readouterr().out
     with (tmp_path / "results.csv").open(newline="") as file:
@@ -107,18 +134,64 @@ def _edit_config(folder: Path, change) -> Path:
 
 # (id, setup(tmp_path) -> argv, what the one-line message says)
 BAD_ARGUMENTS = [
-    ("merge --out a file", lambda t: ["merge", "--model", str(t), "--adapter", str(_adapter(t / "a")),
-                                      "--out", str(_file(t / "out.txt"))], "--out .*out.txt is a file, not a folder"),
-    ("merge --model missing", lambda t: ["merge", "--model", str(t / "nowhere"), "--adapter", str(_adapter(t / "a")),
-                                         "--out", str(t / "merged")], "--model .*nowhere is not a transformers model folder"),
-    ("bench --out a file", lambda t: ["bench", "--tasks", "synthetic", "--methods", "lora", "--no-progress",
-                                      "--out", str(_file(t / "results.txt"))], "--out .*results.txt is a file"),
-    ("bench --device bogus", lambda t: ["bench", "--tasks", "synthetic", "--methods", "lora", "--no-progress",
-                                        "--device", "bogus", "--out", str(t / "bench")], "--device 'bogus' cannot be used here"),
-    ("inspect without the tensor file", lambda t: ["inspect", str(_without_tensors(_adapter(t / "a")))],
-     "adapter.safetensors does not exist"),
-    ("inspect of modules as a list", lambda t: ["inspect", str(_edit_config(_adapter(t / "a"), lambda m: m.update(modules=[])))],
-     "'modules' must be an object, not \\[\\]"),
+    (
+        "merge --out a file",
+        lambda t: ["merge", "--model", str(t), "--adapter", str(_adapter(t / "a")), "--out", str(_file(t / "out.txt"))],
+        "--out .*out.txt is a file, not a folder",
+    ),
+    (
+        "merge --model missing",
+        lambda t: [
+            "merge",
+            "--model",
+            str(t / "nowhere"),
+            "--adapter",
+            str(_adapter(t / "a")),
+            "--out",
+            str(t / "merged"),
+        ],
+        "--model .*nowhere is not a transformers model folder",
+    ),
+    (
+        "bench --out a file",
+        lambda t: [
+            "bench",
+            "--tasks",
+            "synthetic",
+            "--methods",
+            "lora",
+            "--no-progress",
+            "--out",
+            str(_file(t / "results.txt")),
+        ],
+        "--out .*results.txt is a file",
+    ),
+    (
+        "bench --device bogus",
+        lambda t: [
+            "bench",
+            "--tasks",
+            "synthetic",
+            "--methods",
+            "lora",
+            "--no-progress",
+            "--device",
+            "bogus",
+            "--out",
+            str(t / "bench"),
+        ],
+        "--device 'bogus' cannot be used here",
+    ),
+    (
+        "inspect without the tensor file",
+        lambda t: ["inspect", str(_without_tensors(_adapter(t / "a")))],
+        "adapter.safetensors does not exist",
+    ),
+    (
+        "inspect of modules as a list",
+        lambda t: ["inspect", str(_edit_config(_adapter(t / "a"), lambda m: m.update(modules=[])))],
+        "'modules' must be an object, not \\[\\]",
+    ),
 ]
 
 
@@ -136,9 +209,12 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize(("setup", "message"), [case[1:] for case in BAD_ARGUMENTS], ids=[case[0] for case in BAD_ARGUMENTS])
-def test_bad_arguments_give_one_line_exit_2_and_write_nothing(setup, message, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("setup", "message"), [case[1:] for case in BAD_ARGUMENTS], ids=[case[0] for case in BAD_ARGUMENTS]
+)
+def test_bad_arguments_give_one_line_exit_2_and_write_nothing(
+    setup, message, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = setup(tmp_path)
     before = _tree(tmp_path)
     capsys.readouterr()

@@ -48,8 +48,7 @@ def _add_spike(conv: nn.Conv2d, size: float = 3.0) -> None:
         conv.weight.add_(spike.reshape(conv.weight.shape))
 
 
-def _series_detector(series: list[int], window: int, average: int, tolerance: float,
-                     relax: tuple = ()) -> list[bool]:
+def _series_detector(series: list[int], window: int, average: int, tolerance: float, relax: tuple = ()) -> list[bool]:
     """Feed a designed stable-rank series to one layer; return whether it is stable after each epoch."""
     model = TinyCNN()
     cf = Cuttlefish(model, targets=("conv3",), window=window, average=average, tolerance=tolerance, relax=relax)

@@ -88,8 +88,13 @@ def test_save_and_load_a_compressed_model(tmp_path) -> None:
     x = torch.randn(5, 16)
     assert torch.equal(fresh(x), model(x))
     layout = json.loads((tmp_path / "compression.json").read_text())
-    assert layout["layers"]["0"] == {"type": "LowRankLinear", "in_features": 16, "out_features": 32,
-                                     "rank": 4, "bias": True}
+    assert layout["layers"]["0"] == {
+        "type": "LowRankLinear",
+        "in_features": 16,
+        "out_features": 32,
+        "rank": 4,
+        "bias": True,
+    }
 
 
 def test_an_interrupted_save_leaves_the_previous_files_intact(tmp_path, monkeypatch) -> None:

@@ -49,8 +49,10 @@ def test_lorae_latent_has_a_lower_effective_rank_than_a_plain_autoencoder() -> N
     train, test = images[:300], images[300:]
     features = pixel_pca(train, components=8)
     results = {}
-    for name, model in (("plain", Autoencoder(*_networks())),
-                        ("lorae", LoRAE(*_networks(), latent_dim=16, nuclear_weight=1e-2))):
+    for name, model in (
+        ("plain", Autoencoder(*_networks())),
+        ("lorae", LoRAE(*_networks(), latent_dim=16, nuclear_weight=1e-2)),
+    ):
         losses = train_autoencoder(model, train, steps=60, batch_size=50, lr=1e-3)
         assert losses[-1] < 0.5 * losses[0]
         results[name] = evaluate_autoencoder(model, train, test, features=features, samples=200)

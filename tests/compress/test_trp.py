@@ -131,14 +131,14 @@ def test_bad_values_name_the_field() -> None:
 def test_trp_on_gpt2_conv1d_layers() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
-                                                                 n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    )
     trp = TRP(model, targets=("mlp.c_fc",), energy=0.5, period=1)
     W = model.transformer.h[0].mlp.c_fc.weight.detach().T.clone()  # Conv1D stores (in, out)
     trp.truncate(0)
     rank = _energy_rank(W, 0.5)
-    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight.detach().T, _truncate(W, rank),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight.detach().T, _truncate(W, rank), rtol=0, atol=1e-5)
     report = trp.convert()  # at the rank of the last truncation
     layer = model.transformer.h[0].mlp.c_fc
     assert report.ranks() == {"transformer.h.0.mlp.c_fc": rank} and layer.rank == rank

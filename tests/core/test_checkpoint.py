@@ -36,8 +36,12 @@ def test_files_hold_the_documented_keys(tmp_path) -> None:
     assert meta["modules"]["2"] == {"base": "linear", "in_features": 5, "out_features": 4, "config": {}}
     tensors = safetensors.torch.load_file(tmp_path / "adapter.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
-        "0.delta.A": (3, 6), "0.delta.B": (5, 3), "0.delta.magnitude": (5,),
-        "2.delta.A": (3, 5), "2.delta.B": (4, 3), "2.delta.magnitude": (4,),
+        "0.delta.A": (3, 6),
+        "0.delta.B": (5, 3),
+        "0.delta.magnitude": (5,),
+        "2.delta.A": (3, 5),
+        "2.delta.B": (4, 3),
+        "2.delta.magnitude": (4,),
     }
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
 
@@ -108,11 +112,24 @@ class Format:
 
 
 FORMATS = [
-    Format("adapter", rw.save_adapter, lambda f: rw.adapter_state_dict(rw.load_adapter(_model(), f)),
-           lambda: _lora(2), lambda: _lora(4), ("adapter.safetensors", "adapter_config.json"), "checksum differs"),
-    Format("compressed", save_compressed, lambda f: load_compressed(_model(), f).state_dict(),
-           lambda: _lord("0", "2"), lambda: _lord("2"), ("model.safetensors", "compression.json"),
-           "come from two different saves"),
+    Format(
+        "adapter",
+        rw.save_adapter,
+        lambda f: rw.adapter_state_dict(rw.load_adapter(_model(), f)),
+        lambda: _lora(2),
+        lambda: _lora(4),
+        ("adapter.safetensors", "adapter_config.json"),
+        "checksum differs",
+    ),
+    Format(
+        "compressed",
+        save_compressed,
+        lambda f: load_compressed(_model(), f).state_dict(),
+        lambda: _lord("0", "2"),
+        lambda: _lord("2"),
+        ("model.safetensors", "compression.json"),
+        "come from two different saves",
+    ),
 ]
 
 # Every file-system call the savers make, directly or through tempfile and pathlib; safetensors'
@@ -209,7 +226,11 @@ def test_a_compiled_model_saves_and_loads_the_paths_of_the_plain_model(tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(meta["modules"]) == ["0", "2"]
     assert set(safetensors.torch.load_file(tmp_path / "adapter.safetensors")) == {
-        "0.delta.A", "0.delta.B", "2.delta.A", "2.delta.B"}
+        "0.delta.A",
+        "0.delta.B",
+        "2.delta.A",
+        "2.delta.B",
+    }
     x = torch.randn(3, 6)
     assert torch.equal(rw.load_adapter(_model(), tmp_path)(x), model(x))
 

@@ -18,8 +18,10 @@ def test_products_have_plain_autograd_gradients(rank: int) -> None:
     hidden = torch.randn(2, 5, rank, dtype=torch.float64, requires_grad=True)
     B = torch.randn(7, rank, dtype=torch.float64, requires_grad=True)  # up = Bᵀ, a transposed view
     weights = torch.randn(2, 5, 7, dtype=torch.float64)
-    for fused, plain in ((add_product(y, hidden, B.t()), y + hidden @ B.t()),
-                         (low_rank_product(hidden, B.t()), hidden @ B.t())):
+    for fused, plain in (
+        (add_product(y, hidden, B.t()), y + hidden @ B.t()),
+        (low_rank_product(hidden, B.t()), hidden @ B.t()),
+    ):
         torch.testing.assert_close(fused, plain)
         inputs = [t for t in (y, hidden, B) if t.grad_fn is None]
         got = torch.autograd.grad((fused * weights).sum(), inputs, allow_unused=True)

@@ -42,7 +42,10 @@ class Net(nn.Module):
         ("q_proj", ["layers.0.q_proj", "layers.1.q_proj", "layers.2.q_proj"]),
         ("proj", []),  # names match whole path components: "proj" is not "q_proj"
         ("attn.c_attn", ["layers.0.attn.c_attn", "layers.1.attn.c_attn", "layers.2.attn.c_attn"]),
-        ("re:layers\\.[01]\\..*_proj", ["layers.0.q_proj", "layers.0.out_proj", "layers.1.q_proj", "layers.1.out_proj"]),
+        (
+            "re:layers\\.[01]\\..*_proj",
+            ["layers.0.q_proj", "layers.0.out_proj", "layers.1.q_proj", "layers.1.out_proj"],
+        ),
         (("layers.2.out_proj", "classifier"), ["layers.2.out_proj", "classifier"]),
     ],
 )
@@ -61,7 +64,10 @@ def test_all_linear_leaves_out_the_trainable_head_and_freezes_the_rest() -> None
     assert isinstance(model.classifier, nn.Linear)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"} | {
-        f"layers.{i}.{name}.delta.{factor}" for i in range(3) for name in ("q_proj", "out_proj", "attn.c_attn") for factor in "AB"
+        f"layers.{i}.{name}.delta.{factor}"
+        for i in range(3)
+        for name in ("q_proj", "out_proj", "attn.c_attn")
+        for factor in "AB"
     }
 
 
@@ -76,7 +82,12 @@ def test_all_linear_leaves_out_the_output_embedding_of_a_transformers_model() ->
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
     model = rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2))
     paths = [path for path, _ in adapted_modules(model)]
-    assert paths == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert paths == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]
     assert isinstance(model.lm_head, nn.Linear)
 
 

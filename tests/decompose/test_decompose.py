@@ -139,7 +139,8 @@ def test_khatri_rao_recovers_a_column_wise_kronecker_product() -> None:
 
 def test_hadamard_recovers_a_rank_one_product() -> None:
     A = (torch.randn(8, 1, dtype=DOUBLE) @ torch.randn(1, 6, dtype=DOUBLE)) * (
-        torch.randn(8, 1, dtype=DOUBLE) @ torch.randn(1, 6, dtype=DOUBLE))
+        torch.randn(8, 1, dtype=DOUBLE) @ torch.randn(1, 6, dtype=DOUBLE)
+    )
     result = decompose.hadamard(A, (1, 1), seed=5)
     assert result.error < 1e-12
     torch.testing.assert_close(result.reconstruct(), A, rtol=0, atol=1e-11)

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow  # a dynamo trace per method: about a sixth of the
 def test_compiles_without_graph_breaks(name: str) -> None:
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = rw.adapt(nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512)), rw.make_config(name, targets=("0", "2")))
+    model = rw.adapt(
+        nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512)), rw.make_config(name, targets=("0", "2"))
+    )
     with torch.no_grad():
         for _, layer in adapted_modules(model):
             for p in layer.delta.parameters():

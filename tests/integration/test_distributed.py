@@ -28,15 +28,17 @@ def _model() -> nn.Module:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator))
+        for _ in range(STEPS)
+    ]
 
 
 def _train(model: nn.Module, batches, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     share = GLOBAL_BATCH // world
     for x_all, y_all in batches:
-        x, y = x_all[rank * share:(rank + 1) * share], y_all[rank * share:(rank + 1) * share]
+        x, y = x_all[rank * share : (rank + 1) * share], y_all[rank * share : (rank + 1) * share]
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -48,7 +50,9 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     model = nn.parallel.DistributedDataParallel(_model())
     state = _train(model, _batches(), rank, world)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, f"rank{rank}.safetensors"))
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in state.items()}, os.path.join(folder, f"rank{rank}.safetensors")
+    )
     # DDP's reducer holds the process group: destroying the group while the reducer is alive
     # aborts the process now and then in gloo's teardown (about 1 run in 15 on torch 2.13).
     del model
@@ -68,7 +72,9 @@ def _fsdp_worker(rank: int, world: int, folder: str) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     share = GLOBAL_BATCH // world
     for x, y in _batches():
-        nn.functional.mse_loss(model(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share]).backward()
+        nn.functional.mse_loss(
+            model(x[rank * share : (rank + 1) * share]), y[rank * share : (rank + 1) * share]
+        ).backward()
         optimizer.step()
         optimizer.zero_grad()
     rw.save_adapter(model, os.path.join(folder, "adapter"))  # a collective: every rank calls it

@@ -16,11 +16,21 @@ from rankwise.core import registry
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", registry.methods())
 def test_gradients_equal_a_run_without_checkpointing(name: str, reentrant: bool) -> None:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     example = registry.get(name).module_class.example_config  # the defaults may not fit width 32
-    model = rw.adapt(LlamaForCausalLM(config), rw.make_config(name, targets=("q_proj", "v_proj", "down_proj"), **example))
+    model = rw.adapt(
+        LlamaForCausalLM(config), rw.make_config(name, targets=("q_proj", "v_proj", "down_proj"), **example)
+    )
     with torch.no_grad():  # away from the identity init, so that every factor has a gradient
         for p in model.parameters():
             if p.requires_grad:
@@ -36,7 +46,9 @@ def test_gradients_equal_a_run_without_checkpointing(name: str, reentrant: bool)
     ids = torch.randint(0, 64, (2, 10))
     calls = {"plain": 0, "checkpointed": 0}
     for key, m in (("plain", model), ("checkpointed", checkpointed)):
-        m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+        m.model.layers[0].self_attn.q_proj.register_forward_hook(
+            lambda *_, key=key: calls.__setitem__(key, calls[key] + 1)
+        )
 
     model(ids, labels=ids).loss.backward()
     checkpointed(ids, labels=ids).loss.backward()

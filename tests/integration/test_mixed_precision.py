@@ -41,7 +41,9 @@ def test_bf16_base_fp32_adapter_trains_and_merges(name: str) -> None:
 @pytest.mark.parametrize("name", registry.methods())
 def test_fp32_model_under_autocast_bf16_matches_fp32_and_trains(name: str) -> None:
     torch.manual_seed(0)
-    model = rw.adapt(nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512)), rw.make_config(name, targets=("0", "2")))
+    model = rw.adapt(
+        nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512)), rw.make_config(name, targets=("0", "2"))
+    )
     layers = [layer for _, layer in adapted_modules(model)]
     with torch.no_grad():
         for layer in layers:
@@ -56,5 +58,6 @@ def test_fp32_model_under_autocast_bf16_matches_fp32_and_trains(name: str) -> No
     y.float().square().mean().backward()
     assert all(
         p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
-        for layer in layers for p in layer.delta.parameters()
+        for layer in layers
+        for p in layer.delta.parameters()
     )

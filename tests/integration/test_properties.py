@@ -32,11 +32,17 @@ def _build(name: str, in_features: int, out_features: int, size: int, dtype: tor
 
 
 @pytest.mark.parametrize("name", registry.methods())
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
 @given(
-    in_features=WIDTHS, out_features=WIDTHS, size=st.sampled_from([1, 2, 4, 8, 16]),
-    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+    in_features=WIDTHS,
+    out_features=WIDTHS,
+    size=st.sampled_from([1, 2, 4, 8, 16]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
 )
 def test_contract_holds_for_random_shapes(name, in_features, out_features, size, dtype, seed) -> None:
     model = _build(name, in_features, out_features, size, dtype, seed)
@@ -81,8 +87,14 @@ MERGEABLE = [name for name in registry.methods() if registry.get(name).module_cl
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(data=st.data(), name=st.sampled_from(MERGEABLE), width=st.sampled_from([4, 8, 16]), count=st.integers(2, 4),
-       size=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**16))
+@given(
+    data=st.data(),
+    name=st.sampled_from(MERGEABLE),
+    width=st.sampled_from([4, 8, 16]),
+    count=st.integers(2, 4),
+    size=st.sampled_from([1, 2, 4, 8]),
+    seed=st.integers(0, 2**16),
+)
 def test_merge_with_tied_or_shared_weights_is_refused_or_exact(data, name, width, count, size, seed) -> None:
     layer = st.integers(0, count - 1)
     ties = data.draw(st.lists(st.tuples(layer, layer).filter(lambda pair: pair[0] != pair[1]), max_size=2))
@@ -91,7 +103,9 @@ def test_merge_with_tied_or_shared_weights_is_refused_or_exact(data, name, width
     torch.manual_seed(seed)
     knob = registry.get(name).config_class.size_knob
     try:
-        config = rw.make_config(name, targets=tuple(f"layers.{i}" for i in sorted(targets)), **({knob: size} if knob else {}))
+        config = rw.make_config(
+            name, targets=tuple(f"layers.{i}" for i in sorted(targets)), **({knob: size} if knob else {})
+        )
         model = rw.adapt(_Shared(width, count, ties, repeats), config)
     except ValueError:
         assume(False)  # the width does not fit this method's size

@@ -32,8 +32,9 @@ class Classifier(nn.Module):
 def _gpt2() -> nn.Module:
     """Conv1D layers: c_attn 16 -> 48, attn.c_proj 16 -> 16, c_fc 16 -> 64, mlp.c_proj 64 -> 16."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -138,8 +139,14 @@ def test_round_trip_with_head_convolution_and_a_rank_pattern(tmp_path) -> None:
     base = Classifier()
     reference = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "conv"], modules_to_save=["head"],
-                        rank_pattern={"2": 2}, init_lora_weights=False),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["0", "2", "conv"],
+            modules_to_save=["head"],
+            rank_pattern={"2": 2},
+            init_lora_weights=False,
+        ),
     )
     with torch.no_grad():
         reference.base_model.model.head.modules_to_save["default"].weight.add_(1.0)
@@ -191,10 +198,16 @@ def test_a_pattern_peft_cannot_write_back_is_refused(tmp_path) -> None:
         (_gpt2, rw.C3AConfig(block_size=16, targets="c_attn"), r"C3A does not support Conv1D \('transformer.h.0"),
         (_gpt2, rw.BoneConfig(rank=4, targets="c_fc"), "PEFT's MISS does not support Conv1D"),
         (_gpt2, rw.BatConfig(rank=4, targets="c_fc"), "PEFT's MISS does not support Conv1D"),
-        (lambda: nn.Sequential(nn.Conv2d(4, 8, 1)), rw.GraLoRAConfig(rank=2, targets="0"),
-         "GRALORA does not support Conv2d"),
-        (_mlp, rw.LoLDUConfig(rank=2, targets="0"),
-         r"PEFT export supports \['lora', 'dora', 'c3a', 'gralora', 'bone', 'bat'\], not 'loldu'"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(4, 8, 1)),
+            rw.GraLoRAConfig(rank=2, targets="0"),
+            "GRALORA does not support Conv2d",
+        ),
+        (
+            _mlp,
+            rw.LoLDUConfig(rank=2, targets="0"),
+            r"PEFT export supports \['lora', 'dora', 'c3a', 'gralora', 'bone', 'bat'\], not 'loldu'",
+        ),
     ],
     ids=["c3a-conv1d", "bone-conv1d", "bat-conv1d", "gralora-conv2d", "loldu"],
 )
@@ -213,10 +226,14 @@ def test_to_peft_refuses_what_peft_cannot_express_and_writes_nothing(build, conf
         (peft.C3AConfig(block_size=8, target_modules=["0"], bias="c3a_only"), "'bias': 'c3a_only'"),
         (peft.GraloraConfig(r=4, target_modules=["0"], bias="all"), "'bias': 'all'"),
         (peft.MissConfig(r=4, target_modules=["0", "2"], exclude_modules=["2"]), r"'exclude_modules': \['2'\]"),
-        (peft.MissConfig(r=4, target_modules=["0"], init_weights="mini", mini_r=4),
-         "PEFT MISS with {'init_weights': 'mini'} has no rankwise form"),
-        (peft.IA3Config(target_modules=["0"], feedforward_modules=[]),
-         r"PEFT type 'IA3' is not supported; rankwise reads \['C3A'"),
+        (
+            peft.MissConfig(r=4, target_modules=["0"], init_weights="mini", mini_r=4),
+            "PEFT MISS with {'init_weights': 'mini'} has no rankwise form",
+        ),
+        (
+            peft.IA3Config(target_modules=["0"], feedforward_modules=[]),
+            r"PEFT type 'IA3' is not supported; rankwise reads \['C3A'",
+        ),
     ],
     ids=["lora-bias", "pissa", "c3a-bias", "gralora-bias", "miss-exclude", "miss-mini", "ia3"],
 )
@@ -251,9 +268,19 @@ def test_from_peft_names_a_block_size_the_layer_does_not_allow(tmp_path) -> None
 def _llama(tied: bool = True, classes: int = 0) -> nn.Module:
     """A tiny Llama: a causal LM whose head is tied to its embedding, or a sequence classifier."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
-                                      num_labels=max(classes, 2), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        num_labels=max(classes, 2),
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model_class = transformers.LlamaForSequenceClassification if classes else transformers.LlamaForCausalLM
     return model_class(config).eval()
 
@@ -267,8 +294,9 @@ def _untied(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize(("build", "target"), [(_gpt2, "c_attn"), (_llama, "q_proj")], ids=["gpt2", "llama"])
 def test_from_peft_refuses_a_tied_module_to_save_and_equals_peft_once_untied(build, target, tmp_path) -> None:
-    reference = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=[target], modules_to_save=["lm_head"],
-                                                             init_lora_weights=False))
+    reference = peft.get_peft_model(
+        build(), peft.LoraConfig(r=2, target_modules=[target], modules_to_save=["lm_head"], init_lora_weights=False)
+    )
     _randomize_peft(reference)
     reference.eval()
     reference.save_pretrained(tmp_path)
@@ -285,9 +313,11 @@ def test_from_peft_refuses_a_tied_module_to_save_and_equals_peft_once_untied(bui
     _assert_equal_and_adapted(_run(reference, x), _run(ours.eval(), x), _run(build(), x))
 
 
-@pytest.mark.parametrize(("build", "target", "embedding"), [(_gpt2, "c_attn", "transformer.wte"),
-                                                            (_llama, "q_proj", "model.embed_tokens")],
-                         ids=["gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("build", "target", "embedding"),
+    [(_gpt2, "c_attn", "transformer.wte"), (_llama, "q_proj", "model.embed_tokens")],
+    ids=["gpt2", "llama"],
+)
 def test_to_peft_of_a_tied_trainable_head_saves_its_embedding_too(build, target, embedding, tmp_path) -> None:
     ours = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=target, trainable="lm_head")).eval()
     _randomize(ours)
@@ -304,12 +334,15 @@ def test_to_peft_of_a_tied_trainable_head_saves_its_embedding_too(build, target,
 
 
 def test_from_peft_refuses_tied_modules_to_save_that_peft_trained_apart(tmp_path) -> None:
-    reference = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"],
-                                                             modules_to_save=["lm_head", "wte"]))
+    reference = peft.get_peft_model(
+        _gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head", "wte"])
+    )
     _randomize_peft(reference)  # PEFT's two copies now differ
     reference.save_pretrained(tmp_path)
     model = _gpt2()
-    with pytest.raises(rw.CheckpointError, match=r"'transformer.wte.weight' and 'lm_head.weight' hold different values"):
+    with pytest.raises(
+        rw.CheckpointError, match=r"'transformer.wte.weight' and 'lm_head.weight' hold different values"
+    ):
         rw.interop.from_peft(model, tmp_path)
     assert not list(adapted_modules(model))
 
@@ -323,8 +356,10 @@ def test_to_peft_refuses_a_trainable_module_tied_to_an_adapted_layer(tmp_path) -
 
 def test_from_peft_skips_modules_to_save_the_model_lacks_as_peft_does(tmp_path) -> None:
     """PEFT's sequence-classification adapters list both 'classifier' and 'score'; Llama has 'score'."""
-    reference = peft.get_peft_model(_llama(classes=3), peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False,
-                                                                       target_modules=["q_proj", "v_proj"]))
+    reference = peft.get_peft_model(
+        _llama(classes=3),
+        peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+    )
     _randomize_peft(reference)
     reference.eval()
     reference.save_pretrained(tmp_path)

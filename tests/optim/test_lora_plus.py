@@ -93,13 +93,20 @@ def test_param_groups_work_with_any_torch_optimizer_and_round_trip() -> None:
 
 def test_trains_under_the_transformers_trainer(tmp_path) -> None:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
     model = rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2, targets="c_attn"))
     before = {k: v.clone() for k, v in rw.adapter_state_dict(model).items()}
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (12, 8))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
     )
     optimizer = LoRAPlus(model, lr=1e-3)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))

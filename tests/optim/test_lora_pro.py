@@ -39,7 +39,9 @@ def _least_squares_fit(A: Tensor, B: Tensor, g: Tensor, s: float) -> Tensor:
     """argmin over {s B a + s b A} of ||· − g||_F, by lstsq on the row-major Kronecker form."""
     m = B.shape[0]
     n = A.shape[1]
-    features = s * torch.cat([torch.kron(B, torch.eye(n, dtype=F64)), torch.kron(torch.eye(m, dtype=F64), A.T.contiguous())], dim=1)
+    features = s * torch.cat(
+        [torch.kron(B, torch.eye(n, dtype=F64)), torch.kron(torch.eye(m, dtype=F64), A.T.contiguous())], dim=1
+    )
     solution = torch.linalg.lstsq(features, g.reshape(-1, 1), driver="gelsd").solution
     return (features @ solution).reshape(m, n)
 
@@ -213,8 +215,12 @@ def test_parameters_without_factors_get_torch_adamw(config_class: type[rw.LoRACo
     factors = [id(p) for p in twin[0].delta.factors()[:2]]
     others = [p for p in twin.parameters() if p.requires_grad and id(p) not in factors]
     reference = torch.optim.AdamW(
-        [{"params": [p for p in others if p.ndim >= 2]}, {"params": [p for p in others if p.ndim < 2], "weight_decay": 0.0}],
-        lr=0.05, weight_decay=0.1,
+        [
+            {"params": [p for p in others if p.ndim >= 2]},
+            {"params": [p for p in others if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=0.05,
+        weight_decay=0.1,
     )
     for _ in range(3):
         x = torch.randn(10, 8, dtype=F64)
@@ -233,7 +239,9 @@ def test_full_size_moments_are_the_only_state() -> None:
         optimizer.zero_grad()
         model(torch.randn(4, 768)).square().mean().backward()
         optimizer.step()
-        state_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor))
+        state_bytes = sum(
+            t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor)
+        )
         assert state_bytes == expected
 
 
@@ -300,8 +308,16 @@ def test_loss_after_100_steps_is_lower_than_lora_with_adamw() -> None:
 def _gpt2() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic steps for the round trip
+        vocab_size=50,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # deterministic steps for the round trip
     )
     return rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2, targets=("c_attn", "c_proj")))
 
@@ -316,7 +332,9 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Ten
 def test_gpt2_conv1d_steps_and_state_dict_round_trip() -> None:
     model = _gpt2()
     optimizer = LoRAPro(model, lr=1e-3)
-    assert len([g for g in optimizer.param_groups if g["scale"] is not None]) == 6  # 2 blocks × (c_attn, attn.c_proj, mlp.c_proj)
+    assert (
+        len([g for g in optimizer.param_groups if g["scale"] is not None]) == 6
+    )  # 2 blocks × (c_attn, attn.c_proj, mlp.c_proj)
     batches = [torch.randint(0, 50, (4, 8)) for _ in range(4)]
     before = {k: v.clone() for k, v in rw.adapter_state_dict(model).items()}
     _train(model, optimizer, batches[:2])
@@ -340,10 +358,17 @@ def test_trains_under_the_transformers_trainer(tmp_path) -> None:
     before = {k: v.clone() for k, v in rw.adapter_state_dict(model).items()}
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (12, 8))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(LoRAPro(model, lr=1e-3), None))
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(LoRAPro(model, lr=1e-3), None)
+    )
     trainer.train()
     assert trainer.state.global_step == 3
     assert all(not torch.equal(before[k], v) for k, v in rw.adapter_state_dict(model).items())

@@ -62,9 +62,11 @@ def test_links_and_cited_paths_resolve(page: Path) -> None:
 
 
 def test_the_checker_finds_a_broken_link_a_missing_anchor_and_a_missing_path() -> None:
-    text = ("[a](nowhere.md) [b](design.md#no-such-heading) [c](design.md#tests) [d](https://example.com)\n"
-            "`tests/no_such_test.py` `tests/conftest.py` `src/rankwise/adapters/<name>.py`\n"
-            "```\n[e](ignored-in-a-fence.md)\n```\n")
+    text = (
+        "[a](nowhere.md) [b](design.md#no-such-heading) [c](design.md#tests) [d](https://example.com)\n"
+        "`tests/no_such_test.py` `tests/conftest.py` `src/rankwise/adapters/<name>.py`\n"
+        "```\n[e](ignored-in-a-fence.md)\n```\n"
+    )
     assert _broken(ROOT / "docs" / "probe.md", text) == [
         "link nowhere.md: no docs/nowhere.md",
         "link design.md#no-such-heading: no heading #no-such-heading in docs/design.md",

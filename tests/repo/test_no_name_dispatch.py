@@ -28,7 +28,8 @@ ALLOWED = {
 def _method_names() -> set[str]:
     """The methods rankwise ships (tests may register others for a while)."""
     return {
-        name for name in registry.methods()
+        name
+        for name in registry.methods()
         if registry.get(name).module_class.__module__.startswith(f"{rankwise.__name__}.adapters.")
     }
 
@@ -38,9 +39,12 @@ def _literals(source: str) -> Iterator[ast.Constant]:
     ``__all__`` (it lists Python names, such as the function ``gora``)."""
     tree = ast.parse(source)
     skipped = {
-        id(node.body[0].value) for node in ast.walk(tree)
+        id(node.body[0].value)
+        for node in ast.walk(tree)
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
     }
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
@@ -79,7 +83,9 @@ def test_no_code_outside_the_adapters_names_a_registered_method() -> None:
         file = path.relative_to(SOURCE).as_posix()
         for name, lines in _names_used(path.read_text(encoding="utf-8"), names).items():
             found[file, name] = lines
-    unexplained = {f"{file}:{lines} names {name!r}" for (file, name), lines in found.items() if (file, name) not in ALLOWED}
+    unexplained = {
+        f"{file}:{lines} names {name!r}" for (file, name), lines in found.items() if (file, name) not in ALLOWED
+    }
     assert not unexplained, "declare the capability on the method instead: " + "; ".join(sorted(unexplained))
     stale = sorted(ALLOWED.keys() - found.keys())
     assert not stale, f"allowed names no longer used, remove them from ALLOWED: {stale}"

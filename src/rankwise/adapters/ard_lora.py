@@ -167,13 +167,18 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
         # faster backward orientation (see rankwise.core.delta._UpProjection).
         up = (B * self.coefficients().unsqueeze(1)).transpose(1, 2).contiguous()
         if self.config.head_side == "in":  # every head writes the whole output: one sum over heads
-            hidden = torch.cat([F.linear(rows[:, h * self.group_in:(h + 1) * self.group_in], A[h]) for h in range(heads)], 1)
+            hidden = torch.cat(
+                [F.linear(rows[:, h * self.group_in : (h + 1) * self.group_in], A[h]) for h in range(heads)], 1
+            )
             up = up.reshape(heads * slots, self.out_features)
             return hidden @ up if y is None else torch.addmm(y, hidden, up)
         hidden = F.linear(rows, A.reshape(heads * slots, self.in_features))  # (tokens, heads · slots)
         blocks = []
         for h in range(heads):
-            head_hidden, columns = hidden[:, h * slots:(h + 1) * slots], slice(h * self.group_out, (h + 1) * self.group_out)
+            head_hidden, columns = (
+                hidden[:, h * slots : (h + 1) * slots],
+                slice(h * self.group_out, (h + 1) * self.group_out),
+            )
             blocks.append(head_hidden @ up[h] if y is None else torch.addmm(y[:, columns], head_hidden, up[h]))
         return blocks[0] if heads == 1 else torch.cat(blocks, 1)
 
@@ -200,4 +205,3 @@ class ARDLoRA(Delta[ARDLoRAConfig]):
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, rank={c.rank}, slots={self.A.shape[1]}, heads={c.heads} ({c.head_side})"
-

@@ -157,7 +157,7 @@ class _GridProduct(torch.autograd.Function):
         it multiplies by B[j]."""
         k, block_in, rank = A.shape
         tokens = x.shape[0]
-        hidden = torch.stack([x[:, n * block_in:(n + 1) * block_in] @ A[n] for n in range(k)], dim=1)
+        hidden = torch.stack([x[:, n * block_in : (n + 1) * block_in] @ A[n] for n in range(k)], dim=1)
         return (hidden * scale).view(tokens, k, k, rank // k).permute(2, 0, 1, 3).reshape(k, tokens, rank)
 
     @staticmethod
@@ -165,7 +165,7 @@ class _GridProduct(torch.autograd.Function):
         k, block_out = A.shape[0], B.shape[2]
         hidden = _GridProduct.hidden(x, A, scale)
         blocks = [
-            hidden[j] @ B[j] if y is None else torch.addmm(y[:, j * block_out:(j + 1) * block_out], hidden[j], B[j])
+            hidden[j] @ B[j] if y is None else torch.addmm(y[:, j * block_out : (j + 1) * block_out], hidden[j], B[j])
             for j in range(k)
         ]
         out = torch.cat(blocks, dim=1)
@@ -181,17 +181,21 @@ class _GridProduct(torch.autograd.Function):
         k, block_in, rank = A.shape
         block_out, tokens = B.shape[2], x.shape[0]
         needs_x, needs_A, needs_B, _, needs_y = ctx.needs_input_grad
-        grad_blocks = [grad[:, j * block_out:(j + 1) * block_out] for j in range(k)]
+        grad_blocks = [grad[:, j * block_out : (j + 1) * block_out] for j in range(k)]
         grad_B = torch.stack([hidden[j].t() @ grad_blocks[j] for j in range(k)]) if needs_B else None
         if not (needs_x or needs_A):
             return None, None, grad_B, None, grad if needs_y else None
         grad_hidden = torch.stack([grad_blocks[j] @ B[j].t() for j in range(k)])  # (j, tokens, rank)
         # Back to input-block order (tokens, n, rank), with the scale.
-        grad_hidden = (grad_hidden * ctx.scale).view(k, tokens, k, rank // k).permute(1, 2, 0, 3).reshape(tokens, k, rank)
+        grad_hidden = (
+            (grad_hidden * ctx.scale).view(k, tokens, k, rank // k).permute(1, 2, 0, 3).reshape(tokens, k, rank)
+        )
         grad_x = torch.cat([grad_hidden[:, n] @ A[n].t() for n in range(k)], dim=1) if needs_x else None
         # grad_A as (gradᵀ x)ᵀ: the (rank, in/k) orientation runs about twice as fast in MKL as the
         # (in/k, rank) one, and reads the same activations.
-        grad_A = torch.stack([
-            (grad_hidden[:, n].t() @ x[:, n * block_in:(n + 1) * block_in]).t() for n in range(k)
-        ]) if needs_A else None
+        grad_A = (
+            torch.stack([(grad_hidden[:, n].t() @ x[:, n * block_in : (n + 1) * block_in]).t() for n in range(k)])
+            if needs_A
+            else None
+        )
         return grad_x, grad_A, grad_B, None, grad if needs_y else None

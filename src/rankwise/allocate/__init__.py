@@ -10,6 +10,13 @@ from .gora import GoRAAllocation, gora
 from .plot import plot, rank_summary
 
 __all__ = [
-    "ARDLoRAAllocator", "AdaLoRAAllocator", "ElaLoRAAllocator", "GoRAAllocation", "History", "RankAllocator", "gora",
-    "plot", "rank_summary",
+    "ARDLoRAAllocator",
+    "AdaLoRAAllocator",
+    "ElaLoRAAllocator",
+    "GoRAAllocation",
+    "History",
+    "RankAllocator",
+    "gora",
+    "plot",
+    "rank_summary",
 ]

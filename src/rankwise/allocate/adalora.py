@@ -77,7 +77,10 @@ class Sensitivity:
         for role, dim in ROLES:
             if role in entries:
                 importance, uncertainty = entries[role]
-                entries[role] = (_slice_and_pad(importance, dim, keep, grown), _slice_and_pad(uncertainty, dim, keep, grown))
+                entries[role] = (
+                    _slice_and_pad(importance, dim, keep, grown),
+                    _slice_and_pad(uncertainty, dim, keep, grown),
+                )
 
     def clear(self) -> None:
         self.ema = {}
@@ -100,8 +103,9 @@ class TripletAllocator(RankAllocator[AdaLoRA]):
 
     module_class = AdaLoRA
 
-    def __init__(self, model: nn.Module, total_steps: int, beta1: float, beta2: float,
-                 orth_weight: float, squared_orth: bool) -> None:
+    def __init__(
+        self, model: nn.Module, total_steps: int, beta1: float, beta2: float, orth_weight: float, squared_orth: bool
+    ) -> None:
         super().__init__(model, total_steps)
         name = type(self).__name__
         check_number(name, "beta1", beta1, 0, 1, low_open=True, high_open=True)
@@ -163,10 +167,20 @@ class AdaLoRAAllocator(TripletAllocator):
             (``t_init >= T − t_final``).
     """
 
-    def __init__(self, model: nn.Module, *, total_steps: int, budget: int | None = None,
-                 t_init: int | None = None, t_final: int | None = None, delta_t: int = 10,
-                 beta1: float = 0.85, beta2: float = 0.85, orth_weight: float = 0.1,
-                 squared_orth: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        budget: int | None = None,
+        t_init: int | None = None,
+        t_final: int | None = None,
+        delta_t: int = 10,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_weight: float = 0.1,
+        squared_orth: bool = False,
+    ) -> None:
         super().__init__(model, total_steps, beta1, beta2, orth_weight, squared_orth)
         self.init_budget = sum(layer.delta.rank for layer in self.layers.values())
         budget = round(self.init_budget / 1.5) if budget is None else budget

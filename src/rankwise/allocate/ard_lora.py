@@ -89,10 +89,18 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
     module_class = ARDLoRA
     unit = "parameters"
 
-    def __init__(self, model: nn.Module, *, total_steps: int, l1: float = 1e-3, tv: float = 1e-2,
-                 warmup: int | None = None, budget: int | None = None,
-                 heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None,
-                 scale_lr: float = 1e-2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        l1: float = 1e-3,
+        tv: float = 1e-2,
+        warmup: int | None = None,
+        budget: int | None = None,
+        heads: Mapping[str, tuple[int, Literal["out", "in"]]] | None = None,
+        scale_lr: float = 1e-2,
+    ) -> None:
         super().__init__(model, total_steps)
         check_number("ARDLoRAAllocator", "l1", l1, 0)
         check_number("ARDLoRAAllocator", "tv", tv, 0)
@@ -105,8 +113,10 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
         split = attention_heads(model, self.layers) if heads is None else self._resolve(heads)
         for path, (count, side) in split.items():
             self._split_heads(path, count, side)
-        least = sum(m.scale_range()[0] * m.config.rank * (m.group_in + m.group_out) * m.config.heads
-                    for m in (layer.delta for layer in self.layers.values()))
+        least = sum(
+            m.scale_range()[0] * m.config.rank * (m.group_in + m.group_out) * m.config.heads
+            for m in (layer.delta for layer in self.layers.values())
+        )
         if budget is not None and budget < least:
             raise ValueError(f"ARDLoRAAllocator: budget={budget} is below {least:g}, the parameters of the least ranks")
         self.project()  # α = 1 may cost more than the budget: start (and stay, in the warm-up) within it
@@ -120,8 +130,9 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
         for pattern, value in heads.items():
             hits = [path for path in self.layers if matches(path, pattern)]
             if not hits:
-                raise ValueError(f"ARDLoRAAllocator: heads entry {pattern!r} matches no adapted layer; "
-                                 f"adapted: {list(self.layers)}")
+                raise ValueError(
+                    f"ARDLoRAAllocator: heads entry {pattern!r} matches no adapted layer; adapted: {list(self.layers)}"
+                )
             split.update(dict.fromkeys(hits, value))
         return split
 
@@ -160,8 +171,10 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
             for path, layer in self.layers.items():
                 scale = layer.delta.rank_scale
                 if scale.grad is None:
-                    raise RuntimeError(f"ARDLoRAAllocator: '{path}.delta.rank_scale' has no gradient: call step() after "
-                                       "optimizer.step() and before optimizer.zero_grad()")
+                    raise RuntimeError(
+                        f"ARDLoRAAllocator: '{path}.delta.rank_scale' has no gradient: call step() after "
+                        "optimizer.step() and before optimizer.zero_grad()"
+                    )
                 scale.copy_(self.scales[path])  # undoes the optimizer's step and weight decay, if α is in it
                 optimizer.state.pop(scale, None)
             if self.t >= self.warmup:
@@ -211,10 +224,12 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
         lower = torch.cat([torch.full_like(m.rank_scale, m.scale_range()[0], dtype=torch.double) for m in modules])
         projected = scales.maximum(lower).minimum(upper)
         if self._budget is not None:
-            cost = torch.cat([
-                torch.full_like(m.rank_scale, m.config.rank * (m.group_in + m.group_out), dtype=torch.double)
-                for m in modules
-            ])
+            cost = torch.cat(
+                [
+                    torch.full_like(m.rank_scale, m.config.rank * (m.group_in + m.group_out), dtype=torch.double)
+                    for m in modules
+                ]
+            )
             if (cost * projected).sum() > self._budget:
                 low, high = 0.0, float((scales / cost).max())
                 for _ in range(_BISECTIONS):
@@ -224,7 +239,7 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
                     else:
                         high = middle
                 projected = (scales - high * cost).maximum(lower).minimum(upper)
-        for module, values in zip(modules, projected.split([m.config.heads for m in modules])):
+        for module, values in zip(modules, projected.split([m.config.heads for m in modules]), strict=True):
             module.rank_scale.copy_(values.to(module.rank_scale.dtype))
 
     def _keep_used_slots(self, optimizer: torch.optim.Optimizer) -> None:
@@ -239,8 +254,10 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
 
     def total(self) -> float:
         """Adapter parameters the effective ranks use, ``Σ_g (in_g + out_g) · r_g``."""
-        return sum(float(m.effective_rank().detach().sum()) * (m.group_in + m.group_out)
-                   for m in (layer.delta for layer in self.layers.values()))
+        return sum(
+            float(m.effective_rank().detach().sum()) * (m.group_in + m.group_out)
+            for m in (layer.delta for layer in self.layers.values())
+        )
 
     @property
     def budget(self) -> int | None:
@@ -284,8 +301,11 @@ def attention_heads(model: nn.Module, layers: Mapping[str, object]) -> dict[str,
             found[path] = (kv, "out")
         elif name == "c_attn":
             found[path] = (3 * count, "out")
-        elif (name in _OUTPUT_NAMES or (name == "c_proj" and parent.endswith("attn"))
-              or (name == "dense" and parent.endswith("attention.output"))):
+        elif (
+            name in _OUTPUT_NAMES
+            or (name == "c_proj" and parent.endswith("attn"))
+            or (name == "dense" and parent.endswith("attention.output"))
+        ):
             found[path] = (count, "in")
     return found
 

@@ -62,13 +62,25 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
-        return {"paths": list(self.paths), "unit": self.unit, "steps": self.steps,
-                "ranks": [list(r) for r in self.ranks], "totals": self.totals, "budgets": self.budgets}
+        return {
+            "paths": list(self.paths),
+            "unit": self.unit,
+            "steps": self.steps,
+            "ranks": [list(r) for r in self.ranks],
+            "totals": self.totals,
+            "budgets": self.budgets,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
-        return cls(tuple(data["paths"]), data["unit"], list(data["steps"]), [tuple(r) for r in data["ranks"]],
-                   list(data["totals"]), list(data["budgets"]))
+        return cls(
+            tuple(data["paths"]),
+            data["unit"],
+            list(data["steps"]),
+            [tuple(r) for r in data["ranks"]],
+            list(data["totals"]),
+            list(data["budgets"]),
+        )
 
 
 class RankAllocator(abc.ABC, Generic[AdapterT]):
@@ -204,8 +216,10 @@ def migrate(
         _replace_in_groups(optimizer, old, new)
         state = optimizer.state.pop(old, None)
         if state:
-            optimizer.state[new] = {key: _resize_state(optimizer, key, value, old.shape, dim, keep, grown, fill)
-                                    for key, value in state.items()}
+            optimizer.state[new] = {
+                key: _resize_state(optimizer, key, value, old.shape, dim, keep, grown, fill)
+                for key, value in state.items()
+            }
 
 
 def _replace_in_groups(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
@@ -220,8 +234,16 @@ def _replace_in_groups(optimizer: torch.optim.Optimizer, old: nn.Parameter, new:
     )
 
 
-def _resize_state(optimizer: torch.optim.Optimizer, key: str, value: Any, shape: torch.Size, dim: int,
-                  keep: Tensor, grown: int, fill: MomentFill) -> Any:
+def _resize_state(
+    optimizer: torch.optim.Optimizer,
+    key: str,
+    value: Any,
+    shape: torch.Size,
+    dim: int,
+    keep: Tensor,
+    grown: int,
+    fill: MomentFill,
+) -> Any:
     if key == "step" or value is None:
         return value
     if key not in _FIRST_MOMENTS + _SECOND_MOMENTS or not isinstance(value, Tensor) or value.shape != shape:

@@ -64,17 +64,37 @@ class ElaLoRAAllocator(TripletAllocator):
 
     reshapes_during_training = True
 
-    def __init__(self, model: nn.Module, *, total_steps: int, changes: int = 4, candidates: int = 2,
-                 t_init: int | None = None, t_final: int | None = None, delta_t: int | None = None,
-                 schedule: bool = True, beta1: float = 0.85, beta2: float = 0.85, orth_weight: float = 0.1,
-                 squared_orth: bool = False, moment_fill: MomentFill = "mean", reset_optimizer: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        changes: int = 4,
+        candidates: int = 2,
+        t_init: int | None = None,
+        t_final: int | None = None,
+        delta_t: int | None = None,
+        schedule: bool = True,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_weight: float = 0.1,
+        squared_orth: bool = False,
+        moment_fill: MomentFill = "mean",
+        reset_optimizer: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(model, total_steps, beta1, beta2, orth_weight, squared_orth)
         self.t_init = total_steps // 5 if t_init is None else t_init
         self.t_final = total_steps // 4 if t_final is None else t_final
         self.delta_t = max(1, total_steps // 30) if delta_t is None else delta_t
-        for name, value, low in (("changes", changes, 1), ("candidates", candidates, 1), ("t_init", self.t_init, 0),
-                                 ("t_final", self.t_final, 0), ("delta_t", self.delta_t, 1), ("seed", seed, 0)):
+        for name, value, low in (
+            ("changes", changes, 1),
+            ("candidates", candidates, 1),
+            ("t_init", self.t_init, 0),
+            ("t_final", self.t_final, 0),
+            ("delta_t", self.delta_t, 1),
+            ("seed", seed, 0),
+        ):
             check_number("ElaLoRAAllocator", name, value, low, integer=True)
         if self.t_init >= total_steps - self.t_final:
             raise ValueError(
@@ -126,14 +146,16 @@ class ElaLoRAAllocator(TripletAllocator):
         pruned[offsets[owners[order[:moved]]] + positions[order[:moved]]] = 1
         grown = torch.bincount(owners[order[-moved:]], minlength=len(scores))
         decision = from_rank_zero(torch.cat([pruned, grown])).cpu()
-        pruned, grown = decision[: len(pruned)].bool(), decision[len(pruned):]
+        pruned, grown = decision[: len(pruned)].bool(), decision[len(pruned) :]
         per_layer = pruned.split([len(s) for s in scores])
         for (path, layer), flags, count in zip(self.layers.items(), per_layer, grown.tolist(), strict=True):
             size = int((~flags).sum()) + count
             if count and size > min(layer.delta.in_features, layer.delta.out_features):
-                raise ValueError(f"ElaLoRAAllocator: '{path}' would grow to rank {size}, past min(in, out) = "
-                                 f"{min(layer.delta.in_features, layer.delta.out_features)}, where no new "
-                                 "direction is orthogonal to the kept ones; use a smaller rank")
+                raise ValueError(
+                    f"ElaLoRAAllocator: '{path}' would grow to rank {size}, past min(in, out) = "
+                    f"{min(layer.delta.in_features, layer.delta.out_features)}, where no new "
+                    "direction is orthogonal to the kept ones; use a smaller rank"
+                )
         for index, ((path, layer), flags) in enumerate(zip(self.layers.items(), per_layer, strict=True)):
             count = int(grown[index])
             if not flags.any() and count == 0:
@@ -146,8 +168,7 @@ class ElaLoRAAllocator(TripletAllocator):
             optimizer.state.clear()
         return True
 
-    def _new_triplets(self, module: AdaLoRA, keep: Tensor, count: int,
-                      index: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _new_triplets(self, module: AdaLoRA, keep: Tensor, count: int, index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``count`` new ``(a, e, b)``: unit a orthogonal to the kept rows of A and to each other,
         unit b likewise to the kept columns of B."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.t) * 1_000_003 + index)

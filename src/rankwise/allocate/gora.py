@@ -60,8 +60,9 @@ class GoRAAllocation:
         return history
 
 
-def allocate_ranks(importance: Sequence[float], sizes: Sequence[int], budget: int, r_min: int,
-                   r_max: Sequence[int]) -> list[int]:
+def allocate_ranks(
+    importance: Sequence[float], sizes: Sequence[int], budget: int, r_min: int, r_max: Sequence[int]
+) -> list[int]:
     """GoRA's rule: ``r_i = clamp(⌊round(budget · a_i) / size_i⌋, r_min, r_max_i)``.
 
     Args:
@@ -77,14 +78,24 @@ def allocate_ranks(importance: Sequence[float], sizes: Sequence[int], budget: in
     total = sum(importance)
     if not total > 0:
         raise ValueError("GoRA: every layer's importance is 0; the batches gave no gradient to the target weights")
-    return [min(max(math.floor(round(budget * i / total) / size), r_min), cap)
-            for i, size, cap in zip(importance, sizes, r_max, strict=True)]
+    return [
+        min(max(math.floor(round(budget * i / total) / size), r_min), cap)
+        for i, size, cap in zip(importance, sizes, r_max, strict=True)
+    ]
 
 
-def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
-         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, r_min: int | None = None,
-         r_max: int | None = None, step_size: float = 5e-2, sign: Literal[-1, 1] = -1,
-         seed: int = 0) -> GoRAAllocation:
+def gora(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    budget: int | None = None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    step_size: float = 5e-2,
+    sign: Literal[-1, 1] = -1,
+    seed: int = 0,
+) -> GoRAAllocation:
     """Choose each layer's rank and initialize its adapter from gradients (GoRA), before training.
 
     Call it on a freshly adapted model (``GoRAConfig`` or ``LoRAConfig``; ``rank`` is r_ref) and
@@ -136,7 +147,11 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
         raise ValueError(f"gora: sign={sign!r} must be -1 (descent) or 1 (the official code)")
     check_number("gora", "step_size", step_size, 0, low_open=True)
     sizes = [layer.delta.in_features + layer.delta.out_features for layer in layers.values()]
-    budget = sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values(), strict=True)) if budget is None else budget
+    budget = (
+        sum(s * layer.delta.config.rank for s, layer in zip(sizes, layers.values(), strict=True))
+        if budget is None
+        else budget
+    )
     check_number("gora", "budget", budget, 1, integer=True)
 
     gradients = _mean_gradients(model, layers, batches, loss_fn or _model_loss)
@@ -148,10 +163,16 @@ def gora(model: nn.Module, batches: Iterable[Any], *, budget: int | None = None,
         _initialize(layer, gradients.pop(path), rank, step_size, sign, seed + index)
     params = sum(r * s for r, s in zip(ranks, sizes, strict=True))
     if params > budget:
-        warnings.warn(f"gora: r_min={r_min} puts the adapters at {params} parameters, over the budget of {budget}",
-                      stacklevel=2)
+        warnings.warn(
+            f"gora: r_min={r_min} puts the adapters at {params} parameters, over the budget of {budget}", stacklevel=2
+        )
     total = sum(importance)
-    return GoRAAllocation(dict(zip(layers, ranks, strict=True)), {p: i / total for p, i in zip(layers, importance, strict=True)}, params, budget)
+    return GoRAAllocation(
+        dict(zip(layers, ranks, strict=True)),
+        {p: i / total for p, i in zip(layers, importance, strict=True)},
+        params,
+        budget,
+    )
 
 
 def _model_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -171,8 +192,9 @@ def _device(layers: dict[str, Adapted]) -> torch.device:
     return next(iter(layers.values())).weight.device
 
 
-def _mean_gradients(model: nn.Module, layers: dict[str, Adapted], batches: Iterable[Any],
-                    loss_fn: Callable[[nn.Module, Any], Tensor]) -> dict[str, Tensor]:
+def _mean_gradients(
+    model: nn.Module, layers: dict[str, Adapted], batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
+) -> dict[str, Tensor]:
     """``(1/n) Σ ∂L/∂W`` per target layer as (out, in) fp32 on the CPU; only target weights train."""
     flags = {p: p.requires_grad for p in model.parameters()}
     sums = {path: torch.zeros(layer.delta.out_features, layer.delta.in_features) for path, layer in layers.items()}

@@ -43,11 +43,17 @@ def plot(history: History, path: str | os.PathLike) -> Path:
 
     columns = list(zip(*history.ranks, strict=True))  # one row per layer
     height = max(2.0, 0.25 * len(history.paths))  # a readable row per layer
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, height + 2.5), height_ratios=(height, 2),
-                                         sharex=True, constrained_layout=True)
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(9, height + 2.5), height_ratios=(height, 2), sharex=True, constrained_layout=True
+    )
     first, last = history.steps[0], history.steps[-1]
-    image = top.imshow(columns, aspect="auto", interpolation="nearest", cmap="viridis",
-                       extent=(first - 0.5, last + 0.5, len(history.paths) - 0.5, -0.5))
+    image = top.imshow(
+        columns,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(first - 0.5, last + 0.5, len(history.paths) - 0.5, -0.5),
+    )
     top.set_yticks(range(len(history.paths)), [p or "<root>" for p in history.paths], fontsize=7)
     top.set_title("rank per layer")
     figure.colorbar(image, ax=top, label="rank")

@@ -80,8 +80,15 @@ def default_budget(model: nn.Module, targets: tuple[str, ...], trainable: tuple[
     return count(config, layer_shapes(model, config))
 
 
-def size_to_budget(model: nn.Module, method: str, budget: int, *, targets: tuple[str, ...],
-                   trainable: tuple[str, ...] = (), tolerance: float = TOLERANCE) -> Sizing:
+def size_to_budget(
+    model: nn.Module,
+    method: str,
+    budget: int,
+    *,
+    targets: tuple[str, ...],
+    trainable: tuple[str, ...] = (),
+    tolerance: float = TOLERANCE,
+) -> Sizing:
     """The config of ``method`` on ``targets`` whose parameter count is nearest ``budget``.
 
     ``model`` is read, never changed.

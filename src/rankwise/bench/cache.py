@@ -153,7 +153,7 @@ class FrozenLayersCache:
             for handle in handles:
                 handle.remove()
         containing = {m for m in model.modules() if any(inner is blocks[start] for inner in m.modules())}
-        below = [m for m in order[:order.index(blocks[start])] if m not in containing]
+        below = [m for m in order[: order.index(blocks[start])] if m not in containing]
         if any(p.requires_grad for m in below for p in m.parameters()):
             return f"a module that runs before block {start} trains"
         task.train_mode(model)
@@ -173,8 +173,10 @@ class FrozenLayersCache:
             for i, block in enumerate(lower):
                 blocks[i] = block
         if not torch.allclose(shortcut, logits, rtol=RTOL, atol=ATOL):
-            return (f"run from the input of block {start}, the model does not reproduce its logits (it adds "
-                    "something to inputs_embeds before the blocks, such as position embeddings)")
+            return (
+                f"run from the input of block {start}, the model does not reproduce its logits (it adds "
+                "something to inputs_embeds before the blocks, such as position embeddings)"
+            )
         return None
 
     def attach(self, model: nn.Module, task: Task, device: torch.device) -> nn.Module:
@@ -215,8 +217,10 @@ class FrozenLayersCache:
             try:
                 states = [self._states[_key(start, row)] for row in ids]
             except KeyError:
-                raise ValueError("an example outside the task's splits reached a model run from the frozen-layer "
-                                 "cache; only the examples filled at attach are cached") from None
+                raise ValueError(
+                    "an example outside the task's splits reached a model run from the frozen-layer "
+                    "cache; only the examples filled at attach are cached"
+                ) from None
             kwargs["inputs_embeds"] = torch.stack(states)
             return args, kwargs
 

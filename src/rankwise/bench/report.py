@@ -64,13 +64,21 @@ def aggregate(rows: Sequence[Mapping[str, str]], task: type[Task]) -> tuple[list
             values = [float(run[f"test_{name}"]) for run in runs]
             metrics[name] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         first = runs[0]
-        result.append(Row(
-            method=method, size=first["size"], adapter_params=int(first["adapter_params"]),
-            trainable_params=int(first["trainable_params"]), matched=first["budget_matched"], lr=first["lr"],
-            seeds=len(runs), diverged=sum(run["status"] == "diverged" for run in runs), metrics=metrics,
-            train_time_s=statistics.fmean(float(run["train_time_s"]) for run in runs),
-            peak_memory_mb=statistics.fmean(float(run["peak_memory_mb"]) for run in runs),
-        ))
+        result.append(
+            Row(
+                method=method,
+                size=first["size"],
+                adapter_params=int(first["adapter_params"]),
+                trainable_params=int(first["trainable_params"]),
+                matched=first["budget_matched"],
+                lr=first["lr"],
+                seeds=len(runs),
+                diverged=sum(run["status"] == "diverged" for run in runs),
+                metrics=metrics,
+                train_time_s=statistics.fmean(float(run["train_time_s"]) for run in runs),
+                peak_memory_mb=statistics.fmean(float(run["peak_memory_mb"]) for run in runs),
+            )
+        )
     # Methods first in the order they ran, then the references.
     result.sort(key=lambda row: row.method in REFERENCES)
     return result, unsupported
@@ -99,8 +107,17 @@ def task_table(rows: Sequence[Mapping[str, str]], task: type[Task]) -> str:
     lines = [f"## {task.name}: {task.description}", ""]
     lines.append(f"Adapter parameter budget: {', '.join(f'{int(b):,}' for b in budgets)}.")
     lines.append("")
-    header = ["method", "size", "adapter params", "trainable", "lr", "seeds",
-              *(LABELS[m] for m in task.metrics), "train s", "peak MB"]
+    header = [
+        "method",
+        "size",
+        "adapter params",
+        "trainable",
+        "lr",
+        "seeds",
+        *(LABELS[m] for m in task.metrics),
+        "train s",
+        "peak MB",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {name: _best(aggregated, name, name not in LOWER_IS_BETTER) for name in task.metrics}
     for row in aggregated:
@@ -121,16 +138,18 @@ def task_table(rows: Sequence[Mapping[str, str]], task: type[Task]) -> str:
 
 def write_markdown(path: Path, rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Task]]) -> None:
     sections = [task_table(rows, task) for task in tasks.values()]
-    text = "\n".join([
-        "# Benchmark results",
-        "",
-        "Written by `rankwise bench`. Test metrics, mean ± standard deviation over seeds, each recipe at the",
-        "learning rate its validation split chose. Best mean per column in bold. † the method's size could",
-        "not match the budget (within 10%); it ran at its nearest setting. `trainable` includes the task",
-        "head. Method: docs/benchmarks.md.",
-        "",
-        *[section for section in sections if section],
-    ])
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            "Written by `rankwise bench`. Test metrics, mean ± standard deviation over seeds, each recipe at the",
+            "learning rate its validation split chose. Best mean per column in bold. † the method's size could",
+            "not match the budget (within 10%); it ran at its nearest setting. `trainable` includes the task",
+            "head. Method: docs/benchmarks.md.",
+            "",
+            *[section for section in sections if section],
+        ]
+    )
     path.write_text(text)
 
 
@@ -200,8 +219,17 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
         else:
             color, marker = f"C{methods % 10}", MARKERS[methods % len(MARKERS)]
             methods += 1
-        axes.errorbar(positions[row.method], mean, yerr=std, linestyle="none", capsize=3, markersize=5,
-                      label=row.method, color=color, marker=marker)
+        axes.errorbar(
+            positions[row.method],
+            mean,
+            yerr=std,
+            linestyle="none",
+            capsize=3,
+            markersize=5,
+            label=row.method,
+            color=color,
+            marker=marker,
+        )
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (incl. head); points of near-equal counts spread sideways")
     axes.set_ylabel(f"test {LABELS[task.primary]}")
@@ -211,15 +239,20 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
     figure.savefig(path, dpi=120)
 
 
-def plot_losses(path: Path, rows: Sequence[Mapping[str, str]], curves: Mapping[tuple[str, str, str, str], list[float]],
-                task: type[Task]) -> None:
+def plot_losses(
+    path: Path,
+    rows: Sequence[Mapping[str, str]],
+    curves: Mapping[tuple[str, str, str, str], list[float]],
+    task: type[Task],
+) -> None:
     """Training loss of each method's first selected seed, smoothed (no file when there is none)."""
     first: dict[str, Mapping[str, str]] = {}
     for row in rows:
         if row["task"] == task.name and row["selected"] == "yes" and row["method"] not in first:
             first[row["method"]] = row
     series = {
-        method: losses for method, row in first.items()
+        method: losses
+        for method, row in first.items()
         if (losses := curves.get((task.name, method, row["seed"], row["lr_factor"])))
     }
     if not series:
@@ -228,7 +261,7 @@ def plot_losses(path: Path, rows: Sequence[Mapping[str, str]], curves: Mapping[t
     axes = figure.subplots()
     for method, losses in series.items():
         window = max(1, len(losses) // 10)  # a moving average: single batches are noisy
-        smooth = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        smooth = [statistics.fmean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
         axes.plot(range(1, len(smooth) + 1), smooth, label=method, linestyle="--" if method in REFERENCES else "-")
     axes.set_xlabel("step")
     axes.set_yscale("log")  # one diverging method would otherwise flatten every other curve

@@ -161,8 +161,13 @@ def _default_recipe(name: str) -> Recipe:
     allocator (without which it would be a fixed-rank adapter) and a start from data."""
     method = registry.get(name)
     initializer = method.module_class.initializer
-    return Recipe(name, method.summary, method=name, allocator=method.module_class.allocator,
-                  initialize=None if initializer is None else partial(_from_data, initializer))
+    return Recipe(
+        name,
+        method.summary,
+        method=name,
+        allocator=method.module_class.allocator,
+        initialize=None if initializer is None else partial(_from_data, initializer),
+    )
 
 
 def recipes() -> dict[str, Recipe]:
@@ -171,14 +176,25 @@ def recipes() -> dict[str, Recipe]:
     table = {name: _default_recipe(name) for name in rw.methods()}
     # LoRA-Pro makes LoRA's step approximate a full-fine-tuning AdamW step, so it starts from the
     # full fine-tuning rate (the paper uses 2e-5 on Llama-2-7B, a full fine-tuning rate).
-    table["lora_pro"] = Recipe("lora_pro", "LoRA trained by LoRA-Pro (full-gradient approximation)",
-                               method="lora", optimizer=_lora_pro, lr_from="full")
-    table["lora_plus"] = Recipe("lora_plus", "LoRA with B's learning rate 16x A's (LoRA+)",
-                                method="lora", optimizer=_lora_plus)
-    table["frozen"] = Recipe("frozen", "reference: the pretrained model frozen, only the (linear-probed) head trains",
-                             reference="head", lr_from="head")
-    table["full"] = Recipe("full", "reference: full fine-tuning, every parameter trains", reference="all",
-                           lr_from="full")
+    table["lora_pro"] = Recipe(
+        "lora_pro",
+        "LoRA trained by LoRA-Pro (full-gradient approximation)",
+        method="lora",
+        optimizer=_lora_pro,
+        lr_from="full",
+    )
+    table["lora_plus"] = Recipe(
+        "lora_plus", "LoRA with B's learning rate 16x A's (LoRA+)", method="lora", optimizer=_lora_plus
+    )
+    table["frozen"] = Recipe(
+        "frozen",
+        "reference: the pretrained model frozen, only the (linear-probed) head trains",
+        reference="head",
+        lr_from="head",
+    )
+    table["full"] = Recipe(
+        "full", "reference: full fine-tuning, every parameter trains", reference="all", lr_from="full"
+    )
     return table
 
 
@@ -234,8 +250,10 @@ class Preset:
         kind = getattr(task, "kind", None)
         if kind in self.kinds:
             return self.kinds[kind]
-        raise ValueError(f"preset {self.name!r} has no sizes for task {task.name!r} nor for its kind {kind!r}; "
-                         f"it has the tasks {sorted(self.sizes)} and the kinds {sorted(self.kinds)}")
+        raise ValueError(
+            f"preset {self.name!r} has no sizes for task {task.name!r} nor for its kind {kind!r}; "
+            f"it has the tasks {sorted(self.sizes)} and the kinds {sorted(self.kinds)}"
+        )
 
 
 def _preset(name: str, sizes: dict[str, Sizes], **options: Any) -> Preset:
@@ -250,7 +268,10 @@ PRESETS: dict[str, Preset] = {
     # All methods on one task, one seed, short tweets: README's first command and the CI smoke test.
     # About 3 minutes on 2 CPU cores (measured: docs/benchmarks.md, Cost).
     "quick": _preset(
-        "quick", tasks=("tweets",), seeds=(0,), lr_factors=(1.0,),
+        "quick",
+        tasks=("tweets",),
+        seeds=(0,),
+        lr_factors=(1.0,),
         sizes={
             "tweets": Sizes(train=384, val=64, test=320, length=40, steps=24, batch_size=16, probe=384),
             "r8": Sizes(train=384, val=64, test=320, length=64, steps=24, batch_size=16, probe=384),
@@ -267,8 +288,12 @@ PRESETS: dict[str, Preset] = {
     # were); the chosen factor then runs in full for every seed. Hours per task (docs/benchmarks.md,
     # Cost).
     "standard": _preset(
-        "standard", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2),
-        lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)), lr_proxy=0.25, lr_extend=3,
+        "standard",
+        tasks=("tweets", "r8", "friends", "fashion"),
+        seeds=(0, 1, 2),
+        lr_factors=tuple(10 ** (k / 2) for k in range(-2, 4)),
+        lr_proxy=0.25,
+        lr_extend=3,
         cache_frozen_layers=True,
         sizes={
             "tweets": Sizes(train=3840, val=256, test=1024, length=40, steps=240, batch_size=16),
@@ -281,7 +306,10 @@ PRESETS: dict[str, Preset] = {
     # About 80 minutes on 2 CPU cores with the 19 recipes of now (measured: docs/benchmarks.md,
     # Cost). Each run sees its training subset once (train = steps × batch_size).
     "full": _preset(
-        "full", tasks=("tweets", "r8", "friends", "fashion"), seeds=(0, 1, 2), lr_factors=(1 / 3, 1.0, 3.0),
+        "full",
+        tasks=("tweets", "r8", "friends", "fashion"),
+        seeds=(0, 1, 2),
+        lr_factors=(1 / 3, 1.0, 3.0),
         sizes={
             "tweets": Sizes(train=384, val=128, test=512, length=40, steps=24, batch_size=16),
             "r8": Sizes(train=320, val=128, test=512, length=48, steps=20, batch_size=16),
@@ -293,10 +321,26 @@ PRESETS: dict[str, Preset] = {
 }
 
 FIELDS = (
-    "task", "method", "seed", "lr", "lr_factor", "selected", "status", "note", "size", "budget",
-    "adapter_params", "trainable_params", "budget_matched", "steps", "final_train_loss",
-    *(f"val_{m}" for m in METRICS), *(f"test_{m}" for m in METRICS),
-    "train_time_s", "peak_memory_mb", "memory",
+    "task",
+    "method",
+    "seed",
+    "lr",
+    "lr_factor",
+    "selected",
+    "status",
+    "note",
+    "size",
+    "budget",
+    "adapter_params",
+    "trainable_params",
+    "budget_matched",
+    "steps",
+    "final_train_loss",
+    *(f"val_{m}" for m in METRICS),
+    *(f"test_{m}" for m in METRICS),
+    "train_time_s",
+    "peak_memory_mb",
+    "memory",
 )
 
 
@@ -362,8 +406,16 @@ def _count(model: nn.Module, task: Task, params: list[nn.Parameter]) -> tuple[in
     return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) not in head)
 
 
-def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, lr: float,
-          device: torch.device, steps: int | None = None, cache: FrozenLayersCache | None = None) -> Trained:
+def train(
+    task: Task,
+    recipe: Recipe,
+    config: AdapterConfig | None,
+    seed: int,
+    lr: float,
+    device: torch.device,
+    steps: int | None = None,
+    cache: FrozenLayersCache | None = None,
+) -> Trained:
     """One run: a fresh model, prepared by ``recipe``, trained for ``steps`` steps (default: the
     task's). With ``cache``, the model runs from it where its checks allow (the frozen blocks below
     the first trained one are computed once per example); otherwise as is."""
@@ -404,23 +456,42 @@ def train(task: Task, recipe: Recipe, config: AdapterConfig | None, seed: int, l
                 rw.step(model)  # advances the per-step schedules of methods that have one (SingLoRA)
                 losses.append(loss.item())
         seconds = time.perf_counter() - start
-    return Trained(model=model, losses=losses, seconds=seconds, peak_mb=memory["mb"], memory=memory["source"],
-                   trainable=trainable, adapter=adapter, diverged_at=diverged_at)
+    return Trained(
+        model=model,
+        losses=losses,
+        seconds=seconds,
+        peak_mb=memory["mb"],
+        memory=memory["source"],
+        trainable=trainable,
+        adapter=adapter,
+        diverged_at=diverged_at,
+    )
 
 
-def _row(task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: int, factor: float,
-         lr: float, run: Trained) -> dict[str, Any]:
-    tail = run.losses[-max(1, len(run.losses) // 10):]
+def _row(
+    task: Task, recipe: Recipe, sizing: Sizing | None, budget: int, seed: int, factor: float, lr: float, run: Trained
+) -> dict[str, Any]:
+    tail = run.losses[-max(1, len(run.losses) // 10) :]
     row: dict[str, Any] = dict.fromkeys(FIELDS, "")
     row.update(
-        task=task.name, method=recipe.name, seed=seed, lr=f"{lr:.3g}" if run.trainable else "-",
-        lr_factor=f"{factor:.4g}", selected="no",
+        task=task.name,
+        method=recipe.name,
+        seed=seed,
+        lr=f"{lr:.3g}" if run.trainable else "-",
+        lr_factor=f"{factor:.4g}",
+        selected="no",
         status="ok" if run.diverged_at is None else "diverged",
         note=_size_pattern(run.model) if run.diverged_at is None else f"non-finite loss at step {run.diverged_at}",
-        size=sizing.label if sizing else "-", budget=budget, adapter_params=run.adapter,
-        trainable_params=run.trainable, budget_matched=("yes" if sizing.matched else "no") if sizing else "n/a",
-        steps=len(run.losses), final_train_loss=f"{sum(tail) / len(tail):.4f}" if tail else "",
-        train_time_s=f"{run.seconds:.2f}", peak_memory_mb=f"{run.peak_mb:.0f}", memory=run.memory,
+        size=sizing.label if sizing else "-",
+        budget=budget,
+        adapter_params=run.adapter,
+        trainable_params=run.trainable,
+        budget_matched=("yes" if sizing.matched else "no") if sizing else "n/a",
+        steps=len(run.losses),
+        final_train_loss=f"{sum(tail) / len(tail):.4f}" if tail else "",
+        train_time_s=f"{run.seconds:.2f}",
+        peak_memory_mb=f"{run.peak_mb:.0f}",
+        memory=run.memory,
     )
     return row
 
@@ -467,12 +538,15 @@ class Results:
                     raise ValueError(f"{self.path} has columns {reader.fieldnames}, expected {list(FIELDS)}")
                 self.rows = list(reader)
 
-    def find(self, task: str, method: str, seed: int | None = None,
-             factor: float | None = None) -> list[dict[str, str]]:
+    def find(
+        self, task: str, method: str, seed: int | None = None, factor: float | None = None
+    ) -> list[dict[str, str]]:
         """The rows of ``task`` and ``method``, optionally of one seed and learning-rate factor."""
         return [
-            row for row in self.rows
-            if row["task"] == task and row["method"] == method
+            row
+            for row in self.rows
+            if row["task"] == task
+            and row["method"] == method
             and (seed is None or row["seed"] == str(seed))
             and (factor is None or row["lr_factor"] == f"{factor:.4g}")
         ]
@@ -511,9 +585,17 @@ def _check_settings(folder: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps({**settings, **({"tasks": tasks} if tasks else {})}, indent=2) + "\n")
 
 
-def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = None,
-              methods: Iterable[str] | None = None, seeds: Iterable[int] | None = None, budget: int | None = None,
-              device: str = "cpu", progress: bool = True) -> Path:
+def run_bench(
+    out: str | Path,
+    preset: Preset,
+    *,
+    tasks: Iterable[str] | None = None,
+    methods: Iterable[str] | None = None,
+    seeds: Iterable[int] | None = None,
+    budget: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
     """Run (or resume) a benchmark and write its results, report and plots to ``out``.
 
     Args:
@@ -554,17 +636,25 @@ def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = 
             tqdm.write(line)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    _check_settings(folder, {
-        "preset": preset.name, "lr_factors": list(preset.lr_factors), "budget": budget,
-        "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
-        # Recorded only when set, so that folders written before they existed keep their settings.
-        **({"lr_proxy": preset.lr_proxy} if preset.lr_proxy is not None else {}),
-        **({"lr_extend": preset.lr_extend} if preset.lr_extend else {}),
-        **({"cache_frozen_layers": True} if preset.cache_frozen_layers else {}),
-        # Tasks the preset sizes by kind, a user's own: their sizes and what identifies their files.
-        "tasks": {task.name: {"sizes": dataclasses.asdict(task.sizes), **task.settings()}
-                  for task in pending if task.name not in preset.sizes},
-    })
+    _check_settings(
+        folder,
+        {
+            "preset": preset.name,
+            "lr_factors": list(preset.lr_factors),
+            "budget": budget,
+            "sizes": {name: dataclasses.asdict(sizes) for name, sizes in sorted(preset.sizes.items())},
+            # Recorded only when set, so that folders written before they existed keep their settings.
+            **({"lr_proxy": preset.lr_proxy} if preset.lr_proxy is not None else {}),
+            **({"lr_extend": preset.lr_extend} if preset.lr_extend else {}),
+            **({"cache_frozen_layers": True} if preset.cache_frozen_layers else {}),
+            # Tasks the preset sizes by kind, a user's own: their sizes and what identifies their files.
+            "tasks": {
+                task.name: {"sizes": dataclasses.asdict(task.sizes), **task.settings()}
+                for task in pending
+                if task.name not in preset.sizes
+            },
+        },
+    )
     results = Results(folder)
     per_method = _runs_per_recipe(preset.lr_factors, seed_list, preset.lr_proxy)
     bar = tqdm(total=len(task_names) * len(method_names) * per_method, disable=not progress, unit="run")
@@ -588,8 +678,10 @@ def run_bench(out: str | Path, preset: Preset, *, tasks: Iterable[str] | None = 
         del task
     bar.close()
     if len(skipped) == len(task_names):
-        raise AssetMissing("no task could run; install what they need: "
-                           + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
+        raise AssetMissing(
+            "no task could run; install what they need: "
+            + "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        )
     report.write(folder, results.rows, TASKS)
     return folder
 
@@ -614,8 +706,11 @@ def _choice(task: Task, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _extended(factors: tuple[float, ...], steps: int) -> tuple[float, ...]:
     """``factors`` (a geometric grid, ascending) with ``steps`` more grid steps past either end."""
     ratio = factors[1] / factors[0]
-    return (*(factors[0] / ratio**k for k in range(steps, 0, -1)), *factors,
-            *(factors[-1] * ratio**k for k in range(1, steps + 1)))
+    return (
+        *(factors[0] / ratio**k for k in range(steps, 0, -1)),
+        *factors,
+        *(factors[-1] * ratio**k for k in range(1, steps + 1)),
+    )
 
 
 def _extensions(task: Task, rows: list[dict[str, Any]], grid: tuple[float, ...]) -> Iterator[float]:
@@ -633,8 +728,17 @@ def _extensions(task: Task, rows: list[dict[str, Any]], grid: tuple[float, ...])
             return
 
 
-def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...], preset: Preset,
-                results: Results, device: torch.device, bar: Any, cache: FrozenLayersCache | None) -> None:
+def _run_recipe(
+    task: Task,
+    recipe: Recipe,
+    budget: int,
+    seeds: tuple[int, ...],
+    preset: Preset,
+    results: Results,
+    device: torch.device,
+    bar: Any,
+    cache: FrozenLayersCache | None,
+) -> None:
     factors, proxy = preset.lr_factors, preset.lr_proxy
     planned = _runs_per_recipe(factors, seeds, proxy)
     if any(row["status"] == "unsupported" for row in results.find(task.name, recipe.name)):
@@ -653,16 +757,22 @@ def _run_recipe(task: Task, recipe: Recipe, budget: int, seeds: tuple[int, ...],
             return
     base_lr = recipe.base_lr(task)
 
-    def run(seed: int, factor: float, splits: tuple[str, ...],
-            steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any], Trained]:
+    def run(
+        seed: int, factor: float, splits: tuple[str, ...], steps: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], Trained]:
         lr = base_lr * factor
         config = recipe.configured(sizing.config, task, steps) if sizing else None
         trained = train(task, recipe, config, seed, lr, device, steps, cache)
         row = _row(task, recipe, sizing, budget, seed, factor, lr, trained)
         for split in splits:
             _add_metrics(row, split, task.evaluate(trained.model, split, device))
-        curve = {"task": task.name, "method": recipe.name, "seed": seed, "lr_factor": row["lr_factor"],
-                 "losses": trained.losses}
+        curve = {
+            "task": task.name,
+            "method": recipe.name,
+            "seed": seed,
+            "lr_factor": row["lr_factor"],
+            "losses": trained.losses,
+        }
         return row, curve, trained
 
     chosen = factors[0]

@@ -80,10 +80,18 @@ class Cuttlefish:
         ValueError: a value out of range or no target layer. TypeError: an unsupported target.
     """
 
-    def __init__(self, model: nn.Module, *, targets: str | Iterable[str] | None = None, keep_leading: int = 0,
-                 window: int = 15, average: int = 11, tolerance: float = 0.1,
-                 relax: tuple[tuple[int, float], ...] = ((2, 2.5), (1, 5.0)),
-                 frobenius_decay: float = 1e-4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        targets: str | Iterable[str] | None = None,
+        keep_leading: int = 0,
+        window: int = 15,
+        average: int = 11,
+        tolerance: float = 0.1,
+        relax: tuple[tuple[int, float], ...] = ((2, 2.5), (1, 5.0)),
+        frobenius_decay: float = 1e-4,
+    ) -> None:
         for name, value, low in (("keep_leading", keep_leading, 0), ("window", window, 1), ("average", average, 1)):
             check_number("Cuttlefish", name, value, low, integer=True)
         check_number("Cuttlefish", "tolerance", tolerance, 0)
@@ -101,9 +109,7 @@ class Cuttlefish:
         self.frobenius_decay = frobenius_decay
         self.full_ranks = {p: min(scheme_matrix(m, k, "channel").shape) for p, m, k in self.layers}
         # ξ_l from the initial weights, before any training step.
-        self.scales = {
-            p: self.full_ranks[p] / stable_rank(scheme_matrix(m, k, "channel")) for p, m, k in self.layers
-        }
+        self.scales = {p: self.full_ranks[p] / stable_rank(scheme_matrix(m, k, "channel")) for p, m, k in self.layers}
         self.history: dict[str, list[int]] = {p: [] for p, _, _ in self.layers}
         self.stable: dict[str, bool] = {p: False for p, _, _ in self.layers}
         self.epoch = 0  # full-rank epochs observed
@@ -134,8 +140,9 @@ class Cuttlefish:
     def ranks(self) -> dict[str, int]:
         """The scaled stable ranks ``min(full, ⌈srank · ξ⌉)`` of the current weights."""
         return {
-            path: min(self.full_ranks[path],
-                      math.ceil(stable_rank(scheme_matrix(layer, kind, "channel")) * self.scales[path]))
+            path: min(
+                self.full_ranks[path], math.ceil(stable_rank(scheme_matrix(layer, kind, "channel")) * self.scales[path])
+            )
             for path, layer, kind in self.layers
         }
 
@@ -204,4 +211,4 @@ class Cuttlefish:
         for value in series[1:]:
             ema.append(weight * value + (1 - weight) * ema[-1])
         slopes = np.abs(np.gradient(np.array(ema)))  # central differences, one-sided at the ends
-        return float(slopes[-self.average:].mean()) <= threshold
+        return float(slopes[-self.average :].mean()) <= threshold

@@ -39,8 +39,16 @@ class LowRankLinear(nn.Module):
         bias: whether ``U`` carries a bias (the replaced layer's).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         check_number("LowRankLinear", "rank", rank, 1, integer=True)
         self.V = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
@@ -69,8 +77,13 @@ class LowRankLinear(nn.Module):
 
     def layout(self) -> dict[str, Any]:
         """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
-        return {"type": "LowRankLinear", "in_features": self.V.in_features, "out_features": self.U.out_features,
-                "rank": self.rank, "bias": self.U.bias is not None}
+        return {
+            "type": "LowRankLinear",
+            "in_features": self.V.in_features,
+            "out_features": self.U.out_features,
+            "rank": self.rank,
+            "bias": self.U.bias is not None,
+        }
 
 
 class LowRankConv2d(nn.Module):
@@ -83,10 +96,21 @@ class LowRankConv2d(nn.Module):
         bias: whether ``U`` carries a bias.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], rank: int, *,
-                 scheme: Scheme = "channel", stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), bias: bool = True, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        rank: int,
+        *,
+        scheme: Scheme = "channel",
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         check_number("LowRankConv2d", "rank", rank, 1, integer=True)
         if scheme not in SCHEMES:
@@ -140,10 +164,18 @@ class LowRankConv2d(nn.Module):
 
     def layout(self) -> dict[str, Any]:
         """What :func:`load_compressed` needs to rebuild this layer (JSON-ready)."""
-        return {"type": "LowRankConv2d", "in_channels": self.V.in_channels, "out_channels": self.U.out_channels,
-                "kernel_size": list(self.kernel_size), "rank": self.rank, "scheme": self.scheme,
-                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
-                "bias": self.U.bias is not None}
+        return {
+            "type": "LowRankConv2d",
+            "in_channels": self.V.in_channels,
+            "out_channels": self.U.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "rank": self.rank,
+            "scheme": self.scheme,
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.U.bias is not None,
+        }
 
 
 LowRankLayer = LowRankLinear | LowRankConv2d
@@ -178,13 +210,23 @@ def empty_like_layer(layer: nn.Module, kind: BaseKind, rank: int, scheme: Scheme
     """An uninitialized low-rank replacement of ``layer`` at ``rank``, same dtype and device."""
     weight = geometry.layer_weight(layer)
     kwargs: dict[str, Any] = {
-        "bias": geometry.layer_bias(layer) is not None, "dtype": weight.dtype, "device": weight.device
+        "bias": geometry.layer_bias(layer) is not None,
+        "dtype": weight.dtype,
+        "device": weight.device,
     }
     if kind == "conv2d":
         assert isinstance(layer, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
-        return LowRankConv2d(layer.in_channels, layer.out_channels, _pair(layer.kernel_size), rank, scheme=scheme,
-                             stride=_pair(layer.stride), padding=_pair(layer.padding), dilation=_pair(layer.dilation),
-                             **kwargs)
+        return LowRankConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            _pair(layer.kernel_size),
+            rank,
+            scheme=scheme,
+            stride=_pair(layer.stride),
+            padding=_pair(layer.padding),
+            dilation=_pair(layer.dilation),
+            **kwargs,
+        )
     out_features, in_features = scheme_matrix(layer, kind, scheme).shape
     return LowRankLinear(in_features, out_features, rank, **kwargs)
 
@@ -220,4 +262,3 @@ def svd_factors(matrix: Tensor, rank: int, scheme: Scheme) -> tuple[Tensor, Tens
         return svd.U, svd.S[:, None] * svd.Vh, svd.error
     root = svd.S.sqrt()
     return svd.U * root, root[:, None] * svd.Vh, svd.error
-

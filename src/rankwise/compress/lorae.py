@@ -81,8 +81,16 @@ class LoRAE(Autoencoder):
         return self.nuclear_weight * torch.linalg.matrix_norm(self.M.weight, "nuc")
 
 
-def train_autoencoder(model: Autoencoder, images: Tensor, *, steps: int, batch_size: int = 100, lr: float = 1e-4,
-                      seed: int = 0, progress: bool = False) -> list[float]:
+def train_autoencoder(
+    model: Autoencoder,
+    images: Tensor,
+    *,
+    steps: int,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
     """Adam on ``MSE(x̂, x) + model.penalty()`` over random batches of ``images``.
 
     Args:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.checks import check_number
-
 from .lorae import Autoencoder
 
 
@@ -45,9 +44,17 @@ class AutoencoderEval:
 
 
 @torch.no_grad()
-def evaluate_autoencoder(model: Autoencoder, train_images: Tensor, test_images: Tensor, *,
-                         features: Callable[[Tensor], Tensor], components: int = 4, samples: int = 10_000,
-                         batch_size: int = 500, seed: int = 0) -> AutoencoderEval:
+def evaluate_autoencoder(
+    model: Autoencoder,
+    train_images: Tensor,
+    test_images: Tensor,
+    *,
+    features: Callable[[Tensor], Tensor],
+    components: int = 4,
+    samples: int = 10_000,
+    batch_size: int = 500,
+    seed: int = 0,
+) -> AutoencoderEval:
     """Reconstruction error, the latent's effective rank and a Fréchet distance of generated images.
 
     Generation follows the official code: a full-covariance Gaussian mixture with ``components``
@@ -63,7 +70,7 @@ def evaluate_autoencoder(model: Autoencoder, train_images: Tensor, test_images: 
     device = next(model.parameters()).device
 
     def batched(fn: Callable[[Tensor], Tensor], data: Tensor) -> Tensor:
-        return torch.cat([fn(data[i:i + batch_size].to(device)).cpu() for i in range(0, len(data), batch_size)])
+        return torch.cat([fn(data[i : i + batch_size].to(device)).cpu() for i in range(0, len(data), batch_size)])
 
     reconstructions = batched(model, test_images)
     mse = F.mse_loss(reconstructions, test_images.cpu()).item()
@@ -118,8 +125,16 @@ class GaussianMixture:
     covariances: Tensor
 
     @classmethod
-    def fit(cls, data: Tensor, components: int, *, iterations: int = 100, tol: float = 1e-6,
-            reg: float = 1e-6, seed: int = 0) -> GaussianMixture:
+    def fit(
+        cls,
+        data: Tensor,
+        components: int,
+        *,
+        iterations: int = 100,
+        tol: float = 1e-6,
+        reg: float = 1e-6,
+        seed: int = 0,
+    ) -> GaussianMixture:
         """Expectation–maximization from k-means++ seeds as means (Arthur & Vassilvitskii 2007: each
         next seed drawn with probability ∝ its squared distance to the nearest seed, so clusters
         are not left without one), the data covariance for every component and equal weights;

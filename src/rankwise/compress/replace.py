@@ -38,8 +38,9 @@ def spatial_conv_targets(model: nn.Module) -> list[str]:
     return [path for path, m in convs[1:] if m.kernel_size != (1, 1) and m.groups == 1]
 
 
-def replace_layers(model: nn.Module, built: dict[str, tuple[LowRankLayer, LayerReport]],
-                   kept: Iterable[str]) -> CompressionReport:
+def replace_layers(
+    model: nn.Module, built: dict[str, tuple[LowRankLayer, LayerReport]], kept: Iterable[str]
+) -> CompressionReport:
     """Put every built low-rank layer in place of the layer at its path (all were built first, so a
     failure left the model whole) and report what changed."""
     before = count_params(model)
@@ -49,8 +50,9 @@ def replace_layers(model: nn.Module, built: dict[str, tuple[LowRankLayer, LayerR
     return CompressionReport(reports, tuple(kept), before, count_params(model))
 
 
-def replace_at_ranks(model: nn.Module, ranks: dict[str, int], scheme: Scheme,
-                     kept: Iterable[str] = ()) -> CompressionReport:
+def replace_at_ranks(
+    model: nn.Module, ranks: dict[str, int], scheme: Scheme, kept: Iterable[str] = ()
+) -> CompressionReport:
     """Replace each layer ``ranks`` names by its truncated-SVD pair at that rank; ``kept`` lists
     the targets the caller left full-rank, for the report."""
     built = {}

@@ -72,16 +72,27 @@ class CompressionReport:
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
-        lines.append(f"model: {self.params_before:,} -> {self.params_after:,} parameters "
-                     f"({self.compression_ratio:.2f}x); replaced layers' FLOPs {self.flop_reduction:.2f}x fewer")
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+        ]
+        lines.append(
+            f"model: {self.params_before:,} -> {self.params_after:,} parameters "
+            f"({self.compression_ratio:.2f}x); replaced layers' FLOPs {self.flop_reduction:.2f}x fewer"
+        )
         if self.kept_full_rank:
             lines.append(f"kept full-rank (no saving at the chosen rank): {', '.join(self.kept_full_rank)}")
         return "\n".join(lines)
 
 
-def layer_report(path: str, layer: nn.Module, kind: BaseKind, scheme: Scheme, rank: int, error: float,
-                 output_error: float | None = None) -> LayerReport:
+def layer_report(
+    path: str,
+    layer: nn.Module,
+    kind: BaseKind,
+    scheme: Scheme,
+    rank: int,
+    error: float,
+    output_error: float | None = None,
+) -> LayerReport:
     """The counts for replacing ``layer`` by a rank-r pair (weights and MACs; bias unchanged)."""
     rows, cols = scheme_matrix(layer, kind, scheme).shape
     weight = rows * cols
@@ -92,8 +103,19 @@ def layer_report(path: str, layer: nn.Module, kind: BaseKind, scheme: Scheme, ra
         assert isinstance(layer, nn.Conv2d)  # kind "conv2d" is an nn.Conv2d (base_kind)
         n, c, kh, kw = layer.weight.shape
         macs = rank * (c * kh * layer.stride[1] + n * kw)
-    return LayerReport(path, kind, scheme, rank, min(rows, cols), weight + _bias(layer), factored + _bias(layer),
-                       weight, macs, error, output_error)
+    return LayerReport(
+        path,
+        kind,
+        scheme,
+        rank,
+        min(rows, cols),
+        weight + _bias(layer),
+        factored + _bias(layer),
+        weight,
+        macs,
+        error,
+        output_error,
+    )
 
 
 def saves_parameters(layer: nn.Module, kind: BaseKind, scheme: Scheme, rank: int) -> bool:

@@ -60,8 +60,16 @@ class TRP:
         TypeError: a target is not a Linear, Conv1D or Conv2d with groups 1.
     """
 
-    def __init__(self, model: nn.Module, *, targets: str | Iterable[str] | None = None, energy: float = 0.9,
-                 period: int = 20, nuclear_weight: float = 3e-4, scheme: Scheme = "channel") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        targets: str | Iterable[str] | None = None,
+        energy: float = 0.9,
+        period: int = 20,
+        nuclear_weight: float = 3e-4,
+        scheme: Scheme = "channel",
+    ) -> None:
         check_number("TRP", "energy", energy, 0, 1, low_open=True)
         check_number("TRP", "period", period, 1, integer=True)
         check_number("TRP", "nuclear_weight", nuclear_weight, 0)

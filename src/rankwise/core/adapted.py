@@ -13,7 +13,6 @@ from .delta import Adapter, Delta, MergeState, OutputAdapter, Reparam
 from .geometry import BaseKind
 from .precision import at_least_fp32
 
-
 AdapterT = TypeVar("AdapterT", bound=Adapter)
 
 

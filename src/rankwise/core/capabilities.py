@@ -66,5 +66,6 @@ class Initializer(Protocol):
     was adapted with, so a config sized to a budget stays at that budget (GoRA warns where its
     smallest rank pushes the count over)."""
 
-    def __call__(self, model: nn.Module, batches: Iterable[Any], *,
-                 loss_fn: Callable[[nn.Module, Any], Tensor], seed: int) -> object: ...
+    def __call__(
+        self, model: nn.Module, batches: Iterable[Any], *, loss_fn: Callable[[nn.Module, Any], Tensor], seed: int
+    ) -> object: ...

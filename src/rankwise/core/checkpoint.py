@@ -194,9 +194,7 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} does not exist")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(
-            f"{path} is truncated or corrupted: its checksum differs from the one in {CONFIG_FILE}"
-        )
+        raise CheckpointError(f"{path} is truncated or corrupted: its checksum differs from the one in {CONFIG_FILE}")
     try:
         return safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error type for any malformed header
@@ -204,14 +202,22 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
 
 
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
-_FIELD_TYPES = {"format": str, "format_version": int, "method": str, "config": dict, "modules": dict,
-                "trainable_modules": list, "tensors_sha256": str}
+_FIELD_TYPES = {
+    "format": str,
+    "format_version": int,
+    "method": str,
+    "config": dict,
+    "modules": dict,
+    "trainable_modules": list,
+    "tensors_sha256": str,
+}
 _LAYER_TYPES = {"base": str, "in_features": int, "out_features": int, "config": dict}
 
 
 def _check_types(meta: dict[str, Any], path: Path) -> None:
     """Raise ``CheckpointError`` naming the first field of the wrong JSON type; fill each layer's
     optional ``config`` (no fields of its own) with ``{}``."""
+
     def check(value: Any, kind: type, where: str) -> None:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CheckpointError(f"{path}: {where} must be {_JSON_TYPES[kind]}, not {json.dumps(value)[:80]}")
@@ -329,7 +335,7 @@ def _write_temporary(path: Path, content: bytes | Callable[[Path], None]) -> Pat
             if isinstance(content, bytes):
                 view = memoryview(content)
                 while view:
-                    view = view[os.write(handle, view):]
+                    view = view[os.write(handle, view) :]
             else:
                 content(temporary)
         finally:

@@ -7,8 +7,17 @@ import math
 from typing import Any
 
 
-def check_number(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number (an integer if ``integer``) within the bounds.
 
     NaN and ±inf are refused first: every comparison with NaN is false, so a check written as

@@ -71,8 +71,7 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
         return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
         }
 
     @classmethod
@@ -87,14 +86,19 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; allowed: {sorted(known)}")
         hints = typing.get_type_hints(cls)
-        kwargs = {
-            k: tuple(v) if isinstance(v, list) and _is_tuple_type(hints[k]) else v for k, v in data.items()
-        }
+        kwargs = {k: tuple(v) if isinstance(v, list) and _is_tuple_type(hints[k]) else v for k, v in data.items()}
         return cls(**kwargs)
 
 
-def check_range(config: AdapterConfig, name: str, low: float | None = None, high: float | None = None,
-                *, low_open: bool = False, high_open: bool = False) -> None:
+def check_range(
+    config: AdapterConfig,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Raise ``ValueError`` naming the config and the field unless its value is a finite number
     within the bounds (each optional, inclusive unless open); see :func:`.checks.check_number`."""
     check_number(type(config).__name__, name, getattr(config, name), low, high, low_open=low_open, high_open=high_open)
@@ -126,9 +130,7 @@ def _compile(entry: str) -> re.Pattern[str]:
 
 
 def _is_tuple_type(hint: Any) -> bool:
-    return typing.get_origin(hint) is tuple or any(
-        typing.get_origin(h) is tuple for h in typing.get_args(hint)
-    )
+    return typing.get_origin(hint) is tuple or any(typing.get_origin(h) is tuple for h in typing.get_args(hint))
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -47,8 +47,7 @@ def check_supported(module: nn.Module, path: str) -> BaseKind:
     kind = base_kind(module)
     if kind is None:
         raise TypeError(
-            f"'{path}' is a {type(module).__name__}; rankwise adapts nn.Linear, transformers Conv1D "
-            "and nn.Conv2d"
+            f"'{path}' is a {type(module).__name__}; rankwise adapts nn.Linear, transformers Conv1D and nn.Conv2d"
         )
     if kind == "conv2d":
         if module.groups != 1:

@@ -200,9 +200,7 @@ def module_overrides(layer: Adapted) -> dict[str, object]:
     """The fields where this layer's own config differs from the one given to ``adapt``."""
     own, shared = layer.delta.config, layer.config
     return {
-        f.name: value
-        for f in dataclasses.fields(own)
-        if (value := getattr(own, f.name)) != getattr(shared, f.name)
+        f.name: value for f in dataclasses.fields(own) if (value := getattr(own, f.name)) != getattr(shared, f.name)
     }
 
 
@@ -215,8 +213,10 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     if merged and layers:
         inside = [path for path, layer in layers if layer.disabled]
         if inside:
-            raise ValueError(f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
-                             "merge after the block; no weight was changed")
+            raise ValueError(
+                f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
+                "merge after the block; no weight was changed"
+            )
         _check_untied(model, layers)
     compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:

@@ -38,7 +38,9 @@ class Summary:
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+        ]
         lines.append(f"trainable: {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.4f}%)")
         return "\n".join(lines)
 

