@@ -1,11 +1,12 @@
 """Low-rank compression and low-rank training: layers are replaced, not adapted.
 
-``lord`` compresses a trained model in one shot; ``TRP`` and ``Cuttlefish`` train a model into
-low rank; ``LoRAE`` learns a low-rank latent. Compressed layers are :class:`LowRankLinear` and
+``lord`` compresses a trained model in one shot (one rank ratio, or ranks allocated under one
+parameter budget) and ``heal`` fine-tunes it briefly at those ranks; ``TRP`` and ``Cuttlefish``
+train a model into low rank; ``LoRAE`` learns a low-rank latent. Compressed layers are :class:`LowRankLinear` and
 :class:`LowRankConv2d`, whose factors are plain ``nn.Linear``/``nn.Conv2d`` children.
 """
 
-from .checkpoint import load_compressed, save_compressed
+from .checkpoint import from_pretrained, load_compressed, save_compressed, save_pretrained
 from .cuttlefish import Cuttlefish, stable_rank
 from .layers import LowRankConv2d, LowRankLinear
 from .lorae import (
@@ -18,6 +19,7 @@ from .lorae import (
     pixel_pca,
     train_autoencoder,
 )
+from .heal import heal
 from .lord import Calibration, calibrate, lord
 from .report import CompressionReport, LayerReport
 from .trp import TRP
@@ -37,10 +39,13 @@ __all__ = [
     "calibrate",
     "evaluate_autoencoder",
     "frechet_distance",
+    "from_pretrained",
+    "heal",
     "load_compressed",
     "lord",
     "pixel_pca",
     "save_compressed",
+    "save_pretrained",
     "stable_rank",
     "train_autoencoder",
 ]

@@ -1,8 +1,11 @@
 """Saving and loading a compressed model: the whole state dict plus each low-rank layer's layout, so
-that an uncompressed model of the same architecture can be rebuilt from the files alone."""
+that an uncompressed model of the same architecture can be rebuilt from the files alone. For a
+transformers model, :func:`save_pretrained` adds its ``config.json`` and :func:`from_pretrained`
+builds the model from it: no base model needed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from pathlib import Path
@@ -19,7 +22,7 @@ from ..version import __version__
 from .layers import LowRankLayer, empty_like_layer
 
 _FORMAT = "rankwise-compressed"
-_WEIGHTS, _LAYOUT = "model.safetensors", "compression.json"
+_WEIGHTS, COMPRESSION_LAYOUT = "model.safetensors", "compression.json"
 
 
 def save_compressed(model: nn.Module, folder: str | Path) -> None:
@@ -49,7 +52,7 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
     # layout last: it is the commit.
     write_files({
         folder / _WEIGHTS: lambda temporary: save_file(tensors, str(temporary), metadata={"save_id": save_id}),
-        folder / _LAYOUT: json.dumps(layout, indent=2).encode(),
+        folder / COMPRESSION_LAYOUT: json.dumps(layout, indent=2).encode(),
     })
 
 
@@ -64,16 +67,14 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         CheckpointError: the files do not fit the model.
     """
     folder = Path(folder)
+    layout = read_layout(folder)
     try:
-        layout = json.loads((folder / _LAYOUT).read_text())
         with safe_open(folder / _WEIGHTS, framework="pt") as file:
             weights_id = (file.metadata() or {}).get("save_id")
-    except (OSError, ValueError, SafetensorError) as error:  # missing, not JSON, not safetensors
+    except (OSError, SafetensorError) as error:  # missing, not safetensors
         raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
-    if not isinstance(layout, dict) or layout.get("format") != _FORMAT or layout.get("format_version") != 1:
-        raise CheckpointError(f"{folder / _LAYOUT} is not a {_FORMAT} v1 file")
     if layout.get("save_id") != weights_id:  # both absent in files from before save ids
-        raise CheckpointError(f"{folder}: {_WEIGHTS} and {_LAYOUT} come from two different saves "
+        raise CheckpointError(f"{folder}: {_WEIGHTS} and {COMPRESSION_LAYOUT} come from two different saves "
                               "(a save interrupted between its two renames); save the model again")
     built = {path: _rebuild(model, path, entry) for path, entry in layout["layers"].items()}
     expected = {k: v.shape for k, v in model.state_dict().items()
@@ -94,6 +95,64 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         replace_module(model, path, layer)
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def read_layout(folder: str | Path) -> dict[str, Any]:
+    """The ``compression.json`` of a compressed-model folder: format, version and each layer's layout.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or not this format.
+    """
+    path = Path(folder) / COMPRESSION_LAYOUT
+    try:
+        layout = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # missing, not JSON
+        raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
+    if not isinstance(layout, dict) or layout.get("format") != _FORMAT or layout.get("format_version") != 1:
+        raise CheckpointError(f"{path} is not a {_FORMAT} v1 file")
+    return layout
+
+
+def save_pretrained(model: nn.Module, folder: str | Path) -> None:
+    """:func:`save_compressed` for a transformers model, with its ``config.json`` first, so that
+    :func:`from_pretrained` can rebuild it from the folder alone."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # as transformers' own save_pretrained records it
+    config.save_pretrained(folder)
+    save_compressed(model, folder)
+
+
+def from_pretrained(folder: str | Path) -> nn.Module:
+    """A transformers model, compressed, from a folder :func:`save_pretrained` wrote: the
+    architecture from ``config.json``, the low-rank layers and weights from the compressed files.
+    In eval mode, as transformers loads models.
+
+    Raises:
+        ValueError: the folder's ``config.json`` is missing or names no transformers architecture.
+        CheckpointError: the compressed files are missing or do not fit the architecture.
+    """
+    model_class, config = transformers_class(folder)
+    return load_compressed(model_class(config), folder).eval()
+
+
+def transformers_class(folder: str | Path) -> tuple[type[nn.Module], Any]:
+    """The transformers model class a model folder's ``config.json`` names, and the config.
+
+    Raises:
+        ValueError: no ``config.json``, or it names no architecture transformers has.
+    """
+    import transformers  # an optional dependency; only transformers folders need it
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a transformers model folder: it has no config.json")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not config.architectures:
+        raise ValueError(f"{folder}/config.json names no architecture; save the model with save_pretrained")
+    model_class = getattr(transformers, config.architectures[0], None)
+    if model_class is None:
+        raise ValueError(f"{folder}: architecture {config.architectures[0]!r} is not a transformers class")
+    return model_class, config
 
 
 def _rebuild(model: nn.Module, path: str, entry: dict[str, Any]) -> LowRankLayer:
