@@ -1,9 +1,12 @@
-"""``rankwise``: list the methods, run the benchmark, inspect and merge adapter checkpoints.
+"""``rankwise``: list the methods, run the benchmark, inspect and merge adapter checkpoints, compress
+a model.
 
     rankwise list
     rankwise bench --preset quick
     rankwise inspect runs/adapter
     rankwise merge --model base-model/ --adapter runs/adapter --out merged-model/
+    rankwise compress --model base-model/ --params 0.9 --calibration text.txt --heal-steps 200 --out small/
+    rankwise inspect small/
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import safetensors
 import torch
 
 import rankwise as rw
+from rankwise.compress.checkpoint import COMPRESSION_LAYOUT, read_layout, transformers_class
 from rankwise.core import registry
+from rankwise.core.checks import check_number
 from rankwise.core.checkpoint import TENSORS_FILE
 
 
@@ -52,6 +57,12 @@ def _check_folder(option: str, path: Path) -> None:
         raise ValueError(f"{option} {path} is a file, not a folder (nothing was written)")
 
 
+def _check_new_folder(option: str, path: Path) -> None:
+    _check_folder(option, path)
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{option} {path} exists and is not empty; choose a new folder (nothing was written)")
+
+
 def _check_device(name: str) -> None:
     """Refuse a device this machine cannot use before anything is written."""
     try:
@@ -63,7 +74,11 @@ def _check_device(name: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> None:
-    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size."""
+    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size, or a
+    compressed model's low-rank layers and their ranks."""
+    if (Path(args.folder) / COMPRESSION_LAYOUT).is_file():
+        _inspect_compressed(args.folder)
+        return
     meta, config = rw.read_adapter_config(args.folder)
     tensors = Path(args.folder) / TENSORS_FILE
     if not tensors.is_file():
@@ -99,23 +114,85 @@ def inspect(args: argparse.Namespace) -> None:
             print(f"trainable module {path}: {values:,} values saved")
 
 
+def _inspect_compressed(folder: Path) -> None:
+    layout = read_layout(folder)
+    rows = []
+    for path, entry in layout["layers"].items():
+        size_in, size_out = (entry["in_features"], entry["out_features"]) if "in_features" in entry else (
+            entry["in_channels"], entry["out_channels"])
+        rows.append((path, entry["type"], f"{size_in} -> {size_out}", str(entry["rank"])))
+    header = ("layer", "type", "in -> out", "rank")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(f"compressed model (saved by rankwise {layout['rankwise_version']}): {len(rows)} low-rank layers")
+    for row in [header, *rows]:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def compress(args: argparse.Namespace) -> None:
+    """``rankwise compress``: LoRD with ranks allocated under one budget on a transformers model folder,
+    then (``--heal-steps``) a short fine-tune of the factors on the calibration text."""
+    from tqdm.auto import tqdm  # a dependency of transformers, which this command needs
+
+    # Every check that needs no model comes first, so bad input costs nothing and writes nothing.
+    for option, value, low, low_open in (("--params", args.params, 0, True), ("--heal-steps", args.heal_steps, 0, False),
+                                         ("--block-size", args.block_size, 2, False)):
+        try:
+            check_number("", option, value, low, 1 if option == "--params" else None, low_open=low_open,
+                         integer=option != "--params")
+        except ValueError as error:
+            raise ValueError(f"{str(error).removeprefix(': ')} (nothing was written)") from None
+    _check_new_folder("--out", args.out)
+    if not args.calibration.is_file():
+        raise ValueError(f"--calibration {args.calibration} is not a file (nothing was written)")
+    text = args.calibration.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"--calibration {args.calibration} is empty; give in-domain text (nothing was written)")
+    model_class = _model_class(args.model)
+
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    blocks = [ids[i:i + args.block_size] for i in range(0, len(ids), args.block_size)]
+    blocks = [{"input_ids": b[None], "labels": b[None]} for b in blocks if len(b) >= 2]
+    if not blocks:
+        raise ValueError(f"--calibration {args.calibration} gives fewer than 2 tokens (nothing was written)")
+    model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
+    with tqdm(total=len(blocks) + 1 + args.heal_steps, unit="step", disable=args.no_progress) as bar:
+        bar.set_description("calibration")
+        statistics = rw.compress.calibrate(model, _counted(blocks, bar), targets=args.targets)
+        bar.set_description("allocation")
+        report = rw.compress.lord(model, targets=args.targets, params=args.params, calibration=statistics)
+        bar.update()
+        if args.heal_steps:
+            bar.set_description("healing")
+            rw.compress.heal(model, blocks, steps=args.heal_steps, lr=args.heal_lr,
+                             progress=lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+    rw.compress.save_pretrained(model, args.out)
+    tokenizer.save_pretrained(args.out)
+    print(report)
+    print(f"compressed model in {args.out}; load it with rankwise.compress.from_pretrained")
+
+
+def _model_class(folder: Path) -> type:
+    try:
+        return transformers_class(folder)[0]
+    except ValueError as error:
+        raise ValueError(f"--model {error} (nothing was written)") from None
+
+
+def _counted(items: list, bar) -> Iterator:
+    for item in items:
+        yield item
+        bar.update()
+
+
 def merge(args: argparse.Namespace) -> None:
     """``rankwise merge``: fold an adapter into a transformers model folder and save the result."""
     import transformers  # an optional dependency; only this command needs it
 
-    _check_folder("--out", args.out)
-    if args.out.exists() and any(args.out.iterdir()):
-        raise ValueError(f"--out {args.out} exists and is not empty; choose a new folder (nothing was written)")
-    if not (args.model / "config.json").is_file():
-        raise ValueError(f"--model {args.model} is not a transformers model folder: it has no config.json "
-                         "(nothing was written)")
-
-    config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
-    if not config.architectures:
-        raise ValueError(f"{args.model}/config.json names no architecture; save the model with save_pretrained")
-    model_class = getattr(transformers, config.architectures[0], None)
-    if model_class is None:
-        raise ValueError(f"{args.model}: architecture {config.architectures[0]!r} is not a transformers class")
+    _check_new_folder("--out", args.out)
+    model_class = _model_class(args.model)
     model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
     model = rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)
     model.save_pretrained(args.out)
@@ -154,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--adapter", type=Path, required=True, help="a rankwise adapter folder (save_adapter)")
     fold.add_argument("--out", type=Path, required=True, help="where the merged model is written")
     fold.set_defaults(run=merge)
+
+    shrink = commands.add_parser("compress", help="LoRD under one parameter budget on a transformers model, healed")
+    shrink.add_argument("--model", type=Path, required=True, help="a transformers model folder (save_pretrained)")
+    shrink.add_argument("--params", type=float, required=True,
+                        help="fraction of the target layers' parameters to keep, in (0, 1]")
+    shrink.add_argument("--calibration", type=Path, required=True,
+                        help="a UTF-8 text file of in-domain text: calibration, and healing data")
+    shrink.add_argument("--out", type=Path, required=True, help="a new folder for the compressed model")
+    shrink.add_argument("--targets", nargs="+", default=["all-linear"],
+                        help="layer names or re: patterns (default: every linear layer but the LM head)")
+    shrink.add_argument("--heal-steps", type=int, default=0, help="fine-tune steps on the factors after (default 0)")
+    shrink.add_argument("--heal-lr", type=float, default=1e-4, help="peak learning rate of healing (default 1e-4)")
+    shrink.add_argument("--block-size", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    shrink.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shrink.set_defaults(run=compress)
     return parser
 
 

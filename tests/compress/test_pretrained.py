@@ -85,8 +85,8 @@ def test_the_cli_compresses_heals_and_saves_a_model_that_loads_and_generates(
 
 
 BAD = [
-    ("--params above 1", {"--params": "1.5"}, r"--params 1.5 must be in \(0, 1\]"),
-    ("--params 0", {"--params": "0"}, r"--params 0.0 must be in \(0, 1\]"),
+    ("--params above 1", {"--params": "1.5"}, r"--params=1.5 must be in \(0, 1\]"),
+    ("--params 0", {"--params": "0"}, r"--params=0.0 must be in \(0, 1\]"),
     ("empty calibration", {"--calibration": "empty.txt"}, "--calibration .*empty.txt is empty"),
     ("not a transformers folder", {"--model": "plain"}, "--model .*plain is not a transformers model folder"),
 ]
