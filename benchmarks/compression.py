@@ -5,6 +5,10 @@ Not a test. Three parts, each skipped with a message when its asset is missing (
 
 * ``lord``: SmolLM2-135M-Instruct, held-out perplexity on Grimm tales at three rank ratios, weight
   SVD against activation-aware (calibrated on other Grimm tales).
+* ``budget``: the same model at four whole-model parameter budgets: one uniform ratio against ranks
+  allocated under the budget, then healed, beside the uncompressed model given the same healing.
+* ``speed``: prefill and decode time, FLOPs and parameter memory of the model allocated at 90%
+  against the base, 2 threads, one process.
 * ``cnn``: a small CNN trained here on Fashion-MNIST: full-rank, TRP (then converted), plain SVD of
   the full-rank net at TRP's ranks, and Cuttlefish; test accuracy against parameters.
 * ``lorae``: LoRAE against a plain autoencoder and IRMAE (M without the penalty) on Fashion-MNIST:
@@ -14,8 +18,9 @@ Not a test. Three parts, each skipped with a message when its asset is missing (
     python benchmarks/compression.py --out DIR                  # all parts, one thread: 18 min on a
                                                                 # shared 2-core machine
     python benchmarks/compression.py --out DIR --parts cnn --quick
+    python benchmarks/compression.py --out DIR --parts budget --heal-steps 50
 
-Writes ``DIR/results.json`` and ``DIR/results.md``.
+Writes ``DIR/results.json`` and ``DIR/results.md`` (and ``DIR/budget.json`` as each budget finishes).
 """
 
 from __future__ import annotations
@@ -125,6 +130,181 @@ def run_lord(quick: bool) -> dict:
             del model
     return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to fp32)", "targets": ", ".join(MLP),
             "held_out_tokens": held_out.numel(), "calibration_tokens": calibration_blocks.numel(), "rows": rows}
+
+
+# ---------------------------------------------------------------- LoRD under one budget, healed
+
+
+WHOLE_MODEL_BUDGETS = (0.95, 0.9, 0.85, 0.8)  # fraction of the whole model's parameters kept
+
+
+def linear_shapes(model: nn.Module, names: tuple[str, ...] | None) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer but the LM head (or of those whose name ends in ``names``)."""
+    head = model.get_output_embeddings()
+    return [(m.out_features, m.in_features) for path, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and (names is None or path.endswith(names))]
+
+
+def uniform_ratio(shapes: list[tuple[int, int]], total: int, budget: int) -> float:
+    """The largest rank ratio (in steps of 0.001) whose uniform compression of ``shapes`` leaves the
+    model at or under ``budget`` parameters (layers past break-even stay dense, as lord does)."""
+    from rankwise.compress.allocation import break_even
+
+    def params(ratio: float) -> int:
+        kept = 0
+        for rows, cols in shapes:
+            rank = max(1, round(ratio * min(rows, cols)))
+            kept += rank * (rows + cols) if rank < break_even(rows, cols) else rows * cols
+        return total - sum(rows * cols for rows, cols in shapes) + kept
+
+    return max(step / 1000 for step in range(1, 1001) if params(step / 1000) <= budget)
+
+
+def run_budget(quick: bool, out: Path, heal_steps: int, heal_config: str,
+               fractions: tuple[float, ...] = WHOLE_MODEL_BUDGETS) -> dict:
+    """Perplexity against whole-model parameters: uniform ratio (MLP only, as today, and over every
+    linear layer), allocated under one budget, allocated + healed, and the healed uncompressed model."""
+    tokenizer, base = load_smollm2()
+    tales = grimm_tales()
+    held_out = token_blocks(tokenizer, tales[-10:], 2 if quick else 12, 256)
+    calibration_blocks = token_blocks(tokenizer, tales[:44], 4 if quick else 8, 128)
+    calibration = [{"input_ids": calibration_blocks[i:i + 2], "labels": calibration_blocks[i:i + 2]}
+                   for i in range(0, len(calibration_blocks), 2)]
+    training = token_blocks(tokenizer, tales[:44], 8 if quick else 320, 128)
+    heal_batches = [{"input_ids": training[i:i + 4], "labels": training[i:i + 4]} for i in range(0, len(training), 4)]
+    steps = 4 if quick else heal_steps
+    config = None if heal_config == "factors" else rw.LoRAConfig(rank=16, targets=("all-linear",))
+    lr = 1e-4 if config is None else 1e-3
+    total = count_params(base)
+    every_linear, mlp = linear_shapes(base, None), linear_shapes(base, MLP)
+    targets = sum(rows * cols for rows, cols in every_linear)
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized to fp32)", "params": total,
+              "held_out_tokens": held_out.numel(), "calibration_tokens": calibration_blocks.numel(),
+              "heal": {"steps": steps, "batch": "4 x 128 tokens", "trained": heal_config, "lr": lr,
+                       "schedule": "AdamW, cosine to 0, no weight decay",
+                       "tokens_seen": steps * 4 * 128, "training_tokens": training.numel()},
+              "uncompressed": {"perplexity": perplexity(base, held_out)}, "points": []}
+
+    def save() -> None:  # after every point: an interrupted run keeps what it measured
+        (out / "budget.json").write_text(json.dumps(result, indent=2))
+
+    log(f"uncompressed perplexity {result['uncompressed']['perplexity']:.2f}")
+    healed = copy.deepcopy(base)
+    losses = rw.compress.heal(healed, heal_batches, config=config, steps=steps, lr=lr)
+    result["uncompressed"] |= {"healed_perplexity": perplexity(healed, held_out), "heal_losses": losses[::10]}
+    log(f"uncompressed + the same fine-tune: perplexity {result['uncompressed']['healed_perplexity']:.2f}")
+    del healed
+    save()
+    # One calibration pass (outputs and loss gradients) and one eigendecomposition per layer serve
+    # every budget and both uniform baselines.
+    statistics = rw.compress.calibrate(base, calibration)
+    log("calibration statistics collected")
+    for fraction in fractions[:2] if quick else fractions:
+        budget = math.floor(fraction * total)
+        point: dict = {"fraction": fraction}
+        for name, shapes, names in (("uniform MLP", mlp, MLP), ("uniform all-linear", every_linear, None)):
+            ratio = uniform_ratio(shapes, total, budget)
+            model = copy.deepcopy(base)
+            report = rw.compress.lord(model, targets=names or ("all-linear",), rank_ratio=ratio,
+                                      calibration=statistics)
+            point[name] = {"rank_ratio": ratio, "params": report.params_after, "perplexity": perplexity(model, held_out)}
+            log(f"{fraction}: {name} ratio {ratio}: {report.params_after:,} params, "
+                f"perplexity {point[name]['perplexity']:.2f}")
+        # The whole-model budget as a fraction of the targets' parameters (embeddings stay).
+        params = 1 - (total - budget) / targets
+        model = copy.deepcopy(base)
+        report = rw.compress.lord(model, params=params, calibration=statistics)
+        point["allocated"] = {"params_argument": params, "params": report.params_after,
+                              "perplexity": perplexity(model, held_out), "ranks": report.ranks(),
+                              "kept_dense": list(report.kept_full_rank), "flop_reduction": report.flop_reduction}
+        log(f"{fraction}: allocated params={params:.4f}: {report.params_after:,} params, "
+            f"perplexity {point['allocated']['perplexity']:.2f}, {len(report.kept_full_rank)} layers dense")
+        save()
+        losses = rw.compress.heal(model, heal_batches, config=config, steps=steps, lr=lr)
+        point["allocated + healed"] = {"params": count_params(model), "perplexity": perplexity(model, held_out),
+                                       "heal_losses": losses[::10]}
+        log(f"{fraction}: allocated + healed: perplexity {point['allocated + healed']['perplexity']:.2f}")
+        result["points"].append(point)
+        save()
+        del model
+    return result
+
+
+# ---------------------------------------------------------------- what compression buys at inference
+
+
+def _median_seconds(rounds: list[list[float]]) -> list[float]:
+    return [float(np.median(column)) for column in zip(*rounds)]
+
+
+def run_speed(quick: bool, fraction: float = 0.9) -> dict:
+    """Prefill of 512 tokens and per-token decode (KV cache), base against the allocated model at
+    ``fraction`` of the whole model's parameters, 2 threads, one process, alternating rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _speed(quick, fraction)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _speed(quick: bool, fraction: float) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokenizer, base = load_smollm2()
+    tales = grimm_tales()
+    calibration_blocks = token_blocks(tokenizer, tales[:44], 4 if quick else 8, 128)
+    calibration = [{"input_ids": calibration_blocks[i:i + 2], "labels": calibration_blocks[i:i + 2]}
+                   for i in range(0, len(calibration_blocks), 2)]
+    targets = sum(rows * cols for rows, cols in linear_shapes(base, None))
+    total = count_params(base)
+    compressed = copy.deepcopy(base)
+    with torch.enable_grad():
+        report = rw.compress.lord(compressed, params=1 - (total - math.floor(fraction * total)) / targets,
+                                  calibration=rw.compress.calibrate(base, calibration))
+    prompt = token_blocks(tokenizer, tales[-10:], 1, 512)
+    decode_tokens = 8 if quick else 32
+    models = {"base": base, "compressed": compressed}
+
+    def prefill(model: nn.Module) -> float:
+        start = time.perf_counter()
+        model(input_ids=prompt, use_cache=False)
+        return time.perf_counter() - start
+
+    def decode(model: nn.Module) -> float:
+        cache = model(input_ids=prompt[:, :-decode_tokens], use_cache=True).past_key_values
+        start = time.perf_counter()
+        for i in range(decode_tokens):
+            cache = model(input_ids=prompt[:, -decode_tokens + i:][:, :1], past_key_values=cache,
+                          use_cache=True).past_key_values
+        return (time.perf_counter() - start) / decode_tokens
+
+    flops = {}
+    for name, model in models.items():
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=prompt, use_cache=False)
+        flops[name] = counter.get_total_flops()
+        prefill(model)  # warm-up
+    rounds = []
+    for _ in range(2 if quick else 7):
+        rounds.append([prefill(models["base"]), prefill(models["compressed"]),
+                       decode(models["base"]), decode(models["compressed"])])
+    base_prefill, compressed_prefill, base_decode, compressed_decode = _median_seconds(rounds)
+    result = {"fraction": fraction, "threads": torch.get_num_threads(), "rounds": len(rounds),
+              "params": {name: count_params(m) for name, m in models.items()},
+              "parameter_bytes": {name: sum(p.numel() * p.element_size() for p in m.parameters())
+                                  for name, m in models.items()},
+              "prefill_512_flops": flops, "flop_reduction": flops["base"] / flops["compressed"],
+              "replaced_layers_flop_reduction": report.flop_reduction,
+              "prefill_seconds": {"base": base_prefill, "compressed": compressed_prefill},
+              "decode_seconds_per_token": {"base": base_decode, "compressed": compressed_decode},
+              "prefill_speedup": base_prefill / compressed_prefill, "decode_speedup": base_decode / compressed_decode,
+              "load_average": os.getloadavg()}
+    log(f"speed: prefill {base_prefill:.3f}s -> {compressed_prefill:.3f}s ({result['prefill_speedup']:.2f}x), "
+        f"decode {base_decode * 1000:.1f} -> {compressed_decode * 1000:.1f} ms/token "
+        f"({result['decode_speedup']:.2f}x); FLOPs {result['flop_reduction']:.3f}x fewer")
+    return result
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -342,6 +522,40 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['mode']} | {row['rank_ratio']} | {row['params']:,} | {row['compression']:.2f}x | "
                          f"{row['flop_reduction']:.2f}x fewer | {row['perplexity']:.2f} |")
         lines.append("")
+    if "budget" in results:
+        r = results["budget"]
+        heal = r["heal"]
+        lines += [f"### LoRD under one budget on {r['model']}", "",
+                  f"Held-out perplexity on {r['held_out_tokens']} tokens of the last 10 Grimm tales; calibration "
+                  f"(outputs and loss gradients) on {r['calibration_tokens']} tokens of the first 44. Healing: "
+                  f"{heal['steps']} steps of {heal['batch']} from the first 44 tales, {heal['trained']}, lr "
+                  f"{heal['lr']}, {heal['schedule']}.", "",
+                  "| whole-model budget | uniform MLP: params, ppl | uniform all-linear: params, ppl | "
+                  "allocated: params, ppl | allocated + healed: ppl |", "|---|---|---|---|---|",
+                  f"| 1.0 (uncompressed) | {r['params']:,}, {r['uncompressed']['perplexity']:.2f} | | | "
+                  f"{r['uncompressed'].get('healed_perplexity', float('nan')):.2f} (same healing) |"]
+        for point in r["points"]:
+            cells = [f"{point[k]['params']:,}, {point[k]['perplexity']:.2f}"
+                     for k in ("uniform MLP", "uniform all-linear", "allocated")]
+            lines.append(f"| {point['fraction']} | " + " | ".join(cells)
+                         + f" | {point['allocated + healed']['perplexity']:.2f} |")
+        lines.append("")
+    if "speed" in results:
+        r = results["speed"]
+        lines += [f"### Inference, base against allocated at {r['fraction']} of the parameters", "",
+                  f"{r['threads']} threads, one process, medians of {r['rounds']} alternating rounds.", "",
+                  "| | base | compressed | ratio |", "|---|---|---|---|",
+                  f"| parameters | {r['params']['base']:,} | {r['params']['compressed']:,} | "
+                  f"{r['params']['base'] / r['params']['compressed']:.3f}x |",
+                  f"| parameter memory (MB) | {r['parameter_bytes']['base'] / 1e6:.1f} | "
+                  f"{r['parameter_bytes']['compressed'] / 1e6:.1f} | "
+                  f"{r['parameter_bytes']['base'] / r['parameter_bytes']['compressed']:.3f}x |",
+                  f"| prefill FLOPs (512 tokens) | {r['prefill_512_flops']['base'] / 1e9:.1f} G | "
+                  f"{r['prefill_512_flops']['compressed'] / 1e9:.1f} G | {r['flop_reduction']:.3f}x fewer |",
+                  f"| prefill 512 tokens (s) | {r['prefill_seconds']['base']:.3f} | "
+                  f"{r['prefill_seconds']['compressed']:.3f} | {r['prefill_speedup']:.3f}x faster |",
+                  f"| decode (ms/token) | {r['decode_seconds_per_token']['base'] * 1e3:.1f} | "
+                  f"{r['decode_seconds_per_token']['compressed'] * 1e3:.1f} | {r['decode_speedup']:.3f}x faster |", ""]
     if "cnn" in results:
         r = results["cnn"]
         lines += ["### TRP and Cuttlefish on Fashion-MNIST", "",
@@ -370,7 +584,12 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--parts", default="lord,cnn,lorae")
+    parser.add_argument("--parts", default="lord,budget,speed,cnn,lorae")
+    parser.add_argument("--heal-steps", type=int, default=50, help="budget: healing steps per model")
+    parser.add_argument("--heal", choices=("factors", "lora"), default="factors",
+                        help="budget: train the linear layers themselves, or LoRA r = 16 on them, merged")
+    parser.add_argument("--budgets", default=",".join(map(str, WHOLE_MODEL_BUDGETS)),
+                        help="budget: fractions of the whole model's parameters to keep")
     parser.add_argument("--quick", action="store_true", help="a few steps per part, to check the script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -379,6 +598,15 @@ def main() -> None:
     results: dict = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick}
     classifier = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    for part, run in (("speed", lambda: run_speed(args.quick)),
+                      ("budget", lambda: run_budget(args.quick, args.out, args.heal_steps, args.heal,
+                                                   tuple(map(float, args.budgets.split(",")))))):
+        if part in parts:
+            try:
+                results[part] = run()
+            except importlib.metadata.PackageNotFoundError as error:
+                log(f"skipping {part}: {error} is not installed (see shared/ASSETS.md)")
     if "lord" in parts:
         try:
             results["lord"] = run_lord(args.quick)
