@@ -3,6 +3,7 @@ transformers model (GPT-2's Conv1D) end to end."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_output_error_falls_as_the_rank_ratio_rises() -> None:
         model = _model()
         lord(model, targets=("0", "2"), rank_ratio=ratio)
         errors.append(_relative_error(model, _model(), x))
-    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors)), errors
 
 
 def test_weight_svd_factors_are_the_truncated_svd() -> None:

@@ -16,15 +16,41 @@ from rankwise.compress import LowRankLinear, calibrate, from_pretrained, lord, s
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-_WORDS = "the king had a daughter who was fair and the frog sat by the well in the wood".split()
+_WORDS = [
+    "the",
+    "king",
+    "had",
+    "a",
+    "daughter",
+    "who",
+    "was",
+    "fair",
+    "and",
+    "the",
+    "frog",
+    "sat",
+    "by",
+    "the",
+    "well",
+    "in",
+    "the",
+    "wood",
+]
 _TEXT = " ".join(_WORDS[i % len(_WORDS)] for i in range(7 * 200))
 
 
 def _llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -56,8 +82,9 @@ def test_save_then_from_pretrained_is_bit_exact_without_the_base_model(tmp_path:
     assert state.keys() == reloaded.keys() and all(torch.equal(state[k], reloaded[k]) for k in state)
     ids = torch.randint(0, 32, (1, 10))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert torch.equal(loaded.generate(ids, max_new_tokens=5, do_sample=False),
-                       model.generate(ids, max_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        loaded.generate(ids, max_new_tokens=5, do_sample=False), model.generate(ids, max_new_tokens=5, do_sample=False)
+    )
 
 
 def test_the_cli_compresses_heals_and_saves_a_model_that_loads_and_generates(
@@ -66,8 +93,22 @@ def test_the_cli_compresses_heals_and_saves_a_model_that_loads_and_generates(
     model_folder = _model_folder(tmp_path / "model")
     (tmp_path / "tales.txt").write_text(_TEXT)
     out = tmp_path / "small"
-    argv = ["compress", "--model", str(model_folder), "--params", "0.6", "--calibration", str(tmp_path / "tales.txt"),
-            "--heal-steps", "3", "--block-size", "64", "--out", str(out), "--no-progress"]
+    argv = [
+        "compress",
+        "--model",
+        str(model_folder),
+        "--params",
+        "0.6",
+        "--calibration",
+        str(tmp_path / "tales.txt"),
+        "--heal-steps",
+        "3",
+        "--block-size",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "compressed model in" in printed and "rank" in printed
@@ -93,8 +134,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("change", "message"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_compress_input_gives_one_line_and_writes_nothing(change, message, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_compress_input_gives_one_line_and_writes_nothing(
+    change, message, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _model_folder(tmp_path / "model")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "weights.bin").write_bytes(b"not a model")

@@ -8,6 +8,7 @@ train a model into low rank; ``LoRAE`` learns a low-rank latent. Compressed laye
 
 from .checkpoint import from_pretrained, load_compressed, save_compressed, save_pretrained
 from .cuttlefish import Cuttlefish, stable_rank
+from .heal import heal
 from .layers import LowRankConv2d, LowRankLinear
 from .lorae import (
     Autoencoder,
@@ -19,7 +20,6 @@ from .lorae import (
     pixel_pca,
     train_autoencoder,
 )
-from .heal import heal
 from .lord import Calibration, calibrate, lord
 from .report import CompressionReport, LayerReport
 from .trp import TRP

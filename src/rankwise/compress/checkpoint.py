@@ -39,8 +39,13 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    layout = {"format": _FORMAT, "format_version": 1, "rankwise_version": __version__, "save_id": save_id,
-              "layers": {path: m.layout() for path, m in model.named_modules() if isinstance(m, LowRankLayer)}}
+    layout = {
+        "format": _FORMAT,
+        "format_version": 1,
+        "rankwise_version": __version__,
+        "save_id": save_id,
+        "layers": {path: m.layout() for path, m in model.named_modules() if isinstance(m, LowRankLayer)},
+    }
     seen: set[int] = set()
     tensors = {}
     for key, value in model.state_dict().items():
@@ -50,10 +55,12 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
         seen.add(storage)
     # The weights through a file, not bytes in memory: a whole model's state dict is large. The
     # layout last: it is the commit.
-    write_files({
-        folder / _WEIGHTS: lambda temporary: save_file(tensors, str(temporary), metadata={"save_id": save_id}),
-        folder / COMPRESSION_LAYOUT: json.dumps(layout, indent=2).encode(),
-    })
+    write_files(
+        {
+            folder / _WEIGHTS: lambda temporary: save_file(tensors, str(temporary), metadata={"save_id": save_id}),
+            folder / COMPRESSION_LAYOUT: json.dumps(layout, indent=2).encode(),
+        }
+    )
 
 
 def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -74,19 +81,25 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
     except (OSError, SafetensorError) as error:  # missing, not safetensors
         raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
     if layout.get("save_id") != weights_id:  # both absent in files from before save ids
-        raise CheckpointError(f"{folder}: {_WEIGHTS} and {COMPRESSION_LAYOUT} come from two different saves "
-                              "(a save interrupted between its two renames); save the model again")
+        raise CheckpointError(
+            f"{folder}: {_WEIGHTS} and {COMPRESSION_LAYOUT} come from two different saves "
+            "(a save interrupted between its two renames); save the model again"
+        )
     built = {path: _rebuild(model, path, entry) for path, entry in layout["layers"].items()}
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not any(k.startswith(path + ".") for path in built)}
+    expected = {
+        k: v.shape for k, v in model.state_dict().items() if not any(k.startswith(path + ".") for path in built)
+    }
     for path, layer in built.items():
         expected |= {f"{path}.{k}": v.shape for k, v in layer.state_dict().items()}
     tensors = load_file(str(folder / _WEIGHTS))
     problems = [f"missing {sorted(set(expected) - set(tensors))}"] if set(expected) - set(tensors) else []
     if set(tensors) - set(expected):
         problems.append(f"unexpected {sorted(set(tensors) - set(expected))}")
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
-              for k, v in tensors.items() if k in expected and v.shape != expected[k]]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k]
+    ]
     if shapes:
         problems.append(f"mis-shaped {shapes}")
     if problems:

@@ -25,8 +25,16 @@ from .batches import LossFn, batch_loss, forward
 from .layers import LowRankConv2d, LowRankLinear
 
 
-def heal(model: nn.Module, batches: Iterable[Any], *, config: AdapterConfig | None = None, steps: int, lr: float,
-         loss: LossFn | None = None, progress: Callable[[int, float], None] | None = None) -> list[float]:
+def heal(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    config: AdapterConfig | None = None,
+    steps: int,
+    lr: float,
+    loss: LossFn | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Fine-tune ``model`` for ``steps`` AdamW steps (cosine learning rate), in place.
 
     Args:

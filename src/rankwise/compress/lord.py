@@ -56,14 +56,21 @@ class Calibration:
             ValueError: the calibration had no loss, so no gradient moments.
         """
         if self.gradients is None:
-            raise ValueError("the calibration has no gradient statistics: calibrate with batches whose output "
-                             "has a loss (a transformers model given labels) or pass loss=")
+            raise ValueError(
+                "the calibration has no gradient statistics: calibrate with batches whose output "
+                "has a loss (a transformers model given labels) or pass loss="
+            )
         values, vectors = self.eigen(path)
         return values * (vectors * (self.gradients[path] @ vectors)).sum(0)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], *, targets: str | Iterable[str] = (ALL_LINEAR,),
-              loss: LossFn | None = None) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    targets: str | Iterable[str] = (ALL_LINEAR,),
+    loss: LossFn | None = None,
+) -> Calibration:
     """Run ``batches`` through ``model`` and keep each target layer's output second moment, and the
     second moment of the loss gradient at each output where the batches give a loss.
 
@@ -84,9 +91,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, targets: str | Iterab
     return Calibration(moments, gradients)
 
 
-def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank_ratio: float | None = None,
-         energy: float | None = None, params: float | None = None,
-         calibration: Iterable[Any] | Calibration | None = None) -> CompressionReport:
+def lord(
+    model: nn.Module,
+    *,
+    targets: str | Iterable[str] = (ALL_LINEAR,),
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    params: float | None = None,
+    calibration: Iterable[Any] | Calibration | None = None,
+) -> CompressionReport:
     """Replace each target layer by a rank-r pair, in place.
 
     Without ``calibration`` the factors are the weight's truncated SVD, ``W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ)``.
@@ -126,8 +139,11 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
             a loss, or below rank 1 in every layer.
         TypeError: a target is not a Linear, Conv1D or Conv2d (groups 1).
     """
-    given = {name: value for name, value in (("rank_ratio", rank_ratio), ("energy", energy), ("params", params))
-             if value is not None}
+    given = {
+        name: value
+        for name, value in (("rank_ratio", rank_ratio), ("energy", energy), ("params", params))
+        if value is not None
+    }
     if len(given) != 1:
         raise ValueError(f"lord: give exactly one of rank_ratio, energy and params; got {given or 'none'}")
     for name, value in given.items():
@@ -145,13 +161,16 @@ def lord(model: nn.Module, *, targets: str | Iterable[str] = (ALL_LINEAR,), rank
     weights = {path: scheme_matrix(layer, kinds[path], "channel") for path, layer in layers}
     ranks = {}
     if params is not None:
-        everything = sum(layer_report(path, layer, kinds[path], "channel", 1, 0.0).params_before
-                         for path, layer in layers)
+        everything = sum(
+            layer_report(path, layer, kinds[path], "channel", 1, 0.0).params_before for path, layer in layers
+        )
         biases = sum(0 if layer.bias is None else layer.bias.numel() for _, layer in layers)
         try:
-            ranks = allocate_ranks({path: tuple(w.shape) for path, w in weights.items()},
-                                   {path: calibration.scores(path) for path in weights},
-                                   math.floor(params * everything) - biases)
+            ranks = allocate_ranks(
+                {path: tuple(w.shape) for path, w in weights.items()},
+                {path: calibration.scores(path) for path in weights},
+                math.floor(params * everything) - biases,
+            )
         except ValueError as error:
             raise ValueError(f"lord: params={params}: {error}") from None
     built: dict[str, tuple[LowRankLayer, LayerReport]] = {}
@@ -182,8 +201,9 @@ def _rank(weight: Tensor, rank_ratio: float | None, energy: float | None, eigenv
     return min(rank_for_energy(eigenvalues, energy), full)
 
 
-def _activation_factors(weight: Tensor, eigenvalues: Tensor, vectors: Tensor,
-                        rank: int) -> tuple[Tensor, Tensor, float, float]:
+def _activation_factors(
+    weight: Tensor, eigenvalues: Tensor, vectors: Tensor, rank: int
+) -> tuple[Tensor, Tensor, float, float]:
     basis = vectors[:, :rank]  # Q_r, (out, r)
     w = weight.detach().to(torch.float64)
     right = basis.T @ w  # Q_rᵀ W, (r, in)
@@ -193,8 +213,9 @@ def _activation_factors(weight: Tensor, eigenvalues: Tensor, vectors: Tensor,
     return basis, right, error, output_error
 
 
-def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]], calibration: Iterable[Any],
-                    loss: LossFn | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+def _output_moments(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], calibration: Iterable[Any], loss: LossFn | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """``(1/N) Σ z zᵀ`` of each layer's bias-free output over the calibration batches and, where the
     batches give a loss, ``(1/N) Σ g gᵀ`` of its gradient ``g = ∂L/∂z``; both float64."""
     sums: dict[str, Tensor] = {}
@@ -212,6 +233,7 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]], calib
             probe = torch.zeros_like(output, requires_grad=True)
             outputs.append((path, probe))
             return output + probe
+
         return hook
 
     kinds = {path: check_supported(layer, path) for path, layer in layers}
@@ -227,7 +249,7 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]], calib
                 with_loss.add(value is not None)
                 if value is not None:
                     grads = torch.autograd.grad(value, [leaf for _, leaf in outputs], allow_unused=True)
-                    for (path, _), grad in zip(outputs, grads):
+                    for (path, _), grad in zip(outputs, grads, strict=True):
                         if grad is not None:
                             gradient_sums[path] = gradient_sums.get(path, 0) + _gram(grad, kinds[path])
     finally:
@@ -241,13 +263,17 @@ def _output_moments(model: nn.Module, layers: list[tuple[str, nn.Module]], calib
     if len(with_loss) > 1:
         raise ValueError("some calibration batches give a loss and others do not; give every batch labels or none")
     # Under torch.distributed each rank saw its own shard: sum the moments and counts first.
-    count = {path: sum_across_ranks(torch.tensor([n], dtype=torch.float64, device=sums[path].device))
-             for path, n in counts.items()}
+    count = {
+        path: sum_across_ranks(torch.tensor([n], dtype=torch.float64, device=sums[path].device))
+        for path, n in counts.items()
+    }
     moments = {path: sum_across_ranks(total) / count[path] for path, total in sums.items()}
     if with_loss != {True}:
         return moments, None
-    gradients = {path: sum_across_ranks(gradient_sums.get(path, torch.zeros_like(total))) / count[path]
-                 for path, total in sums.items()}
+    gradients = {
+        path: sum_across_ranks(gradient_sums.get(path, torch.zeros_like(total))) / count[path]
+        for path, total in sums.items()
+    }
     return moments, gradients
 
 
