@@ -72,3 +72,4 @@ def test_bad_healing_arguments_are_refused_before_training() -> None:
         heal(model, _batches(), config=rw.LoRAConfig(rank=2, targets=("all-linear",)), steps=1, lr=1e-3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert not any(isinstance(m, rw.Adapted) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

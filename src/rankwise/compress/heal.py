@@ -56,7 +56,9 @@ def heal(
         require grad is as before.
 
     Raises:
-        ValueError: ``steps`` or ``lr`` out of range, no batches, or a batch that gives no loss.
+        ValueError: ``steps`` or ``lr`` out of range, no batches, or a batch that gives no loss. A
+            run that fails drops its adapters unmerged and restores the ``requires_grad`` flags;
+            steps already taken on the layers themselves (``config=None``) stay.
     """
     check_number("heal", "steps", steps, 1, integer=True)
     check_number("heal", "lr", lr, 0, low_open=True)
@@ -93,14 +95,15 @@ def heal(
                 progress(step + 1, losses[-1])
     except BaseException:
         if config is not None:
-            unwrap(model, merge=False)  # a failed run leaves the weights as they were
+            model = unwrap(model, merge=False)  # a failed run drops the adapters, merging nothing
         raise
+    else:
+        if config is not None:
+            model = unwrap(model, merge=True)
     finally:
         model.train(was_training)
-    if config is not None:
-        model = unwrap(model, merge=True)
-    for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad[name])
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
     assert _ranks(model) == ranks, "healing changed a rank"
     return losses
 
