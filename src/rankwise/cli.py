@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
@@ -23,8 +24,11 @@ import torch
 import rankwise as rw
 from rankwise.compress.checkpoint import COMPRESSION_LAYOUT, read_layout, transformers_class
 from rankwise.core import registry
-from rankwise.core.checks import check_number
 from rankwise.core.checkpoint import TENSORS_FILE
+from rankwise.core.checks import check_number
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def list_methods(args: argparse.Namespace) -> None:
@@ -125,7 +129,7 @@ def _inspect_compressed(folder: Path) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(f"compressed model (saved by rankwise {layout['rankwise_version']}): {len(rows)} low-rank layers")
     for row in [header, *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def compress(args: argparse.Namespace) -> None:
@@ -134,8 +138,9 @@ def compress(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm  # a dependency of transformers, which this command needs
 
     # Every check that needs no model comes first, so bad input costs nothing and writes nothing.
-    for option, value, low, low_open in (("--params", args.params, 0, True), ("--heal-steps", args.heal_steps, 0, False),
-                                         ("--block-size", args.block_size, 2, False)):
+    options = (("--params", args.params, 0, True), ("--heal-steps", args.heal_steps, 0, False),
+               ("--block-size", args.block_size, 2, False))
+    for option, value, low, low_open in options:
         try:
             check_number("", option, value, low, 1 if option == "--params" else None, low_open=low_open,
                          integer=option != "--params")
@@ -153,12 +158,17 @@ def compress(args: argparse.Namespace) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     ids = torch.tensor(tokenizer(text)["input_ids"])
-    blocks = [ids[i:i + args.block_size] for i in range(0, len(ids), args.block_size)]
-    blocks = [{"input_ids": b[None], "labels": b[None]} for b in blocks if len(b) >= 2]
+    pieces = [ids[i:i + args.block_size] for i in range(0, len(ids), args.block_size)]
+    blocks = [{"input_ids": b[None], "labels": b[None]} for b in pieces if len(b) >= 2]
     if not blocks:
         raise ValueError(f"--calibration {args.calibration} gives fewer than 2 tokens (nothing was written)")
     model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
     with tqdm(total=len(blocks) + 1 + args.heal_steps, unit="step", disable=args.no_progress) as bar:
+
+        def healed(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+
         bar.set_description("calibration")
         statistics = rw.compress.calibrate(model, _counted(blocks, bar), targets=args.targets)
         bar.set_description("allocation")
@@ -166,22 +176,21 @@ def compress(args: argparse.Namespace) -> None:
         bar.update()
         if args.heal_steps:
             bar.set_description("healing")
-            rw.compress.heal(model, blocks, steps=args.heal_steps, lr=args.heal_lr,
-                             progress=lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+            rw.compress.heal(model, blocks, steps=args.heal_steps, lr=args.heal_lr, progress=healed)
     rw.compress.save_pretrained(model, args.out)
     tokenizer.save_pretrained(args.out)
     print(report)
     print(f"compressed model in {args.out}; load it with rankwise.compress.from_pretrained")
 
 
-def _model_class(folder: Path) -> type:
+def _model_class(folder: Path) -> type[PreTrainedModel]:
     try:
         return transformers_class(folder)[0]
     except ValueError as error:
         raise ValueError(f"--model {error} (nothing was written)") from None
 
 
-def _counted(items: list, bar) -> Iterator:
+def _counted(items: list[dict[str, torch.Tensor]], bar: Any) -> Iterator[dict[str, torch.Tensor]]:
     for item in items:
         yield item
         bar.update()
@@ -194,7 +203,7 @@ def merge(args: argparse.Namespace) -> None:
     _check_new_folder("--out", args.out)
     model_class = _model_class(args.model)
     model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
-    model = rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)
+    rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)  # in place: the model is never the target
     model.save_pretrained(args.out)
     if (Path(args.model) / "tokenizer_config.json").is_file():
         transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True).save_pretrained(args.out)

@@ -9,7 +9,7 @@ import copy
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -22,6 +22,9 @@ from ..version import __version__
 from .layers import LowRankLayer, empty_like_layer
 
 _FORMAT = "rankwise-compressed"
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
 _WEIGHTS, COMPRESSION_LAYOUT = "model.safetensors", "compression.json"
 
 
@@ -126,7 +129,7 @@ def read_layout(folder: str | Path) -> dict[str, Any]:
     return layout
 
 
-def save_pretrained(model: nn.Module, folder: str | Path) -> None:
+def save_pretrained(model: PreTrainedModel, folder: str | Path) -> None:
     """:func:`save_compressed` for a transformers model, with its ``config.json`` first, so that
     :func:`from_pretrained` can rebuild it from the folder alone."""
     config = copy.deepcopy(model.config)
@@ -135,7 +138,7 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> None:
     save_compressed(model, folder)
 
 
-def from_pretrained(folder: str | Path) -> nn.Module:
+def from_pretrained(folder: str | Path) -> PreTrainedModel:
     """A transformers model, compressed, from a folder :func:`save_pretrained` wrote: the
     architecture from ``config.json``, the low-rank layers and weights from the compressed files.
     In eval mode, as transformers loads models.
@@ -145,10 +148,12 @@ def from_pretrained(folder: str | Path) -> nn.Module:
         CheckpointError: the compressed files are missing or do not fit the architecture.
     """
     model_class, config = transformers_class(folder)
-    return load_compressed(model_class(config), folder).eval()
+    model = model_class(config)
+    load_compressed(model, folder)
+    return model.eval()
 
 
-def transformers_class(folder: str | Path) -> tuple[type[nn.Module], Any]:
+def transformers_class(folder: str | Path) -> tuple[type[PreTrainedModel], PretrainedConfig]:
     """The transformers model class a model folder's ``config.json`` names, and the config.
 
     Raises:

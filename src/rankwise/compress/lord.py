@@ -8,7 +8,7 @@ training, and the result stays a dense, trainable model (adapters and quantizati
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,15 +164,16 @@ def lord(
         everything = sum(
             layer_report(path, layer, kinds[path], "channel", 1, 0.0).params_before for path, layer in layers
         )
-        biases = sum(0 if layer.bias is None else layer.bias.numel() for _, layer in layers)
+        biases = everything - sum(w.numel() for w in weights.values())  # unchanged by any rank
+        assert calibration is not None  # params without a calibration was refused above
         try:
             ranks = allocate_ranks(
-                {path: tuple(w.shape) for path, w in weights.items()},
+                {path: (w.shape[0], w.shape[1]) for path, w in weights.items()},
                 {path: calibration.scores(path) for path in weights},
                 math.floor(params * everything) - biases,
             )
-        except ValueError as error:
-            raise ValueError(f"lord: params={params}: {error}") from None
+        except ValueError as refused:
+            raise ValueError(f"lord: params={params}: {refused}") from None
     built: dict[str, tuple[LowRankLayer, LayerReport]] = {}
     kept = []
     for path, layer in layers:
@@ -196,6 +197,7 @@ def _rank(weight: Tensor, rank_ratio: float | None, energy: float | None, eigenv
     full = min(weight.shape)
     if rank_ratio is not None:
         return max(1, round(rank_ratio * full))
+    assert energy is not None  # lord() gives exactly one of the three
     if eigenvalues is None:
         eigenvalues = torch.linalg.svdvals(weight.detach().float()).square()
     return min(rank_for_energy(eigenvalues, energy), full)
@@ -223,7 +225,7 @@ def _output_moments(
     counts: dict[str, int] = {}
     outputs: list[tuple[str, Tensor]] = []  # this batch's layer outputs, to differentiate the loss by
 
-    def hook_for(path: str, kind: BaseKind):
+    def hook_for(path: str, kind: BaseKind) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             z = output if module.bias is None else output - _bias_view(module, kind)
             sums[path] = sums.get(path, 0) + _gram(z, kind)
@@ -286,4 +288,6 @@ def _gram(z: Tensor, kind: BaseKind) -> Tensor:
 
 
 def _bias_view(module: nn.Module, kind: BaseKind) -> Tensor:
-    return module.bias.view(1, -1, 1, 1) if kind == "conv2d" else module.bias
+    bias = module.bias
+    assert isinstance(bias, Tensor)  # the hook asks only layers that have one
+    return bias.view(1, -1, 1, 1) if kind == "conv2d" else bias
