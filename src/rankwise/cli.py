@@ -1,10 +1,13 @@
-"""``rankwise``: list the methods, run the benchmark, inspect and merge adapter checkpoints.
+"""``rankwise``: list the methods, run the benchmark, inspect and merge adapter checkpoints, compress
+a model.
 
     rankwise list
     rankwise bench --preset quick
     rankwise bench --model my-model/ --data reviews.csv --task classification
     rankwise inspect runs/adapter
     rankwise merge --model base-model/ --adapter runs/adapter --out merged-model/
+    rankwise compress --model base-model/ --params 0.9 --calibration text.txt --heal-steps 200 --out small/
+    rankwise inspect small/
 """
 
 from __future__ import annotations
@@ -12,15 +15,21 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
 
 import rankwise as rw
+from rankwise.compress.checkpoint import COMPRESSION_LAYOUT, read_layout, transformers_class
 from rankwise.core import registry
 from rankwise.core.checkpoint import TENSORS_FILE
+from rankwise.core.checks import check_number
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def list_methods(args: argparse.Namespace) -> None:
@@ -43,8 +52,12 @@ def bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--model, --data and --task go together; add {' '.join(missing)}")
     if args.model and args.tasks:
         raise ValueError("--tasks runs built-in tasks, --model/--data your own; give one or the other")
-    options = {"--text-column": args.text_column, "--label-column": args.label_column,
-               "--targets": args.targets, "--length": args.length}
+    options = {
+        "--text-column": args.text_column,
+        "--label-column": args.label_column,
+        "--targets": args.targets,
+        "--length": args.length,
+    }
     if not args.model and any(value is not None for value in options.values()):
         given = [name for name, value in options.items() if value is not None]
         raise ValueError(f"{' '.join(given)} apply to your own data: add --model DIR --data FILE --task KIND")
@@ -56,13 +69,28 @@ def bench(args: argparse.Namespace) -> int:
     _check_device(args.device)
     tasks = args.tasks
     if args.model:
-        task = task_from_files(args.model, args.data, args.task, text_column=args.text_column or "text",
-                               label_column=args.label_column or "label", targets=args.targets, length=args.length)
+        task = task_from_files(
+            args.model,
+            args.data,
+            args.task,
+            text_column=args.text_column or "text",
+            label_column=args.label_column or "label",
+            targets=args.targets,
+            length=args.length,
+        )
         print(f"{task.name}: {task.targets_note}")
         tasks = [register_task(task).name]
     try:
-        folder = run_bench(out, preset, tasks=tasks, methods=args.methods, seeds=args.seeds, budget=args.budget,
-                           device=args.device, progress=not args.no_progress)
+        folder = run_bench(
+            out,
+            preset,
+            tasks=tasks,
+            methods=args.methods,
+            seeds=args.seeds,
+            budget=args.budget,
+            device=args.device,
+            progress=not args.no_progress,
+        )
     except AssetMissing as missing:
         print(f"rankwise bench: {missing}", file=sys.stderr)
         return 1
@@ -76,6 +104,12 @@ def _check_folder(option: str, path: Path) -> None:
         raise ValueError(f"{option} {path} is a file, not a folder (nothing was written)")
 
 
+def _check_new_folder(option: str, path: Path) -> None:
+    _check_folder(option, path)
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{option} {path} exists and is not empty; choose a new folder (nothing was written)")
+
+
 def _check_device(name: str) -> None:
     """Refuse a device this machine cannot use before anything is written."""
     try:
@@ -87,7 +121,11 @@ def _check_device(name: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> None:
-    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size."""
+    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size, or a
+    compressed model's low-rank layers and their ranks."""
+    if (Path(args.folder) / COMPRESSION_LAYOUT).is_file():
+        _inspect_compressed(args.folder)
+        return
     meta, config = rw.read_adapter_config(args.folder)
     tensors = Path(args.folder) / TENSORS_FILE
     if not tensors.is_file():
@@ -124,27 +162,107 @@ def inspect(args: argparse.Namespace) -> None:
             print(f"trainable module {path}: {values:,} values saved")
 
 
+def _inspect_compressed(folder: Path) -> None:
+    layout = read_layout(folder)
+    rows = []
+    for path, entry in layout["layers"].items():
+        size_in, size_out = (
+            (entry["in_features"], entry["out_features"])
+            if "in_features" in entry
+            else (entry["in_channels"], entry["out_channels"])
+        )
+        rows.append((path, entry["type"], f"{size_in} -> {size_out}", str(entry["rank"])))
+    header = ("layer", "type", "in -> out", "rank")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(f"compressed model (saved by rankwise {layout['rankwise_version']}): {len(rows)} low-rank layers")
+    for row in [header, *rows]:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def compress(args: argparse.Namespace) -> None:
+    """``rankwise compress``: LoRD with ranks allocated under one budget on a transformers model folder,
+    then (``--heal-steps``) a short fine-tune of the factors on the calibration text."""
+    from tqdm.auto import tqdm  # a dependency of transformers, which this command needs
+
+    # Every check that needs no model comes first, so bad input costs nothing and writes nothing.
+    options = (
+        ("--params", args.params, 0, True),
+        ("--heal-steps", args.heal_steps, 0, False),
+        ("--block-size", args.block_size, 2, False),
+    )
+    for option, value, low, low_open in options:
+        try:
+            check_number(
+                "",
+                option,
+                value,
+                low,
+                1 if option == "--params" else None,
+                low_open=low_open,
+                integer=option != "--params",
+            )
+        except ValueError as error:
+            raise ValueError(f"{str(error).removeprefix(': ')} (nothing was written)") from None
+    _check_new_folder("--out", args.out)
+    if not args.calibration.is_file():
+        raise ValueError(f"--calibration {args.calibration} is not a file (nothing was written)")
+    text = args.calibration.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"--calibration {args.calibration} is empty; give in-domain text (nothing was written)")
+    model_class = _model_class(args.model)
+
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    pieces = [ids[i : i + args.block_size] for i in range(0, len(ids), args.block_size)]
+    blocks = [{"input_ids": b[None], "labels": b[None]} for b in pieces if len(b) >= 2]
+    if not blocks:
+        raise ValueError(f"--calibration {args.calibration} gives fewer than 2 tokens (nothing was written)")
+    model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
+    with tqdm(total=len(blocks) + 1 + args.heal_steps, unit="step", disable=args.no_progress) as bar:
+
+        def healed(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        bar.set_description("calibration")
+        statistics = rw.compress.calibrate(model, _counted(blocks, bar), targets=args.targets)
+        bar.set_description("allocation")
+        report = rw.compress.lord(model, targets=args.targets, params=args.params, calibration=statistics)
+        bar.update()
+        if args.heal_steps:
+            bar.set_description("healing")
+            rw.compress.heal(model, blocks, steps=args.heal_steps, lr=args.heal_lr, progress=healed)
+    rw.compress.save_pretrained(model, args.out)
+    tokenizer.save_pretrained(args.out)
+    print(report)
+    print(f"compressed model in {args.out}; load it with rankwise.compress.from_pretrained")
+
+
+def _model_class(folder: Path) -> type[PreTrainedModel]:
+    try:
+        return transformers_class(folder)[0]
+    except ValueError as error:
+        raise ValueError(f"--model {error} (nothing was written)") from None
+
+
+def _counted(items: list[dict[str, torch.Tensor]], bar: Any) -> Iterator[dict[str, torch.Tensor]]:
+    for item in items:
+        yield item
+        bar.update()
+
+
 def merge(args: argparse.Namespace) -> None:
     """``rankwise merge``: fold an adapter into a transformers model folder and save the result."""
     import transformers  # an optional dependency; only this command needs it
 
-    _check_folder("--out", args.out)
-    if args.out.exists() and any(args.out.iterdir()):
-        raise ValueError(f"--out {args.out} exists and is not empty; choose a new folder (nothing was written)")
-    if not (args.model / "config.json").is_file():
-        raise ValueError(f"--model {args.model} is not a transformers model folder: it has no config.json "
-                         "(nothing was written)")
-
-    config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
-    if not config.architectures:
-        raise ValueError(f"{args.model}/config.json names no architecture; save the model with save_pretrained")
-    model_class = getattr(transformers, config.architectures[0], None)
-    if model_class is None:
-        raise ValueError(f"{args.model}: architecture {config.architectures[0]!r} is not a transformers class")
+    _check_new_folder("--out", args.out)
+    model_class = _model_class(args.model)
     model = model_class.from_pretrained(args.model, local_files_only=True, dtype="auto")
-    model = rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)
-    assert isinstance(model, transformers.PreTrainedModel)  # adapters wrap its layers, never the model itself
-    model.save_pretrained(args.out)
+    merged = rw.unwrap(rw.load_adapter(model, args.adapter), merge=True)
+    assert isinstance(merged, transformers.PreTrainedModel)  # adapters wrap its layers, never the model itself
+    merged.save_pretrained(args.out)
     if (Path(args.model) / "tokenizer_config.json").is_file():
         transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True).save_pretrained(args.out)
     print(f"merged {rw.read_adapter_config(args.adapter)[0]['method']} adapter into {args.out}")
@@ -159,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the registered methods, one line each").set_defaults(run=list_methods)
 
     run = commands.add_parser("bench", help="benchmark methods on pretrained models at equal parameter budgets")
-    run.add_argument("--preset", choices=("quick", "standard", "full"), default="quick",
-                     help="quick: all methods, one task, one seed (minutes); standard: every task, 3 seeds, "
-                          "hundreds of steps, a wide lr sweep (hours); full: every task, 3 seeds, an lr sweep")
+    run.add_argument(
+        "--preset",
+        choices=("quick", "standard", "full"),
+        default="quick",
+        help="quick: all methods, one task, one seed (minutes); standard: every task, 3 seeds, "
+        "hundreds of steps, a wide lr sweep (hours); full: every task, 3 seeds, an lr sweep",
+    )
     run.add_argument("--tasks", nargs="+", help="task names (default: the preset's)")
     run.add_argument("--methods", nargs="+", help="methods and references (default: all)")
     run.add_argument("--seeds", nargs="+", type=int, help="run seeds (default: the preset's)")
@@ -172,15 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     own = run.add_argument_group("your own model and data (instead of --tasks)")
     own.add_argument("--model", type=Path, help="a transformers model folder (save_pretrained), tokenizer included")
-    own.add_argument("--data", type=Path, help=".csv, .tsv or .jsonl (text, label, optional split column); "
-                                               "for --task lm also .txt, documents separated by blank lines")
-    own.add_argument("--task", choices=("classification", "lm"),
-                     help="classification: a new head on AutoModelForSequenceClassification; lm: AutoModelForCausalLM")
+    own.add_argument(
+        "--data",
+        type=Path,
+        help=".csv, .tsv or .jsonl (text, label, optional split column); "
+        "for --task lm also .txt, documents separated by blank lines",
+    )
+    own.add_argument(
+        "--task",
+        choices=("classification", "lm"),
+        help="classification: a new head on AutoModelForSequenceClassification; lm: AutoModelForCausalLM",
+    )
     own.add_argument("--text-column", help="the text column (default: text)")
     own.add_argument("--label-column", help="the label column (default: label)")
-    own.add_argument("--targets", nargs="+",
-                     help="layers to adapt: module names or re: patterns (default: every square linear layer "
-                          "outside the head, printed)")
+    own.add_argument(
+        "--targets",
+        nargs="+",
+        help="layers to adapt: module names or re: patterns (default: every square linear layer "
+        "outside the head, printed)",
+    )
     own.add_argument("--length", type=int, help="tokens per sequence (default: the preset's)")
     run.set_defaults(run=bench)
 
@@ -193,6 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--adapter", type=Path, required=True, help="a rankwise adapter folder (save_adapter)")
     fold.add_argument("--out", type=Path, required=True, help="where the merged model is written")
     fold.set_defaults(run=merge)
+
+    shrink = commands.add_parser("compress", help="LoRD under one parameter budget on a transformers model, healed")
+    shrink.add_argument("--model", type=Path, required=True, help="a transformers model folder (save_pretrained)")
+    shrink.add_argument(
+        "--params", type=float, required=True, help="fraction of the target layers' parameters to keep, in (0, 1]"
+    )
+    shrink.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        help="a UTF-8 text file of in-domain text: calibration, and healing data",
+    )
+    shrink.add_argument("--out", type=Path, required=True, help="a new folder for the compressed model")
+    shrink.add_argument(
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="layer names or re: patterns (default: every linear layer but the LM head)",
+    )
+    shrink.add_argument("--heal-steps", type=int, default=0, help="fine-tune steps on the factors after (default 0)")
+    shrink.add_argument("--heal-lr", type=float, default=1e-4, help="peak learning rate of healing (default 1e-4)")
+    shrink.add_argument("--block-size", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    shrink.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shrink.set_defaults(run=compress)
     return parser
 
 

@@ -93,7 +93,7 @@ def test_layers_past_break_even_stay_full_rank() -> None:
 
 
 def test_bad_arguments_name_the_field() -> None:
-    with pytest.raises(ValueError, match="exactly one of rank_ratio and energy"):
+    with pytest.raises(ValueError, match="exactly one of rank_ratio, energy and params"):
         lord(_model(), rank_ratio=0.5, energy=0.9)
     with pytest.raises(ValueError, match=r"rank_ratio=0 must be in \(0, 1\]"):
         lord(_model(), rank_ratio=0)
