@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def test_the_cache_refuses_a_model_it_would_change(make_decoder: Callable[..., P
         r"re:transformer\.h\.[23]\.attn\.c_proj",
     )
     reason = cache.refusal(prepared("lora", _lora(gpt2)[1], gpt2), gpt2, CPU)
-    assert reason.startswith("run from the input of block 2, the model does not reproduce its logits")
+    # Older transformers blocks return tuples, so the shortcut fails outright instead of differing.
+    assert re.match(r"run from the input of block 2, the model (does not reproduce its logits|fails)", reason)
     assert len(cache) == 0
 
 

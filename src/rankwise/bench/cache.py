@@ -169,6 +169,8 @@ class FrozenLayersCache:
             blocks[i] = _Skipped()
         try:
             shortcut = model(inputs_embeds=states[0]).logits
+        except Exception as error:  # the model's own code, run in a way it may not allow: any failure refuses
+            return f"run from the input of block {start}, the model fails ({type(error).__name__}: {error})"
         finally:
             for i, block in enumerate(lower):
                 blocks[i] = block
