@@ -55,23 +55,8 @@ def test_classification_runs_end_to_end_from_the_cli_and_resumes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    assert (
-        _bench(
-            "--model",
-            bert,
-            "--data",
-            reviews,
-            "--task",
-            "classification",
-            "--methods",
-            "lora",
-            "frozen",
-            "full",
-            "--out",
-            out,
-        )
-        == 0
-    )
+    command = ("--model", bert, "--data", reviews, "--task", "classification", "--methods", "lora", "frozen", "full")
+    assert _bench(*command, "--out", out) == 0
     printed = capsys.readouterr().out
     assert "reviews: targets (default: every square linear layer outside the head" in printed
     assert "9 layers named dense, key, query, value" in printed  # 2 × (query, key, value, output) + the pooler
@@ -92,23 +77,7 @@ def test_classification_runs_end_to_end_from_the_cli_and_resumes(
 
     calls = []
     monkeypatch.setattr(runner, "train", lambda *args, **kwargs: calls.append(args))
-    assert (
-        _bench(
-            "--model",
-            bert,
-            "--data",
-            reviews,
-            "--task",
-            "classification",
-            "--methods",
-            "lora",
-            "frozen",
-            "full",
-            "--out",
-            out,
-        )
-        == 0
-    )
+    assert _bench(*command, "--out", out) == 0
     assert calls == [] and len(_results(out)) == 3
 
     reviews.write_text(reviews.read_text() + "999,the sun,warm\n")
