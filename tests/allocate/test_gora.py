@@ -120,6 +120,9 @@ def test_checkpoint_reloads_the_ranks(tmp_path) -> None:
 def test_misuse_raises() -> None:
     with pytest.raises(TypeError, match="LoRA factors"):
         rw.allocate.gora(rw.adapt(_base(), rw.AdaLoRAConfig(targets="0")), _batches(), loss_fn=_loss)
+    embedding = rw.adapt(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)), rw.LoRAConfig(targets=("0", "1")))
+    with pytest.raises(TypeError, match=r"gora: '0' is a Embedding; GoRA starts only \['conv1d', 'conv2d', 'linear'\]"):
+        rw.allocate.gora(embedding, [torch.tensor([1, 2])], loss_fn=lambda m, ids: m(ids).sum())
     trained = _adapted()
     with torch.no_grad():
         trained[0].delta.B.fill_(0.1)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -369,3 +370,29 @@ def test_from_peft_skips_modules_to_save_the_model_lacks_as_peft_does(tmp_path) 
     assert ours.score.weight.requires_grad
     x = torch.randint(1, 50, (2, 8))
     _assert_equal_and_adapted(_run(reference, x), _run(ours, x), _run(_llama(classes=3), x))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_an_embedding_adapter_goes_both_ways_with_peft(dora, tmp_path) -> None:
+    # PEFT's lora_embedding_A (r, vocabulary) and lora_embedding_B (dim, r) are our A and B.
+    targets = ["embed_tokens", "q_proj"]
+    reference = peft.get_peft_model(
+        _llama(tied=False), peft.LoraConfig(r=2, target_modules=targets, use_dora=dora, init_lora_weights=False)
+    )
+    _randomize_peft(reference)
+    with torch.no_grad():  # PEFT saves the adapted embedding's weight and loads it: a changed one too
+        reference.base_model.model.model.embed_tokens.base_layer.weight[5:].add_(0.5)
+    reference.save_pretrained(tmp_path / "peft")
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 0  # the padding token
+    ours = rw.interop.from_peft(_llama(tied=False), tmp_path / "peft")
+    assert ours.model.embed_tokens.kind == "embedding"
+    assert ours.model.embed_tokens.delta.A.shape == (2, 50)
+    _assert_equal_and_adapted(_run(reference, x), _run(ours, x), _run(_llama(tied=False), x))
+
+    rw.interop.to_peft(ours, tmp_path / "back")
+    written = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert written["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (16, 2)
+    assert torch.equal(written["base_model.model.model.embed_tokens.base_layer.weight"], ours.model.embed_tokens.weight)
+    again = peft.PeftModel.from_pretrained(_llama(tied=False), tmp_path / "back")
+    torch.testing.assert_close(_run(again, x), _run(reference, x), rtol=1e-5, atol=1e-5)

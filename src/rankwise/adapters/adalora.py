@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.config import AdapterConfig, check_range
 from ..core.delta import Delta, add_product, low_rank_product
 from ..core.registry import register
@@ -70,6 +71,7 @@ class AdaLoRA(Delta[AdaLoRAConfig]):
     """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRAAllocator``."""
 
     example_config = {"rank": 2}
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def __init__(self, w0: Tensor, config: AdaLoRAConfig) -> None:
         super().__init__(w0, config)
@@ -107,6 +109,19 @@ class AdaLoRA(Delta[AdaLoRAConfig]):
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ (self.A * self.e))
+
+    def reset_for_embedding(self, padding_idx: int | None) -> None:
+        """Zero the padding token's column of A: it gets no gradient, so its update stays zero.
+        The rest keeps the official init (A and B must start random for e to get a gradient)."""
+        if padding_idx is not None:
+            with torch.no_grad():
+                self.A[:, padding_idx] = 0
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor:
+        """``rows + s · (A[:, ids]ᵀ ⊙ eᵀ) Bᵀ``: the base's rows for ``ids`` plus the rows of ΔWᵀ."""
+        hidden = geometry.embedding_columns(ids, self.A * (self.e * self.scale), base)  # (..., rank)
+        mask = geometry.dropped_tokens(self.dropout, ids, hidden)
+        return add_product(rows, hidden if mask is None else hidden * mask, self.B.t())
 
     def orthogonality(self, squared: bool = False) -> Tensor:
         """``||A Aᵀ − I||_F + ||Bᵀ B − I||_F``, the paper's regularizer R(P, Q).

@@ -274,6 +274,8 @@ class SURMAdapter(OutputAdapter[SURMAdapterConfig]):
     """SURM adapter: h + GELU(M h) + β after a layer, M a structured d × d matrix; 3d parameters (circulant)."""
 
     double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
+    # It maps the layer's output only, so an embedding's rows are as good an input as a Linear's.
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def __init__(self, w0: Tensor, config: SURMAdapterConfig) -> None:
         super().__init__(w0, config)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import geometry
+from .capabilities import EmbeddingAdapter
 from .config import AdapterConfig
 from .delta import Adapter, Delta, MergeState, OutputAdapter, Reparam
 from .geometry import BaseKind
@@ -65,8 +66,13 @@ class Adapted(nn.Module, Generic[AdapterT]):
         if isinstance(self.delta, OutputAdapter):
             h = self.base(x)
             channels_last = h.movedim(1, -1) if self.kind == "conv2d" else h
-            y = self.delta(channels_last.to(adapter_dtype)).to(x.dtype)
+            # The input's dtype, or for token ids (an embedding) the looked-up rows'.
+            y = self.delta(channels_last.to(adapter_dtype)).to(x.dtype if x.is_floating_point() else h.dtype)
             return y.movedim(-1, 1) if self.kind == "conv2d" else y
+        if self.kind == "embedding":  # x holds token ids: the method looks up its own rows for them
+            assert isinstance(self.delta, EmbeddingAdapter)  # find_targets admits only methods declaring it
+            y = self.base(x)
+            return self.delta.embed(x, y.to(adapter_dtype), self.base).to(y.dtype)
         features = geometry.to_features(x, self.base, self.kind).to(adapter_dtype)
         if isinstance(self.delta, Delta):
             y = self.base(x)

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import geometry, registry, targets
 from .adapted import Adapted
+from .capabilities import EmbeddingAdapter
 from .config import AdapterConfig, matches
 from .delta import Reparam
 from .precision import at_least_fp32
@@ -33,14 +34,15 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         TypeError: a selected module is not a layer the method supports.
     """
     method = registry.for_config(config)
-    paths = targets.select(model, config.targets, trainable=config.trainable)
+    paths = targets.select(model, config.targets, trainable=config.trainable, embedding=True)
     for path in paths:
         module = model.get_submodule(path)
         kind = geometry.base_kind(module)
         if kind not in method.module_class.supported_bases:
+            others = [name for name in registry.methods() if kind in registry.get(name).module_class.supported_bases]
             raise TypeError(
                 f"{method.name} does not support {type(module).__name__} ('{path}'); "
-                f"it supports {sorted(method.module_class.supported_bases)}"
+                f"it supports {sorted(method.module_class.supported_bases)}; methods that support {kind}: {others}"
             )
         if kind == "conv2d" and module.kernel_size != (1, 1) and not method.module_class.spatial_conv:
             raise TypeError(f"{method.name} supports only 1 x 1 convolutions; '{path}' has kernel {module.kernel_size}")
@@ -55,7 +57,7 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
             per-layer rank); defaults to ``config``.
     """
     base = model.get_submodule(path)
-    kind = geometry.check_supported(base, path)
+    kind = geometry.check_supported(base, path, embedding=True)
     method = registry.for_config(config)
     # A Reparam method computes x W'ᵀ + b from the weight and never calls the base, so it would skip a
     # forward the layer's class defines (a fake-quantized matmul, a custom kernel): the adapted model
@@ -75,6 +77,9 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
         delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{method.name} on '{path}': {error}") from error
+    if kind == "embedding" and isinstance(delta, EmbeddingAdapter):  # an OutputAdapter needs no lookup
+        assert isinstance(base, nn.Embedding)  # kind "embedding" (geometry.base_kind)
+        delta.reset_for_embedding(base.padding_idx)
     wrapper = Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config)
     return wrapper.train(base.training)  # a model adapted in eval mode stays in eval mode
 

@@ -26,6 +26,7 @@ def select(
     trainable: Iterable[str] = (),
     skip: tuple[type[nn.Module], ...] = (),
     owner: str = "",
+    embedding: bool = False,
 ) -> list[str]:
     """Paths of the layers ``targets`` selects, in module order.
 
@@ -37,11 +38,14 @@ def select(
             hold or lie in.
         skip: module types left out with everything inside them (a compressor's low-rank layers).
         owner: who selects, first in every message (``"lord"``); empty for ``rw.adapt``.
+        embedding: whether an ``nn.Embedding`` may be selected (by name or pattern only, never by
+            ``"all-linear"``): adapters take them, compressors do not.
 
     Raises:
         ValueError: a target matches no module or is an invalid regular expression; a selected
             layer is adapted, is the same module as another path, or overlaps a trainable module.
-        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1.
+        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1 (or, with
+            ``embedding``, an Embedding without max_norm).
     """
     prefix = f"{owner}: " if owner else ""
     targets = tuple(targets)
@@ -67,7 +71,7 @@ def select(
         module = modules[path]
         if isinstance(module, Adapted):
             raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
-        geometry.check_supported(module, path)
+        geometry.check_supported(module, path, embedding=embedding)
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
     return paths

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ..core import geometry
 from ..core.adapted import Adapted
 from ..core.checkpoint import CheckpointError, uncompiled, write_files
 from ..core.config import AdapterConfig, matches
@@ -32,7 +33,9 @@ _PREFIX = "base_model.model."
 def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` in PEFT's format to ``folder``; returns the folder.
 
-    PEFT keeps its own copy of each module in ``modules_to_save``; where a trainable module shares
+    An adapted embedding's base weight is written too, as PEFT's ``save_pretrained`` writes it
+    (``save_embedding_layers``), unmerged. PEFT keeps its own copy of each module in
+    ``modules_to_save``; where a trainable module shares
     a tensor with another module (an LM head tied to the embedding), that module is saved too, so
     that PEFT's copies hold what both hold here.
 
@@ -77,6 +80,10 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     for path in [*trainable, *tied]:
         for name, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
+    for path, layer in layers:  # as PEFT's save_pretrained does by default for an adapted embedding
+        if layer.kind == "embedding":
+            weight = geometry.as_weight(layer.restored_weight(), layer.kind, tuple(layer.weight.shape))
+            tensors[f"{_PREFIX}{path}.base_layer.weight"] = weight
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -92,7 +99,9 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
 def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Adapt ``model`` with the PEFT adapter in ``folder`` and load its weights.
 
-    Everything is read and checked before the model changes. Names in ``modules_to_save`` that
+    Everything is read and checked before the model changes. The weight PEFT saves with an
+    embedding it adapts (``save_embedding_layers``) is loaded into the base embedding, as PEFT
+    loads it. Names in ``modules_to_save`` that
     match no module of the model are skipped, as PEFT skips them (a sequence-classification
     adapter lists both ``classifier`` and ``score``); tensors saved for them are still refused.
 
@@ -123,6 +132,12 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         for path, wrapper in wrappers.items()
         for name, pair in fmt.tensors(wrapper).items()
     }
+    for path, wrapper in wrappers.items():
+        # PEFT saves the weight of an embedding it adapts (save_embedding_layers, on by default
+        # there, for a resized vocabulary) and loads it into the base layer: so does this.
+        key = f"{_PREFIX}{path}.base_layer.weight"
+        if wrapper.kind == "embedding" and key in tensors:
+            targets[key] = (wrapper.weight, tuple(wrapper.weight.shape))
     trainable = trainable_paths(model, config)
     for path in trainable:
         for name, tensor in model.get_submodule(path).state_dict().items():
