@@ -26,6 +26,7 @@ def select(
     trainable: Iterable[str] = (),
     skip: tuple[type[nn.Module], ...] = (),
     owner: str = "",
+    adapted: bool = False,
 ) -> list[str]:
     """Paths of the layers ``targets`` selects, in module order.
 
@@ -37,6 +38,8 @@ def select(
             hold or lie in.
         skip: module types left out with everything inside them (a compressor's low-rank layers).
         owner: who selects, first in every message (``"lord"``); empty for ``rw.adapt``.
+        adapted: whether an adapted layer may be selected (a named adapter added beside others);
+            its base is then the layer checked.
 
     Raises:
         ValueError: a target matches no module or is an invalid regular expression; a selected
@@ -66,7 +69,10 @@ def select(
     for path in paths:
         module = modules[path]
         if isinstance(module, Adapted):
-            raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
+            if not adapted:
+                methods = sorted({c.method for c in module.configs.values()})
+                raise ValueError(f"{prefix}'{path}' is already adapted ({', '.join(methods)}); unwrap the model first")
+            module = module.base
         geometry.check_supported(module, path)
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
