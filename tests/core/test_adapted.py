@@ -238,3 +238,10 @@ def test_per_example_with_a_list_of_the_wrong_length_names_both_numbers_and_chan
         model(X)
     _assert_same(before, _state(model))
     assert all(m.rows is None for m in model.modules() if isinstance(m, Adapted))
+
+
+def test_summary_has_one_row_per_adapter_of_each_layer() -> None:
+    model = _two()
+    rows = [(r.path, r.adapter, r.params, r.active) for r in rw.summary(model).layers]
+    assert rows == [("0", "a", 2 * 48, True), ("2", "a", 2 * 40, True), ("2", "b", 0, False), ("4", "b", 0, False)]
+    assert rw.summary(model).trainable == 2 * 48 + 2 * 40
