@@ -10,6 +10,7 @@ from . import adapters, allocate, compress, decompose, interop, optim
 from .adapters import *  # noqa: F403  (every method config, e.g. rw.LoRAConfig)
 from .core.adapted import Adapted
 from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .core.combine import combine
 from .core.config import AdapterConfig
 from .core.inject import (
     active_adapters,
@@ -45,6 +46,7 @@ __all__ = [
     "adapt",
     "adapter_names",
     "adapter_state_dict",
+    "combine",
     "delete_adapter",
     "disabled",
     "load_adapter",
