@@ -225,9 +225,11 @@ class Adapted(nn.Module, Generic[AdapterT]):
                 f"{x.shape[0]} rows in dim 0 (the batch); give one name (or None) per example"
             )
         h = self.base(x)
-        y = h
+        # The groups' rows are disjoint, so adding into h in place leaves the rows a later group
+        # reads as they were; under autograd the sum goes to a copy (a base layer may keep its output).
+        y = h.clone() if torch.is_grad_enabled() else h
         for name, index in rows.items():
-            y = y.index_add(0, index, self._difference(self.adapter(name), x[index], h[index]))
+            y.index_add_(0, index, self._difference(self.adapter(name), x[index], h[index]))
         return y
 
     @property
