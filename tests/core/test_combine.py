@@ -121,6 +121,23 @@ def test_structured_forms_that_are_products_refuse(overrides: dict[str, object],
     assert _unchanged(model, before)
 
 
+def test_a_one_sign_update_refuses_a_negative_weight_and_combines_zero_ramps() -> None:
+    method = rw.SingLoRAConfig.method
+    model = _two(_config(method), _config(method))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"weights \[-0.3\] are negative.*merge"):
+        rw.combine(model, {"a": 0.7, "b": -0.3}, name="ab")
+    assert _unchanged(model, before)
+    fresh = rw.adapt(_base(), _config(method), name="a")  # step 0: u = 0, every update is zero
+    rw.adapt(fresh, _config(method), name="b")
+    rw.combine(fresh, {"a": 0.7, "b": 0.3}, name="ab")
+    for _ in range(10):
+        rw.step(fresh)
+    for layer in (fresh[0], fresh[2]):  # the columns kept their weights: exact once the ramps move on
+        expected = 0.7 * _update(layer, "a") + 0.3 * _update(layer, "b")
+        torch.testing.assert_close(_update(layer, "ab"), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_a_structured_sum_of_terms_combines_side_by_side() -> None:
     config = _config(rw.SURMConfig.method, structure="ldr", displacement_rank=2)
     model = _two(config, config)
