@@ -245,3 +245,15 @@ def test_summary_has_one_row_per_adapter_of_each_layer() -> None:
     rows = [(r.path, r.adapter, r.params, r.active) for r in rw.summary(model).layers]
     assert rows == [("0", "a", 2 * 48, True), ("2", "a", 2 * 40, True), ("2", "b", 0, False), ("4", "b", 0, False)]
     assert rw.summary(model).trainable == 2 * 48 + 2 * 40
+
+
+def test_a_state_dict_saved_before_adapters_were_named_loads_into_a_one_adapter_model() -> None:
+    model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")))
+    _perturb(model, "default", 1)
+    old = {k.replace(".adapters.default.", ".delta."): v for k, v in model.state_dict().items()}
+    assert "0.delta.A" in old
+    fresh = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")))
+    assert fresh.load_state_dict(old) is not None and "0.delta.A" in old  # the caller's dict is left as it was
+    assert torch.equal(fresh(X), model(X))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        _two().load_state_dict({**_two().state_dict(), "2.delta.A": torch.zeros(2, 32)})

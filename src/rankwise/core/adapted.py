@@ -94,11 +94,28 @@ class Adapted(nn.Module, Generic[AdapterT]):
     @property
     def merged_adapter(self) -> dict[str, Tensor] | None:
         """The merged adapter's parameters at merge time where one adapter is merged (see
-        ``merged_adapters``); ``None`` while unmerged."""
+        ``merged_adapters``); ``None`` while unmerged.
+
+        Raises:
+            ValueError: several adapters are merged (read ``merged_adapters[name]``).
+        """
         if self.merged_adapters is None:
             return None
-        (name,) = self.merged_adapters  # an internal invariant: a caller reading this merged one adapter
-        return self.merged_adapters[name]
+        if len(self.merged_adapters) != 1:
+            raise ValueError(
+                f"adapters {list(self.merged_adapters)} are merged; read layer.merged_adapters[name] for one of them"
+            )
+        return next(iter(self.merged_adapters.values()))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A state dict saved before adapters were named keeps a layer's one adapter under "delta."
+        # (a transformers Trainer checkpoint, say): it loads into a layer that holds one adapter.
+        old = f"{prefix}delta."
+        if len(self.adapters) == 1:
+            new = f"{prefix}adapters.{next(iter(self.adapters))}."
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[new + key.removeprefix(old)] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapter(self, name: str) -> Adapter:
         """The adapter ``name`` (``adapters[name]``, typed)."""
