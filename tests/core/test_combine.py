@@ -183,3 +183,30 @@ def test_bad_combinations_raise_one_clear_error_and_change_nothing(what, build, 
     with pytest.raises(ValueError, match=match):
         rw.combine(model, weights, name=name)
     assert _unchanged(model, before)
+
+
+def test_approximate_gives_the_truncated_svd_of_the_weighted_sum_for_any_mergeable_methods() -> None:
+    model = _two(_config(rw.LoRAConfig.method), _config(rw.C3AConfig.method))  # two methods: no exact form
+    rw.combine(model, {"a": 0.6, "b": -0.4}, name="low", approximate=rw.LoRAConfig(rank=4))
+    rw.combine(model, {"a": 0.6, "b": -0.4}, name="full", approximate=rw.LoRAConfig(rank=16))
+    assert model[0].configs["low"].targets == ("0", "2") and model[0].adapters["low"].A.shape == (4, 16)
+    for layer in (model[0], model[2]):
+        target = 0.6 * _update(layer, "a") - 0.4 * _update(layer, "b")
+        singular = torch.linalg.svdvals(target)
+        error = torch.linalg.matrix_norm(_update(layer, "low") - target)
+        torch.testing.assert_close(error, singular[4:].square().sum().sqrt(), rtol=1e-4, atol=1e-6)  # Eckart–Young
+        torch.testing.assert_close(_update(layer, "full"), target, rtol=1e-4, atol=1e-6)  # rank 16 = min(out, in)
+
+
+def test_approximate_refuses_a_method_whose_update_is_not_its_factors_and_an_unmergeable_adapter() -> None:
+    model = _two(_config(rw.LoRAConfig.method), _config(rw.LoRAConfig.method))
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="needs an additive method whose update is s·B·A"):
+        rw.combine(model, {"a": 0.5, "b": 0.5}, name="ab", approximate=rw.DoRAConfig(rank=4))
+    assert _unchanged(model, before)
+    method = rw.SURMAdapterConfig.method
+    output = _two(_config(method), _config(method))
+    before = _snapshot(output)
+    with pytest.raises(TypeError, match="no merged form to approximate"):
+        rw.combine(output, {"a": 0.5, "b": 0.5}, name="ab", approximate=rw.LoRAConfig(rank=4))
+    assert _unchanged(output, before)
