@@ -58,13 +58,14 @@ class Adapted(nn.Module, Generic[AdapterT]):
         self.active: tuple[str, ...] = ()
         self.merged = False
         self.disabled = False
-        # Set by rankwise.per_example for one forward: the batch size and, per adapter name this
-        # layer holds, the rows that use it.
+        # Set by rankwise.per_example for the length of its block: the batch size and, per adapter
+        # name this layer holds, the rows that use it.
         self.rows: tuple[int, dict[str, Tensor]] | None = None
         # The adapters merged, in order, and what unmerge needs: the adapter's own MergeState
         # (Adapter.merged_with_state) when one was merged; a copy of the base weight when several
-        # were, since each W'_i is computed from W0 and no single inverse undoes their sum. Set by
-        # merge, cleared by unmerge, read by nothing else.
+        # were: each W'_i is computed from W0, and an adapter's inverse undoes its own W' only, not
+        # a sum with others (a Reparam's needs W0 itself). Set by merge, cleared by unmerge, read
+        # by nothing else.
         self.merged_names: tuple[str, ...] = ()
         self._merge_state: MergeState = None
         # The merged adapters' parameters when they were merged, by adapter name: unmerge refuses if
