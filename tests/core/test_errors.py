@@ -388,7 +388,7 @@ CASES = [
         _adapted,
         lambda m, f: rw.load_adapter(m, f),
         ValueError,
-        "already has rankwise adapters",
+        "already has an adapter named .default.",
     ),
     Case(
         "missing config file",

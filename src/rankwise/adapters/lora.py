@@ -7,7 +7,9 @@ https://arxiv.org/abs/2312.03732.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core import geometry
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -149,6 +151,19 @@ class LoRA(LowRank[LoRAConfig], Delta[LoRAConfig]):
         hidden = self.embedding_hidden(ids, base)
         mask = geometry.dropped_tokens(self.dropout, ids, hidden)
         return add_product(rows, hidden if mask is None else hidden * mask, self.B.t())
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact: the factors side by side, ``A = [A_1; A_2; …]`` and ``B = [c_1 B_1, c_2 B_2, …]``
+        with ``c_i = w_i s_i / s`` (each weight and scale folded into B), rank ``Σ r_i``."""
+        loras = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        rank = sum(adapter.A.shape[0] for _, adapter in loras)
+        first = loras[0][1]
+        new = cls(w0, dataclasses.replace(first.config, rank=rank)).to(device=w0.device, dtype=first.A.dtype)
+        with torch.no_grad():
+            new.A.copy_(torch.cat([adapter.A for _, adapter in loras]))
+            new.B.copy_(torch.cat([adapter.B * (weight * adapter.scale / new.scale) for weight, adapter in loras], 1))
+        return new
 
 
 class _Direction(torch.autograd.Function):

@@ -248,7 +248,7 @@ def _initialize(layer: Adapted, gradient: Tensor, rank: int, step_size: float, s
         new.A.copy_(from_rank_zero(A.to(device)))
         new.B.copy_(from_rank_zero(B.to(device)))
     new.train(old.training)
-    layer.delta = new
+    layer.replace_delta(new)
 
 
 # The method declares its data-driven start; declared from here because allocate imports adapters,

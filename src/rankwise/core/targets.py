@@ -27,6 +27,7 @@ def select(
     skip: tuple[type[nn.Module], ...] = (),
     owner: str = "",
     embedding: bool = False,
+    adapted: bool = False,
 ) -> list[str]:
     """Paths of the layers ``targets`` selects, in module order.
 
@@ -40,6 +41,8 @@ def select(
         owner: who selects, first in every message (``"lord"``); empty for ``rw.adapt``.
         embedding: whether an ``nn.Embedding`` may be selected (by name or pattern only, never by
             ``"all-linear"``): adapters take them, compressors do not.
+        adapted: whether an adapted layer may be selected (a named adapter added beside others);
+            its base is then the layer checked.
 
     Raises:
         ValueError: a target matches no module or is an invalid regular expression; a selected
@@ -70,7 +73,10 @@ def select(
     for path in paths:
         module = modules[path]
         if isinstance(module, Adapted):
-            raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
+            if not adapted:
+                methods = sorted({c.method for c in module.configs.values()})
+                raise ValueError(f"{prefix}'{path}' is already adapted ({', '.join(methods)}); unwrap the model first")
+            module = module.base
         geometry.check_supported(module, path, embedding=embedding)
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
