@@ -12,6 +12,7 @@ from .core.adapted import Adapted
 from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .core.config import AdapterConfig
 from .core.inject import adapt, disabled, merge, unmerge, unwrap
+from .core.quantized import prepare_for_quantized_training
 from .core.registry import make_config, methods, register
 from .core.steps import step, step_with
 from .core.summary import Summary, summary
@@ -37,6 +38,7 @@ __all__ = [
     "make_config",
     "merge",
     "methods",
+    "prepare_for_quantized_training",
     "read_adapter_config",
     "register",
     "save_adapter",

@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import geometry
+from . import geometry, quantized
 from .config import AdapterConfig
 from .delta import Adapter, Delta, MergeState, OutputAdapter, Reparam
 from .geometry import BaseKind
@@ -75,6 +75,12 @@ class Adapted(nn.Module, Generic[AdapterT]):
             return y + geometry.from_features(self.delta(features), x, self.base, self.kind).to(y.dtype)
         assert isinstance(self.delta, Reparam)  # the third shape, after OutputAdapter and Delta
         w0 = geometry.weight_matrix(self.base, self.kind)
+        if quantized.is_quantized(self.base):
+            # The base's quantized forward is x Ŵ0ᵀ + b, w0 = Ŵ0 its dequantized weight: adding
+            # x (W' − Ŵ0)ᵀ keeps step 0 equal to that forward, which x W'ᵀ + b from w0 would not be
+            # (the kernel rounds otherwise: bitsandbytes' int8 activations, its bf16 CPU scales).
+            y = self.base(x)
+            return y + (self.delta(features, w0) - features @ w0.T).to(y.dtype)
         bias = geometry.layer_bias(self.base)
         if bias is not None and bias.dtype == adapter_dtype == x.dtype:
             y = self.delta.output(features, w0, bias)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
-from . import geometry
+from . import geometry, quantized
 from .adapted import Adapted
 from .config import ALL_LINEAR, check_entry, matches
 
@@ -41,7 +41,8 @@ def select(
     Raises:
         ValueError: a target matches no module or is an invalid regular expression; a selected
             layer is adapted, is the same module as another path, or overlaps a trainable module.
-        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1.
+        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1, holds a quantized
+            weight of a layout rankwise cannot read, or (for a compressor) any quantized weight.
     """
     prefix = f"{owner}: " if owner else ""
     targets = tuple(targets)
@@ -68,6 +69,12 @@ def select(
         if isinstance(module, Adapted):
             raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
         geometry.check_supported(module, path)
+        if owner and quantized.is_quantized(module):
+            # A compressor rewrites or trains the weight itself, which a packed weight cannot take.
+            raise TypeError(
+                f"{prefix}'{path}' has a quantized weight ({quantized.scheme(module, path)}); compress the float "
+                "model, then quantize the result"
+            )
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
     return paths

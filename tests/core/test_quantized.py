@@ -1,0 +1,232 @@
+"""Adapters on quantized bases beyond the contract (tests/adapters/test_contract_quantized.py):
+the dequantized W0 that methods read, merge's refusal and unwrap's float model, checkpoints,
+refused layouts, and prepare_for_quantized_training. Skipped where a backend is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.core import geometry
+from rankwise.core.inject import adapted_modules
+
+from _quantized import BACKENDS, dequantized, quantize, same
+
+
+def _float_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)).to(dtype)
+
+
+def _input(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def _adapted(backend: str, config: rw.AdapterConfig) -> nn.Module:
+    model = rw.adapt(quantize(_float_model(), backend), config)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # off the init, so that ΔW ≠ 0
+        for _, layer in adapted_modules(model):
+            for p in layer.delta.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+LORA = rw.LoRAConfig(rank=2, targets=("0", "2"))
+DORA = rw.DoRAConfig(rank=2, targets=("0", "2"))
+backends = pytest.mark.parametrize("backend", BACKENDS)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [LORA, DORA], ids=["lora", "dora"])
+def test_4bit_types_and_dtypes_start_at_the_quantized_output(quant_type, dtype, config) -> None:
+    # A bf16 model quantized from bf16 and computing in bf16, or fp32 throughout.
+    model = quantize(_float_model(dtype), "bnb-nf4", quant_type=quant_type, compute_dtype=dtype)
+    x = _input(dtype)
+    expected = model(x)
+    y = rw.adapt(model, config)(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+@backends
+def test_dora_magnitude_is_the_dequantized_row_norm(backend: str) -> None:
+    model = quantize(_float_model(), backend)
+    norms = {path: dequantized(model.get_submodule(path)).norm(dim=1) for path in ("0", "2")}
+    model = rw.adapt(model, DORA)
+    for path, layer in adapted_modules(model):
+        torch.testing.assert_close(layer.delta.magnitude.detach(), norms[path], rtol=1e-6, atol=0)
+
+
+@backends
+def test_weight_matrix_is_the_dequantized_weight(backend: str) -> None:
+    model = quantize(_float_model(), backend)
+    for path in ("0", "2"):
+        layer = model.get_submodule(path)
+        # bitsandbytes' int8 dequantization multiplies by 1/127 where the reference divides by 127
+        torch.testing.assert_close(geometry.weight_matrix(layer, "linear"), dequantized(layer), rtol=1e-6, atol=0)
+        assert geometry.matrix_shape(layer, "linear") == dequantized(layer).shape
+
+
+@backends
+def test_merge_refuses_and_changes_nothing(backend: str) -> None:
+    model = _adapted(backend, LORA)
+    x = _input()
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    refusal = r"cannot merge into '0': its base weight is quantized.*unwrap\(model, merge=True"
+    with pytest.raises(TypeError, match=refusal):
+        rw.merge(model)
+    assert not any(layer.merged for _, layer in adapted_modules(model))
+    assert all(same(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), before)
+
+
+@backends
+@pytest.mark.parametrize("config", [LORA, DORA], ids=["lora", "dora"])
+def test_unwrap_merge_is_a_float_model_of_dequantized_w0_plus_delta(backend: str, config) -> None:
+    model = _adapted(backend, config)
+    x = _input()
+    expected = model(x).detach()
+    merged = {}
+    for path, layer in adapted_modules(model):  # independent: the backend's dequantization, the method's W'
+        merged[path] = layer.delta.merged_weight(dequantized(layer.base)).detach()
+    bias = {path: layer.base.bias.detach().clone() for path, layer in adapted_modules(model)}
+    plain = rw.unwrap(model, merge=True)
+    for path in ("0", "2"):
+        layer = plain.get_submodule(path)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+        assert not layer.weight.requires_grad
+        torch.testing.assert_close(layer.weight, merged[path], rtol=1e-6, atol=1e-7)
+        assert torch.equal(layer.bias, bias[path])
+    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@backends
+def test_unwrap_merge_dtype(backend: str) -> None:
+    model = _adapted(backend, LORA)
+    merged = {
+        path: (dequantized(layer.base) + layer.delta.delta_weight()).detach() for path, layer in adapted_modules(model)
+    }
+    plain = rw.unwrap(model, merge=True, dtype=torch.bfloat16)
+    for path, weight in merged.items():
+        layer = plain.get_submodule(path)
+        assert type(layer) is nn.Linear and layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+        assert torch.equal(layer.weight, weight.to(torch.bfloat16))
+
+
+@backends
+def test_unwrap_without_merge_gives_the_quantized_layers_back(backend: str) -> None:
+    base = quantize(_float_model(), backend)
+    x = _input()
+    expected = base(x)
+    layers = [base[0], base[2]]
+    model = rw.unwrap(rw.adapt(base, LORA), merge=False)
+    assert [model[0], model[2]] == layers
+    assert torch.equal(model(x), expected)
+
+
+def test_unwrap_dtype_is_refused_where_it_means_nothing() -> None:
+    model = _adapted("bnb-nf4", LORA)
+    with pytest.raises(ValueError, match="merge=False keeps the quantized layers"):
+        rw.unwrap(model, merge=False, dtype=torch.bfloat16)
+    float_model = rw.adapt(_float_model(), LORA)
+    with pytest.raises(ValueError, match="no quantized adapted layer"):
+        rw.unwrap(float_model, merge=True, dtype=torch.bfloat16)
+    assert len(list(adapted_modules(model))) == len(list(adapted_modules(float_model))) == 2
+
+
+@backends
+@pytest.mark.parametrize("config", [LORA, DORA], ids=["lora", "dora"])
+def test_save_load_round_trips_onto_quantized_and_float_bases(backend: str, config, tmp_path) -> None:
+    model = _adapted(backend, config)
+    rw.save_adapter(model, tmp_path)
+    record = rw.read_adapter_config(tmp_path)[0]["modules"]["2"]
+    assert (record["base"], record["in_features"], record["out_features"]) == ("linear", 64, 32)
+    saved = rw.adapter_state_dict(model)
+    x = _input()
+    for base in (quantize(_float_model(), backend), _float_model()):
+        loaded = rw.load_adapter(base, tmp_path)
+        state = rw.adapter_state_dict(loaded)
+        assert state.keys() == saved.keys()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert torch.equal(rw.load_adapter(quantize(_float_model(), backend), tmp_path)(x), model(x))
+
+
+def _unquantized_4bit() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
+    return nn.Sequential(bnb.nn.Linear4bit(64, 64))  # quantized only on a move to a device
+
+
+def _fp16_weights_8bit() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
+    return nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True)).to("cpu")
+
+
+def _torchao_intx() -> nn.Module:
+    pytest.importorskip("torchao")
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    quantize_(model, IntxWeightOnlyConfig())
+    return model
+
+
+def _int8_weight() -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 64))
+    model[0].weight = nn.Parameter(torch.ones(64, 64, dtype=torch.int8), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (_unquantized_4bit, "'0' is a Linear4bit whose weight is not quantized yet"),
+        (_fp16_weights_8bit, "'0' is a Linear8bitLt with has_fp16_weights=True"),
+        (_torchao_intx, "'0' is a Linear with a IntxUnpackedToInt8Tensor weight .* rankwise cannot read"),
+        (_int8_weight, "'0' is a Linear with a Parameter weight of dtype torch.int8, a quantized layout"),
+    ],
+)
+def test_an_unsupported_quantized_layer_is_refused_and_the_model_unchanged(build, message) -> None:
+    model = build()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=message):
+        rw.adapt(model, LORA.__class__(rank=2, targets=("0",)))
+    assert not list(adapted_modules(model))
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+@backends
+def test_compressors_and_gora_refuse_a_quantized_base(backend: str) -> None:
+    model = quantize(_float_model(), backend)
+    layer = model[0]
+    with pytest.raises(TypeError, match=r"lord: '0' has a quantized weight .* compress the float model"):
+        rw.compress.lord(model, targets=("0",), rank_ratio=0.5)
+    assert model[0] is layer
+    model = rw.adapt(model, rw.GoRAConfig(rank=2, targets=("0",)))
+    with pytest.raises(TypeError, match="gora reads the gradient of each base weight; '0' is quantized"):
+        rw.allocate.gora(model, [(_input(), None)], loss_fn=lambda m, batch: m(batch[0]).sum())
+
+
+def test_4bit_weight_in_the_cpu_inference_packing() -> None:
+    # On a CPU with AVX512-BF16, an eval-mode forward without gradients repacks a Linear4bit's weight
+    # for bitsandbytes' CPU kernel (scales rounded to bf16); rankwise still reads it.
+    bnb = pytest.importorskip("bitsandbytes")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    model = quantize(_float_model(), "bnb-nf4").eval()
+    before = dequantized(model[0])
+    x = _input()
+    with torch.no_grad():
+        expected = model(x)
+    assert model[0].weight.quant_state.packing_format_for_cpu
+    packed = model[0].weight.data.clone()
+    model = rw.adapt(model, DORA)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    layer = model.get_submodule("0")
+    assert torch.equal(layer.base.weight.data, packed)  # read through copies, the layer left packed
+    torch.testing.assert_close(geometry.weight_matrix(layer.base, "linear"), before, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(layer.delta.magnitude.detach(), before.norm(dim=1), rtol=1e-2, atol=0)
