@@ -14,10 +14,12 @@ from torch import nn
 BACKENDS = ("bnb-nf4", "bnb-int8", "torchao-int8")
 
 
-def quantize(model: nn.Module, backend: str, **options: object) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` quantized by ``backend``; ``options`` go to
-    bitsandbytes' ``Linear4bit`` (``quant_type``, ``compute_dtype``)."""
+def quantize(model: nn.Module, backend: str, exclude: tuple[str, ...] = (), **options: object) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` but those at the paths ``exclude`` quantized by
+    ``backend``; ``options`` go to bitsandbytes' ``Linear4bit`` (``quant_type``, ``compute_dtype``)."""
     model = copy.deepcopy(model)
+    if exclude:
+        assert backend != "torchao-int8", "quantize_ takes a filter_fn, not used here"
     if backend == "torchao-int8":
         pytest.importorskip("torchao", reason="torchao is not installed (pip install rankwise[quant])")
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -25,7 +27,7 @@ def quantize(model: nn.Module, backend: str, **options: object) -> nn.Module:
         quantize_(model, Int8WeightOnlyConfig())
         return model
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install rankwise[quant])")
-    for path, layer in [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear]:
+    for path, layer in [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and p not in exclude]:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, _bnb_layer(layer, backend, options))
     return model

@@ -128,12 +128,61 @@ def test_unwrap_without_merge_gives_the_quantized_layers_back(backend: str) -> N
     assert torch.equal(model(x), expected)
 
 
+@backends
+def test_unwrap_merge_dequantizes_the_layers_not_adapted_too(backend: str) -> None:
+    model = quantize(_float_model(), backend)
+    w0 = dequantized(model[0])
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets=("2",)))
+    x = _input()
+    expected = model(x).detach()
+    plain = rw.unwrap(model, merge=True)
+    assert [type(m) for m in plain.modules()] == [nn.Sequential, nn.Linear, nn.GELU, nn.Linear]
+    torch.testing.assert_close(plain[0].weight, w0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unwrap_merge_refuses_a_quantized_layer_it_cannot_read() -> None:
+    model = quantize(_float_model(), "bnb-nf4")
+    model[2] = _torchao_intx()[0]  # not adapted, and of a layout rankwise cannot dequantize
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets=("0",)))
+    with pytest.raises(TypeError, match=r"unwrap\(merge=True\) returns a float model: '2' is a Linear with a Intx"):
+        rw.unwrap(model, merge=True)
+    assert len(list(adapted_modules(model))) == 1
+
+
+def test_unwrap_merge_of_a_transformers_4bit_model_saves_a_float_checkpoint(tmp_path) -> None:
+    # The QLoRA recipe of docs/qlora.md: load 4-bit with transformers, adapt, unwrap, save, reload.
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _tiny_llama(torch.float32).save_pretrained(tmp_path / "base")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, dtype=torch.float32)
+    assert model.hf_quantizer is not None
+    # Keeps bitsandbytes off its CPU inference kernel, whose bf16 arithmetic the float model does not share.
+    rw.prepare_for_quantized_training(model, gradient_checkpointing=False)
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for _, layer in adapted_modules(model):
+            layer.delta.B.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = model(input_ids=ids).logits.detach()
+    plain = rw.unwrap(model, merge=True, dtype=torch.float32)
+    assert not [name for name, m in plain.named_modules() if geometry.quantized.is_quantized(m)]
+    assert getattr(plain, "hf_quantizer", None) is None and getattr(plain.config, "quantization_config", None) is None
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    plain.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    assert torch.equal(reloaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 def test_unwrap_dtype_is_refused_where_it_means_nothing() -> None:
     model = _adapted("bnb-nf4", LORA)
     with pytest.raises(ValueError, match="merge=False keeps the quantized layers"):
         rw.unwrap(model, merge=False, dtype=torch.bfloat16)
     float_model = rw.adapt(_float_model(), LORA)
-    with pytest.raises(ValueError, match="no quantized adapted layer"):
+    with pytest.raises(ValueError, match="this model has no quantized layer"):
         rw.unwrap(float_model, merge=True, dtype=torch.bfloat16)
     assert len(list(adapted_modules(model))) == len(list(adapted_modules(float_model))) == 2
 
@@ -230,3 +279,72 @@ def test_4bit_weight_in_the_cpu_inference_packing() -> None:
     assert torch.equal(layer.base.weight.data, packed)  # read through copies, the layer left packed
     torch.testing.assert_close(geometry.weight_matrix(layer.base, "linear"), before, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(layer.delta.magnitude.detach(), before.norm(dim=1), rtol=1e-2, atol=0)
+
+
+def _tiny_llama(dtype: torch.dtype) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def test_prepare_for_quantized_training_on_a_4bit_llama() -> None:
+    model = quantize(_tiny_llama(torch.bfloat16), "bnb-nf4", exclude=("lm_head",), compute_dtype=torch.bfloat16)
+    import bitsandbytes as bnb
+
+    packed = {name: p.detach().clone() for name, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit)}
+    assert len(packed) == 2 * 7 and model.model.norm.weight.dtype == torch.bfloat16
+    assert rw.prepare_for_quantized_training(model) is model
+    for name, p in model.named_parameters():
+        if name in packed:
+            assert torch.equal(p, packed[name]), name  # the 4-bit codes are left as they are
+        else:
+            assert p.dtype == torch.float32, name  # norms, embeddings, head
+    # transformers 5 renamed the flag (the old name is a deprecated alias); the floor, 4.56, has the old one.
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert model.get_input_embeddings()(ids).requires_grad  # input grads for reentrant checkpoints
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets=("q_proj", "v_proj")))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for path, layer in adapted_modules(model):  # B starts at 0: its gradient is the first to appear
+        assert layer.delta.B.grad is not None and layer.delta.B.grad.abs().sum() > 0, path
+
+
+def test_prepare_puts_back_a_4bit_weight_repacked_for_cpu_inference() -> None:
+    # bitsandbytes' CPU inference kernel, which an eval-mode forward without gradients switches a
+    # Linear4bit to on an AVX512-BF16 CPU, has no backward: the input would get no gradient.
+    bnb = pytest.importorskip("bitsandbytes")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    model = quantize(_float_model(), "bnb-nf4").eval()
+    with torch.no_grad():
+        model(_input())
+    assert model[0].weight.quant_state.packing_format_for_cpu
+    rw.prepare_for_quantized_training(model, gradient_checkpointing=False)
+    assert not model[0].weight.quant_state.packing_format_for_cpu
+    with torch.no_grad():
+        model(_input())  # an evaluation no longer repacks
+    assert not model[0].weight.quant_state.packing_format_for_cpu
+    x = _input().requires_grad_(True)
+    model[0](x).sum().backward()
+    expected = torch.ones(2, 5, 64) @ dequantized(model[0])  # d(sum(x Wᵀ + b))/dx
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_needs_a_transformers_model_for_checkpointing() -> None:
+    model = _float_model(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"Sequential has no gradient_checkpointing_enable.*checkpointing=False"):
+        rw.prepare_for_quantized_training(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    rw.prepare_for_quantized_training(model, gradient_checkpointing=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -157,42 +157,62 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unwrap(model: nn.Module, merge: bool = True, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Remove the wrappers: the plain model back, with its original module types and keys.
 
-    A quantized base layer (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao) cannot hold
-    ``W0 + ΔW``: with ``merge=True`` it becomes an ``nn.Linear`` of weight ``Ŵ0 + ΔW`` (``Ŵ0`` its
-    dequantized weight, the sum computed in fp32) and its bias, in ``dtype``; the way a QLoRA result
-    ships. With ``merge=False`` it comes back as it was.
+    A quantized model (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao int8 weights) comes
+    back as a float model with ``merge=True``, the way a QLoRA result ships: a quantized base
+    cannot hold ``W0 + ΔW``, so each adapted one becomes an ``nn.Linear`` of weight ``Ŵ0 + ΔW``
+    (``Ŵ0`` its dequantized weight, the sum computed in fp32) and its bias, and every other
+    quantized linear an ``nn.Linear`` of ``Ŵ0``, all in ``dtype``. A transformers model also loses
+    its record of the quantization (``hf_quantizer``, ``config.quantization_config``), so that
+    ``save_pretrained`` writes a float checkpoint and ``.to(dtype)`` works. With ``merge=False``
+    the quantized layers come back as they were.
 
     Args:
         merge: fold the adapters into the weights first; ``False`` drops them, restoring the base
             weights if they were merged.
         dtype: the dtype of the ``nn.Linear`` layers that replace quantized ones (e.g.
             ``torch.bfloat16``); default: the dtype each was quantized from (fp32 for bitsandbytes
-            8-bit, which does not record it). The rest of the model keeps its dtypes.
+            8-bit, which does not record it). The rest of the model keeps its dtypes (cast it with
+            ``.to(dtype)`` to ship one dtype).
 
     Parameters stay frozen as :func:`adapt` left them; call ``requires_grad_(True)`` to train them.
 
     Raises:
         ValueError: as :func:`merge` (``merge=True``) or :func:`unmerge` (``merge=False``) would; a
-            ``dtype`` with ``merge=False`` or on a model with no quantized adapted layer. Nothing is
-            changed.
+            ``dtype`` with ``merge=False`` or on a model with no quantized layer.
+        TypeError: ``merge=True`` on a model holding a quantized layer rankwise cannot read (it
+            could not return a float model). Nothing is changed.
     """
     layers = list(adapted_modules(model))
-    quantized_layers = [(path, layer) for path, layer in layers if quantized.is_quantized(layer.base)]
-    if dtype is not None and not (merge and quantized_layers):
+    quantized_paths = [  # outside the wrappers (an Adapted's weight is its base's)
+        path for path, m in targets.outer_modules(model) if not isinstance(m, Adapted) and quantized.is_quantized(m)
+    ]
+    quantized_bases = [(path, layer) for path, layer in layers if quantized.is_quantized(layer.base)]
+    if dtype is not None and not (merge and (quantized_paths or quantized_bases)):
         raise ValueError(
             "unwrap(dtype=...) sets the dtype of the float layers that replace quantized ones when merging; "
-            + ("this model has no quantized adapted layer" if merge else "merge=False keeps the quantized layers")
+            + ("this model has no quantized layer" if merge else "merge=False keeps the quantized layers")
         )
     replacements: dict[str, nn.Module] = {}
-    if merge:  # every float replacement computed (and checked finite) before anything changes
-        for path, layer in quantized_layers:
+    if merge:  # every float replacement computed (and checked) before anything changes
+        for path in quantized_paths:  # not adapted: Ŵ0 as it is
+            module = model.get_submodule(path)
+            try:
+                quantized.scheme(module, path)
+            except TypeError as error:
+                raise TypeError(f"unwrap(merge=True) returns a float model: {error}; nothing was changed") from None
+            replacements[path] = quantized.float_linear(module, quantized.dequantized(module), dtype)
+        for path, layer in quantized_bases:
             try:
                 replacements[path] = quantized.float_linear(layer.base, layer.merged_weight(), dtype)
             except ValueError as error:
                 raise ValueError(f"'{path}': {error}; nothing was changed") from error
     _set_merged(model, merge, [(path, layer) for path, layer in layers if path not in replacements])
     for path, layer in layers:
-        model = replace_module(model, path, replacements.get(path, layer.base))
+        model = replace_module(model, path, replacements.pop(path, layer.base))
+    for path, replacement in replacements.items():
+        model = replace_module(model, path, replacement)
+    if merge and (quantized_paths or quantized_bases):
+        quantized.drop_transformers_record(model)
     return model
 
 

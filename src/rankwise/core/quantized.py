@@ -172,6 +172,43 @@ def float_linear(module: nn.Module, matrix: Tensor, dtype: torch.dtype | None) -
     return linear.requires_grad_(False).train(module.training)
 
 
+def _repacked_4bit_layers(model: nn.Module) -> list[Any]:
+    """The ``Linear4bit`` layers whose weight bitsandbytes has repacked for its CPU inference kernel."""
+    bnb = _bnb()
+    if bnb is None:
+        return []
+    repacked = [
+        m
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(_quant_state(m), "packing_format_for_cpu", False)
+    ]
+    if repacked and not hasattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse"):
+        raise TypeError(
+            f"prepare_for_quantized_training: {len(repacked)} Linear4bit weights are in bitsandbytes' CPU inference "
+            f"packing, which bitsandbytes {bnb.__version__} gives no way to undo; call it before any eval-mode forward"
+        )
+    return repacked
+
+
+def drop_transformers_record(model: nn.Module) -> None:
+    """Forget a transformers model's record of its quantization once no quantized layer is left.
+
+    transformers keeps it on the model (``hf_quantizer``, ``config.quantization_config``,
+    ``is_loaded_in_4bit``); after :func:`rankwise.unwrap` has replaced every quantized layer by an
+    ``nn.Linear`` the record is false: ``save_pretrained`` would write a 4-bit config beside float
+    weights, and ``.to(dtype)`` refuses the model. The record goes as transformers' own quantizer
+    removes it when it dequantizes a model. Anything else, or a model still quantized somewhere,
+    is left as it is.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or any(is_quantized(m) for m in model.modules()):
+        return
+    quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+
+
 def prepare_for_quantized_training(model: nn.Module, *, gradient_checkpointing: bool = True) -> nn.Module:
     """Ready a model with a quantized base for adapter training, as PEFT's
     ``prepare_model_for_kbit_training`` does; call it before :func:`rankwise.adapt`.
@@ -179,6 +216,12 @@ def prepare_for_quantized_training(model: nn.Module, *, gradient_checkpointing: 
     * Every float parameter in fp16 or bf16 that is not a quantized weight (norms, embeddings, the
       head, biases) is cast to fp32: the frozen layers an adapter's gradient flows through then
       compute in fp32, and layer norms keep their precision.
+    * bitsandbytes ``Linear4bit`` layers keep their training layout: on a CPU with AVX512-BF16,
+      bitsandbytes (0.50) repacks a 4-bit weight for its CPU inference kernel at the first eval-mode
+      forward without gradients, and that kernel has no backward, so after an evaluation the
+      gradient would stop at every 4-bit layer without an error (the adapters before the last
+      frozen layer would get zeros). The repacking is turned off and a weight already repacked is
+      put back.
     * With ``gradient_checkpointing`` (a transformers model), checkpointing is turned on, non-reentrant,
       and the input embeddings' output requires grad, so that a reentrant checkpoint a model sets
       up itself still sees an input that needs a gradient (all the base weights are frozen).
@@ -194,8 +237,8 @@ def prepare_for_quantized_training(model: nn.Module, *, gradient_checkpointing: 
 
     Raises:
         TypeError: ``gradient_checkpointing`` on a model without ``gradient_checkpointing_enable``
-            and ``enable_input_require_grads`` (the transformers ``PreTrainedModel`` methods);
-            nothing is changed.
+            and ``enable_input_require_grads`` (the transformers ``PreTrainedModel`` methods), or a
+            repacked 4-bit weight this bitsandbytes cannot put back; nothing is changed.
     """
     if gradient_checkpointing and not all(
         callable(getattr(model, name, None)) for name in ("gradient_checkpointing_enable", "enable_input_require_grads")
@@ -204,6 +247,7 @@ def prepare_for_quantized_training(model: nn.Module, *, gradient_checkpointing: 
             f"prepare_for_quantized_training: {type(model).__name__} has no gradient_checkpointing_enable / "
             "enable_input_require_grads (a transformers model has both); pass gradient_checkpointing=False"
         )
+    repacked = _repacked_4bit_layers(model)
     quantized_weights = {id(m.weight) for m in model.modules() if is_quantized(m)}
     with torch.no_grad():
         for module in model.modules():
@@ -211,7 +255,22 @@ def prepare_for_quantized_training(model: nn.Module, *, gradient_checkpointing: 
                 if id(param) not in quantized_weights and param.dtype in (torch.float16, torch.bfloat16):
                     # Replaced, not cast in place: the Parameter keeps its identity for tied weights.
                     param.data = param.data.float()
+    bnb = _bnb()
+    for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+    for module in repacked:
+        # In place, as bitsandbytes does before saving; the quantization state object is shared with
+        # the module, and the inverse updates it.
+        module.weight.data, module.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+            module.weight.data, _quant_state(module)
+        )
     if gradient_checkpointing:  # both checked callable above; nn.Module types them as Tensor | Module
-        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        cast(Any, model).enable_input_require_grads()
+        transformers_model = cast(Any, model)
+        # transformers 5 renamed it (the old name is a deprecated alias); 4.56, the floor, has the old one.
+        if callable(getattr(transformers_model, "activation_checkpointing_enable", None)):
+            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        transformers_model.enable_input_require_grads()
     return model
