@@ -38,10 +38,19 @@ class TestQuantizedContract:
     def test_step_0_is_the_quantized_output(self, name: str, backend: str) -> None:
         if not registry.get(name).module_class.identity_at_init:
             pytest.skip(f"{name} does not promise the base model at init")
-        model = quantize(_float_model(), backend)
+        # The recipe's first step: without it, an eval-mode forward on an AVX512-BF16 CPU would
+        # re-quantize the 4-bit weights (bf16 scales) under an adapter initialized from the old ones.
+        model = rw.prepare_for_quantized_training(quantize(_float_model(), backend), gradient_checkpointing=False)
         x = _input()
         expected = model(x)
-        torch.testing.assert_close(rw.adapt(model, _config(name))(x), expected, rtol=1e-6, atol=1e-6)
+        model = rw.adapt(model, _config(name))
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+        # In eval mode without gradients bitsandbytes' int8 kernel quantizes the activations, so
+        # the base's output is not x Ŵ0ᵀ + b: the adapted model still starts at it.
+        with torch.no_grad(), rw.disabled(model.eval()):
+            expected = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
 
     def test_gradients_reach_only_the_adapters(self, name: str, backend: str) -> None:
         model = rw.adapt(quantize(_float_model(), backend), _config(name))
