@@ -190,7 +190,12 @@ def uniform_ratio(shapes: list[tuple[int, int]], total: int, budget: int) -> flo
 
 
 def run_budget(
-    quick: bool, out: Path, heal_steps: int, heal_config: str, fractions: tuple[float, ...] = WHOLE_MODEL_BUDGETS
+    quick: bool,
+    out: Path,
+    heal_steps: int,
+    heal_config: str,
+    fractions: tuple[float, ...] = WHOLE_MODEL_BUDGETS,
+    distill: bool = False,
 ) -> dict:
     """Perplexity against whole-model parameters: uniform ratio (MLP only, as today, and over every
     linear layer), allocated under one budget, allocated + healed, and the healed uncompressed model."""
@@ -225,6 +230,9 @@ def run_budget(
             "schedule": "AdamW, cosine to 0, no weight decay",
             "tokens_seen": steps * 4 * 128,
             "training_tokens": training.numel(),
+            # Each compressed model is also healed, from its unhealed copy, on the healed uncompressed
+            # model's token distributions (KL, no labels) instead of the labels.
+            "distilled_from": "the healed uncompressed model" if distill else None,
         },
         "uncompressed": {"perplexity": perplexity(base, held_out)},
         "points": [],
@@ -238,6 +246,7 @@ def run_budget(
     losses = rw.compress.heal(healed, heal_batches, config=config, steps=steps, lr=lr)
     result["uncompressed"] |= {"healed_perplexity": perplexity(healed, held_out), "heal_losses": losses[::10]}
     log(f"uncompressed + the same fine-tune: perplexity {result['uncompressed']['healed_perplexity']:.2f}")
+    teacher = healed if distill else None
     del healed
     save()
     # One calibration pass (outputs and loss gradients) and one eigendecomposition per layer serve
@@ -277,6 +286,7 @@ def run_budget(
             f"perplexity {point['allocated']['perplexity']:.2f}, {len(report.kept_full_rank)} layers dense"
         )
         save()
+        unhealed = copy.deepcopy(model) if teacher is not None else None
         losses = rw.compress.heal(model, heal_batches, config=config, steps=steps, lr=lr)
         point["allocated + healed"] = {
             "params": count_params(model),
@@ -284,6 +294,15 @@ def run_budget(
             "heal_losses": losses[::10],
         }
         log(f"{fraction}: allocated + healed: perplexity {point['allocated + healed']['perplexity']:.2f}")
+        if unhealed is not None:
+            losses = rw.compress.heal(unhealed, heal_batches, config=config, steps=steps, lr=lr, teacher=teacher)
+            point["allocated + distilled"] = {
+                "params": count_params(unhealed),
+                "perplexity": perplexity(unhealed, held_out),
+                "heal_losses": losses[::10],
+            }
+            log(f"{fraction}: allocated + distilled: perplexity {point['allocated + distilled']['perplexity']:.2f}")
+            del unhealed
         result["points"].append(point)
         save()
         del model
@@ -685,7 +704,12 @@ def markdown(results: dict) -> str:
                 f"Held-out perplexity on {r['held_out_tokens']} tokens of the last 10 Grimm tales; calibration "
                 f"(outputs and loss gradients) on {r['calibration_tokens']} tokens of the first 44. Healing: "
                 f"{heal['steps']} steps of {heal['batch']} from the first 44 tales, {heal['trained']}, lr "
-                f"{heal['lr']}, {heal['schedule']}."
+                f"{heal['lr']}, {heal['schedule']}"
+                + (
+                    f"; compressed models distilled from {heal['distilled_from']}."
+                    if heal.get("distilled_from")
+                    else "."
+                )
             ),
             "",
             (
@@ -706,7 +730,13 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {point['fraction']} | "
                 + " | ".join(cells)
-                + f" | {point['allocated + healed']['perplexity']:.2f} |"
+                + f" | {point['allocated + healed']['perplexity']:.2f}"
+                + (
+                    f" (distilled: {point['allocated + distilled']['perplexity']:.2f})"
+                    if "allocated + distilled" in point
+                    else ""
+                )
+                + " |"
             )
         lines.append("")
     if "speed" in results:
@@ -793,6 +823,11 @@ def main() -> None:
         default="factors",
         help="budget: train the linear layers themselves, or LoRA r = 16 on them, merged",
     )
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="budget: also heal each compressed model on the healed uncompressed model's logits (no labels)",
+    )
     parser.add_argument("--speed-threads", type=int, default=2, help="speed: torch threads")
     parser.add_argument(
         "--budgets",
@@ -818,7 +853,12 @@ def main() -> None:
         (
             "budget",
             lambda: run_budget(
-                args.quick, args.out, args.heal_steps, args.heal, tuple(map(float, args.budgets.split(",")))
+                args.quick,
+                args.out,
+                args.heal_steps,
+                args.heal,
+                tuple(map(float, args.budgets.split(","))),
+                args.distill,
             ),
         ),
     ):
@@ -826,7 +866,7 @@ def main() -> None:
             try:
                 results[part] = run()
             except importlib.metadata.PackageNotFoundError as error:
-                log(f"skipping {part}: {error} is not installed (see shared/ASSETS.md)")
+                log(f"skipping {part}: {error} is not installed (docs/benchmarks.md lists the assets)")
     if "lord" in parts:
         try:
             results["lord"] = run_lord(args.quick)

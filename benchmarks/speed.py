@@ -13,6 +13,11 @@ parameters excepted) plus the trainable parameters with their gradients and Adam
 
     python benchmarks/speed.py --out docs/performance.md            # full run
     python benchmarks/speed.py --rounds 3 --workloads mlp           # a quick look
+    python benchmarks/speed.py --named --threads 1 --workloads encoder --out docs/performance.md --section named
+
+``--named`` measures named adapters instead (:func:`run_named`): the train step of a model holding 8
+LoRA adapters with one active over a model holding only that one, and a mixed-batch forward
+(``rw.per_example``, 4 adapters over the batch) over a one-adapter forward of the same batch.
 """
 
 from __future__ import annotations
@@ -320,6 +325,65 @@ def run_workload(
     return "\n".join(lines)
 
 
+@dataclass
+class MixedRunner(Runner):
+    """Inference with each example of the batch on its own adapter (``rw.per_example``)."""
+
+    names: list[str | None] = field(default_factory=list)
+
+    def infer(self) -> None:
+        with torch.no_grad(), rw.per_example(self.model, self.names):
+            _call(self.model, self.inputs)
+
+
+def run_named(key: str, rounds: int, clock: Callable[[], float] = time.perf_counter) -> str:
+    """Named adapters (LoRA r=8 on the workload's targets), each ratio paired with its baseline
+    timed just before it: 8 adapters with one active over only that adapter (train step), and 4
+    adapters over a batch split between them (``rw.per_example``, 4 rows each for a batch of 16)
+    over one adapter on the whole batch (inference)."""
+    workload = WORKLOADS[key]
+    torch.manual_seed(0)
+    base = workload.build()
+    base.requires_grad_(False)
+    inputs = workload.make_input()
+    batch = next(iter(inputs.values())).shape[0]
+    config = rw.LoRAConfig(rank=8, targets=workload.targets)
+
+    def holding(count: int) -> nn.Module:
+        torch.manual_seed(1)
+        model = rw.adapt(copy.deepcopy(base), config, name="a0")
+        for i in range(1, count):
+            rw.adapt(model, config, name=f"a{i}")
+        for name, p in model.named_parameters():  # B = 0 at init: give every adapter an update
+            if ".adapters." in name and name.endswith(".B"):
+                nn.init.normal_(p, std=0.01)
+        return model
+
+    # _timings pairs each key with the "floor" runner; here the floor is the one-adapter model.
+    single = Runner(holding(1), inputs)
+    train = _timings({"floor": single, "eight": Runner(holding(8), inputs)}, [["eight"]], "train_step", rounds, clock)
+    names: list[str | None] = [f"a{i % 4}" for i in range(batch)]
+    mixed = MixedRunner(holding(4), inputs, names=names)
+    infer = _timings({"floor": single, "mixed": mixed}, [["mixed"]], "infer", rounds, clock)
+    return "\n".join(
+        [
+            f"### Named adapters: {workload.name}, LoRA r=8",
+            "",
+            "| measurement | baseline ms | ms | ratio | target |",
+            "|---|---|---|---|---|",
+            (
+                f"| train step, 8 adapters held, 1 active / only that adapter | {1e3 * train.seconds['floor']:.1f} | "
+                f"{1e3 * train.seconds['eight']:.1f} | **{train.to_floor['eight']:.3f}** | ≤ 1.05 |"
+            ),
+            (
+                f"| inference, batch {batch} split over 4 adapters (per_example) / 1 adapter on the whole batch | "
+                f"{1e3 * infer.seconds['floor']:.1f} | {1e3 * infer.seconds['mixed']:.1f} | "
+                f"**{infer.to_floor['mixed']:.3f}** | ≤ 1.5 |"
+            ),
+        ]
+    )
+
+
 def _mergeable(case: Case) -> bool:
     from rankwise.core import registry
 
@@ -368,6 +432,7 @@ def main() -> None:
         default="wall",
         help="wall-clock, or this process's CPU time (a cross-check on a shared machine, with --threads 1)",
     )
+    parser.add_argument("--named", action="store_true", help="measure named adapters (run_named) instead")
     parser.add_argument("--out", help="write the markdown report here as well")
     parser.add_argument(
         "--section", default="results", help="in --out, replace only this section's block (default: results)"
@@ -376,7 +441,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     methods = set(args.methods) if args.methods else None
-    sections = [run_workload(key, args.rounds, methods, CLOCKS[args.clock]) for key in args.workloads]
+    run = (
+        (lambda key: run_named(key, args.rounds, CLOCKS[args.clock]))
+        if args.named
+        else (lambda key: run_workload(key, args.rounds, methods, CLOCKS[args.clock]))
+    )
+    sections = [run(key) for key in args.workloads]
     header = (
         f"Run {datetime.date.today()} on {_machine()} ({platform.machine()}), torch {torch.__version__}, "
         f"PEFT {peft.__version__ if peft else '—'}, {args.threads} thread{'s' if args.threads != 1 else ''}, fp32, "

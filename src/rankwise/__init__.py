@@ -10,8 +10,20 @@ from . import adapters, allocate, compress, decompose, interop, optim
 from .adapters import *  # noqa: F403  (every method config, e.g. rw.LoRAConfig)
 from .core.adapted import Adapted
 from .core.checkpoint import CheckpointError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .core.combine import combine
 from .core.config import AdapterConfig
-from .core.inject import adapt, disabled, merge, unmerge, unwrap
+from .core.inject import (
+    active_adapters,
+    adapt,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    merge,
+    per_example,
+    set_active,
+    unmerge,
+    unwrap,
+)
 from .core.quantized import prepare_for_quantized_training
 from .core.registry import make_config, methods, register
 from .core.steps import step, step_with
@@ -31,17 +43,23 @@ __all__ = [
     "CheckpointError",
     "Summary",
     "__version__",
+    "active_adapters",
     "adapt",
+    "adapter_names",
     "adapter_state_dict",
+    "combine",
+    "delete_adapter",
     "disabled",
     "load_adapter",
     "make_config",
     "merge",
     "methods",
+    "per_example",
     "prepare_for_quantized_training",
     "read_adapter_config",
     "register",
     "save_adapter",
+    "set_active",
     "step",
     "step_with",
     "summary",

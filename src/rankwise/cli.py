@@ -25,7 +25,7 @@ import torch
 import rankwise as rw
 from rankwise.compress.checkpoint import COMPRESSION_LAYOUT, read_layout, transformers_class
 from rankwise.core import registry
-from rankwise.core.checkpoint import TENSORS_FILE
+from rankwise.core.checkpoint import TENSORS_FILE, saved_adapters
 from rankwise.core.checks import check_number
 
 if TYPE_CHECKING:
@@ -121,13 +121,25 @@ def _check_device(name: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> None:
-    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size, or a
-    compressed model's low-rank layers and their ranks."""
+    """``rankwise inspect FOLDER``: an adapter checkpoint's method, config, layers and size (each
+    adapter's, for a folder of several, one per subfolder), or a compressed model's low-rank layers
+    and their ranks."""
     if (Path(args.folder) / COMPRESSION_LAYOUT).is_file():
         _inspect_compressed(args.folder)
         return
-    meta, config = rw.read_adapter_config(args.folder)
-    tensors = Path(args.folder) / TENSORS_FILE
+    several = saved_adapters(args.folder)
+    if "" in several or not several:
+        _inspect_adapter(Path(args.folder))
+        return
+    print(f"adapters: {len(several)} ({', '.join(several)})")
+    for name, folder in several.items():
+        print(f"\nadapter {name} ({folder.name}/):")
+        _inspect_adapter(folder)
+
+
+def _inspect_adapter(folder: Path) -> None:
+    meta, config = rw.read_adapter_config(folder)
+    tensors = folder / TENSORS_FILE
     if not tensors.is_file():
         raise rw.CheckpointError(f"{tensors} does not exist")
     module_class = registry.get(meta["method"]).module_class

@@ -37,8 +37,14 @@ def _spatial_conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2))
 
 
+def _embedding() -> nn.Module:
+    # A padding row, as transformers' embeddings have; the ids below include it.
+    return nn.Sequential(nn.Embedding(40, 256, padding_idx=1), nn.GELU(), nn.Linear(256, 512))
+
+
 BASES = {  # name -> (base kind, model builder, input shape)
     "linear": ("linear", _linear, (2, 5, 256)),
+    "embedding": ("embedding", _embedding, (2, 5)),
     "conv1d": ("conv1d", _conv1d, (2, 5, 256)),
     "conv2d-1x1": ("conv2d", _pointwise_conv, (2, 256, 3, 3)),
     "conv2d-3x3": ("conv2d", _spatial_conv, (2, 16, 6, 6)),
@@ -61,7 +67,10 @@ def _model(base: str, seed: int = 0) -> nn.Module:
 
 
 def _input(base: str) -> torch.Tensor:
-    return torch.randn(*BASES[base][2], generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    if BASES[base][0] == "embedding":  # token ids, the padding token among them
+        return torch.randint(0, 40, BASES[base][2], generator=generator).index_fill_(1, torch.tensor([0]), 1)
+    return torch.randn(*BASES[base][2], generator=generator)
 
 
 def _adapted(name: str, base: str) -> nn.Module:

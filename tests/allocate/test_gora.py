@@ -96,11 +96,11 @@ def test_ranks_follow_importance_within_the_budget() -> None:
 
 def test_collection_leaves_flags_and_weights_as_they_were() -> None:
     model = _adapted()
-    before = {k: v.clone() for k, v in model.state_dict().items() if ".delta." not in k}
-    flags = {name: p.requires_grad for name, p in model.named_parameters() if ".delta." not in name}
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    flags = {name: p.requires_grad for name, p in model.named_parameters() if ".adapters." not in name}
     rw.allocate.gora(model, _batches(), loss_fn=_loss)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert {name: p.requires_grad for name, p in model.named_parameters() if ".delta." not in name} == flags
+    assert {name: p.requires_grad for name, p in model.named_parameters() if ".adapters." not in name} == flags
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for name, p in model.named_parameters() if ".delta." in name)
 
@@ -120,6 +120,9 @@ def test_checkpoint_reloads_the_ranks(tmp_path) -> None:
 def test_misuse_raises() -> None:
     with pytest.raises(TypeError, match="LoRA factors"):
         rw.allocate.gora(rw.adapt(_base(), rw.AdaLoRAConfig(targets="0")), _batches(), loss_fn=_loss)
+    embedding = rw.adapt(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)), rw.LoRAConfig(targets=("0", "1")))
+    with pytest.raises(TypeError, match=r"gora: '0' is a Embedding; GoRA starts only \['conv1d', 'conv2d', 'linear'\]"):
+        rw.allocate.gora(embedding, [torch.tensor([1, 2])], loss_fn=lambda m, ids: m(ids).sum())
     trained = _adapted()
     with torch.no_grad():
         trained[0].delta.B.fill_(0.1)

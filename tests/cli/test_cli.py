@@ -39,6 +39,20 @@ def test_inspect_shows_method_config_modules_and_parameter_count(
     assert f"trainable module head: {head:,} values saved" in out
 
 
+def test_inspect_lists_every_adapter_of_a_folder_saved_from_a_model_with_several(
+    tmp_path: Path, mlp: nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = rw.adapt(mlp, rw.LoRAConfig(rank=4, targets=("layers.0",)), name="a")
+    rw.adapt(model, rw.C3AConfig(block_size=8, targets=("layers.1", "layers.2")), name="b")
+    rw.save_adapter(model, tmp_path)
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("adapters: 2 (a, b)\n")
+    a, b = out.split("adapter a (a/):\n")[1].split("adapter b (b/):\n")
+    assert "method: lora" in a and "modules: 1" in a and f"adapter parameters: {4 * (16 + 32):,}" in a
+    assert "method: c3a" in b and "modules: 2" in b and f"adapter parameters: {32 * 24 // 8 + 24 * 8 // 8:,}" in b
+
+
 def test_inspect_of_a_folder_without_an_adapter_fails_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -55,7 +69,7 @@ def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_pa
         rw.LoRAConfig(rank=2, targets=("c_attn", "c_fc")),
     )
     for name, parameter in model.named_parameters():
-        if name.endswith("delta.B"):  # B starts at zero; give the adapter something to merge
+        if name.endswith(".B"):  # B starts at zero; give the adapter something to merge
             nn.init.normal_(parameter, std=0.1)
     rw.save_adapter(model, tmp_path / "adapter")
     ids = torch.randint(0, 50, (2, 8))

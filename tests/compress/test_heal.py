@@ -10,6 +10,7 @@ from torch import nn
 
 import rankwise as rw
 from rankwise.compress import LowRankLinear, heal, lord
+from rankwise.compress.heal import distillation_loss
 from rankwise.compress.report import count_params
 
 _GENERATOR = torch.Generator().manual_seed(3)
@@ -73,3 +74,48 @@ def test_bad_healing_arguments_are_refused_before_training() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert not any(isinstance(m, rw.Adapted) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_distillation_loss_is_the_kl_divergence_over_kept_positions() -> None:
+    generator = torch.Generator().manual_seed(7)
+    logits, teacher = torch.randn(2, 5, 11, generator=generator), torch.randn(2, 5, 11, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    per_position = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(distillation_loss(logits, teacher), per_position.mean(), atol=1e-6)
+    kept = per_position[mask.bool()].mean()
+    assert torch.allclose(distillation_loss(logits, teacher, mask), kept, atol=1e-6)
+    assert distillation_loss(teacher, teacher).abs() < 1e-6
+
+
+def test_healing_from_a_teacher_moves_the_model_to_its_distribution_and_keeps_ranks() -> None:
+    model = _compressed()
+    torch.manual_seed(1)
+    teacher = nn.Linear(16, 16)
+
+    def divergence() -> float:
+        with torch.no_grad():
+            return sum(distillation_loss(model(x), teacher(x)).item() for x in _batches())
+
+    before = divergence()
+    losses = heal(model, _batches(), steps=40, lr=5e-2, teacher=teacher)  # no labels: pure distillation
+    assert divergence() < 0.5 * before, (before, divergence())
+    assert [m.rank for m in (model[0], model[3])] == [4, 4]
+    assert losses[0] == pytest.approx(distillation_loss(_compressed()(_batches()[0]), teacher(_batches()[0])).item())
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher is read, not trained or frozen
+
+
+def test_a_copy_of_the_model_as_teacher_gives_zero_loss_and_mixes_with_the_task_loss() -> None:
+    model = _compressed()
+    copy = _compressed()
+    losses = heal(model, _batches()[:1], steps=1, lr=1e-3, teacher=copy, loss=_mse, distill_weight=0.25)
+    assert losses[0] == pytest.approx(0.75 * _mse(copy(_batches()[0]), _batches()[0]).item(), rel=1e-6)
+
+
+def test_bad_distillation_arguments_are_refused_before_training() -> None:
+    model = _compressed()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"heal: distill_weight=1.5 must be"):
+        heal(model, _batches(), steps=1, lr=1e-3, teacher=nn.Linear(16, 16), distill_weight=1.5)
+    with pytest.raises(ValueError, match=r"logits \(32, 16\) and the teacher's \(32, 8\) differ"):
+        heal(model, _batches(), steps=1, lr=1e-3, teacher=nn.Linear(16, 8))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

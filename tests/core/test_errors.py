@@ -114,6 +114,22 @@ def _tied() -> Net:
     return model
 
 
+def _with_embedding(**options: float) -> Net:
+    model = _fresh()
+    model.embed = nn.Embedding(20, 16, padding_idx=0, **options)  # type: ignore[arg-type]
+    return model
+
+
+def _tied_embedding() -> Net:
+    """The adapted embedding's weight is also the head's, as in a causal LM with tied embeddings."""
+    model = _with_embedding()
+    model.head = nn.Linear(2, 20, bias=False)
+    model.head.weight = model.embed.weight
+    model = rw.adapt(model, rw.LoRAConfig(rank=2, targets="embed"))
+    nn.init.normal_(model.embed.delta.A)
+    return model
+
+
 def _merge_inside_disabled(model: nn.Module) -> None:
     with rw.disabled(model):
         rw.merge(model)
@@ -188,6 +204,27 @@ CASES = [
         lambda m, f: rw.adapt(m, rw.DoRAConfig(targets="conv")),
         TypeError,
         "dora does not support Conv2d.*'conv'",
+    ),
+    Case(
+        "method that cannot adapt an embedding",
+        _with_embedding,
+        lambda m, f: rw.adapt(m, rw.SingLoRAConfig(targets=("proj", "embed"))),
+        TypeError,
+        r"singlora does not support Embedding \('embed'\).*methods that support embedding: \['lora'",
+    ),
+    Case(
+        "embedding with max_norm",
+        lambda: _with_embedding(max_norm=1.0),
+        lambda m, f: rw.adapt(m, rw.LoRAConfig(targets=("proj", "embed"))),
+        TypeError,
+        "'embed': Embedding with max_norm=1.0",
+    ),
+    Case(
+        "merge into a tied embedding",
+        _tied_embedding,
+        lambda m, f: rw.merge(m),
+        ValueError,
+        r"cannot merge 'embed': its weight is shared with \['head.weight'\]",
     ),
     Case(
         "reparameterizing a layer with its own forward",
@@ -351,7 +388,7 @@ CASES = [
         _adapted,
         lambda m, f: rw.load_adapter(m, f),
         ValueError,
-        "already has rankwise adapters",
+        "already has an adapter named .default.",
     ),
     Case(
         "missing config file",

@@ -64,7 +64,7 @@ def test_all_linear_leaves_out_the_trainable_head_and_freezes_the_rest() -> None
     assert isinstance(model.classifier, nn.Linear)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"} | {
-        f"layers.{i}.{name}.delta.{factor}"
+        f"layers.{i}.{name}.adapters.default.{factor}"
         for i in range(3)
         for name in ("q_proj", "out_proj", "attn.c_attn")
         for factor in "AB"

@@ -177,6 +177,33 @@ def test_unwrap_merge_of_a_transformers_4bit_model_saves_a_float_checkpoint(tmp_
     assert torch.equal(reloaded(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
+@backends
+def test_two_named_adapters_on_a_quantized_base(backend: str) -> None:
+    # Each active adapter adds its difference to the quantized forward; unwrap merges both into Ŵ0.
+    base = quantize(_float_model(), backend)
+    x = _input()
+    expected = base(x)
+    model = rw.adapt(base, DORA)
+    model = rw.adapt(model, LORA, name="second")
+    rw.set_active(model, ["default", "second"])
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, layer in adapted_modules(model):
+            for name in ("default", "second"):
+                for p in layer.adapter(name).parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    merged = {}
+    for path, layer in adapted_modules(model):  # W0 + Σ (W'_i − W0), from the backend's own dequantization
+        w0 = dequantized(layer.base)
+        merged[path] = w0 + sum(layer.adapter(n).merged_weight(w0).detach() - w0 for n in ("default", "second"))
+    y = model(x).detach()
+    plain = rw.unwrap(model, merge=True)
+    for path, weight in merged.items():
+        torch.testing.assert_close(plain.get_submodule(path).weight, weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain(x), y, rtol=1e-4, atol=1e-5)
+
+
 def test_unwrap_dtype_is_refused_where_it_means_nothing() -> None:
     model = _adapted("bnb-nf4", LORA)
     with pytest.raises(ValueError, match="merge=False keeps the quantized layers"):

@@ -31,5 +31,5 @@ def test_three_trainer_steps_move_only_the_adapters(tmp_path) -> None:
     assert trainer.state.global_step == 3
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(".delta." in k for k in changed)
-    assert any(k.endswith("delta.B") for k in changed)
+    assert changed and all(".adapters.default." in k for k in changed)
+    assert any(k.endswith("default.B") for k in changed)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from torch import nn
@@ -369,3 +370,59 @@ def test_from_peft_skips_modules_to_save_the_model_lacks_as_peft_does(tmp_path) 
     assert ours.score.weight.requires_grad
     x = torch.randint(1, 50, (2, 8))
     _assert_equal_and_adapted(_run(reference, x), _run(ours, x), _run(_llama(classes=3), x))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_an_embedding_adapter_goes_both_ways_with_peft(dora, tmp_path) -> None:
+    # PEFT's lora_embedding_A (r, vocabulary) and lora_embedding_B (dim, r) are our A and B.
+    targets = ["embed_tokens", "q_proj"]
+    reference = peft.get_peft_model(
+        _llama(tied=False), peft.LoraConfig(r=2, target_modules=targets, use_dora=dora, init_lora_weights=False)
+    )
+    _randomize_peft(reference)
+    with torch.no_grad():  # PEFT saves the adapted embedding's weight and loads it: a changed one too
+        reference.base_model.model.model.embed_tokens.base_layer.weight[5:].add_(0.5)
+    reference.save_pretrained(tmp_path / "peft")
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 0  # the padding token
+    ours = rw.interop.from_peft(_llama(tied=False), tmp_path / "peft")
+    assert ours.model.embed_tokens.kind == "embedding"
+    assert ours.model.embed_tokens.delta.A.shape == (2, 50)
+    _assert_equal_and_adapted(_run(reference, x), _run(ours, x), _run(_llama(tied=False), x))
+
+    rw.interop.to_peft(ours, tmp_path / "back")
+    written = safetensors.torch.load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert written["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (16, 2)
+    assert torch.equal(written["base_model.model.model.embed_tokens.base_layer.weight"], ours.model.embed_tokens.weight)
+    again = peft.PeftModel.from_pretrained(_llama(tied=False), tmp_path / "back")
+    torch.testing.assert_close(_run(again, x), _run(reference, x), rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
+    ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="a").eval()
+    rw.adapt(ours, rw.LoRAConfig(rank=4, alpha=2.0, targets=("2", "4")), name="b")
+    with torch.no_grad():
+        for _, layer in adapted_modules(ours):
+            for adapter in layer.adapters.values():
+                for p in adapter.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+    rw.interop.to_peft(ours, tmp_path / "ours")  # several: one subfolder per adapter
+    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "ours" / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "ours" / "b", adapter_name="b")
+    x, base = _inputs(_mlp), _run(_mlp(), _inputs(_mlp))
+    for active in (["a"], ["b"], ["a", "b"]):  # PEFT's several active adapters add, as ours do
+        theirs.base_model.set_adapter(active)
+        rw.set_active(ours, active)
+        _assert_equal_and_adapted(_run(theirs, x), _run(ours, x), base)
+
+    # Back: PEFT's default adapter at the folder, "b" in its subfolder; each loads by its folder.
+    theirs.save_pretrained(tmp_path / "peft")  # PEFT writes "a" in a/ and "b" in b/ (no default)
+    back = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "a", name="a")
+    rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")
+    assert rw.adapter_names(back) == ["a", "b"] and rw.active_adapters(back) == ["a"]
+    for active in (["a"], ["b"], ["a", "b"]):
+        rw.set_active(back, active)
+        rw.set_active(ours, active)
+        torch.testing.assert_close(_run(back.eval(), x), _run(ours, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")

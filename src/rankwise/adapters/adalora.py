@@ -14,6 +14,7 @@ this file is the mathematics and the resize operations they use.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
 from ..core.registry import register
 
 INIT_STD = 0.02  # A, B ~ N(0, 0.02²): the official code and PEFT
@@ -70,6 +72,7 @@ class AdaLoRA(Delta[AdaLoRAConfig]):
     """AdaLoRA: ΔW = s · B diag(e) A, triplets masked to a budget by ``rankwise.allocate.AdaLoRAAllocator``."""
 
     example_config = {"rank": 2}
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def __init__(self, w0: Tensor, config: AdaLoRAConfig) -> None:
         super().__init__(w0, config)
@@ -107,6 +110,35 @@ class AdaLoRA(Delta[AdaLoRAConfig]):
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ (self.A * self.e))
+
+    def reset_for_embedding(self, padding_idx: int | None) -> None:
+        """Zero the padding token's column of A: it gets no gradient, so its update stays zero.
+        The rest keeps the official init (A and B must start random for e to get a gradient)."""
+        if padding_idx is not None:
+            with torch.no_grad():
+                self.A[:, padding_idx] = 0
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor:
+        """``rows + s · (A[:, ids]ᵀ ⊙ eᵀ) Bᵀ``: the base's rows for ``ids`` plus the rows of ΔWᵀ."""
+        hidden = geometry.embedding_columns(ids, self.A * (self.e * self.scale), base)  # (..., rank)
+        mask = geometry.dropped_tokens(self.dropout, ids, hidden)
+        return add_product(rows, hidden if mask is None else hidden * mask, self.B.t())
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact: the triplets side by side, ``A = [A_1; …]``, ``B = [B_1, …]`` and
+        ``e = [c_1 e_1; …]`` with ``c_i = w_i s_i / s`` (weight and scale folded into e), rank
+        (and initial rank) ``Σ r_i``."""
+        triplets = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        rank = sum(adapter.rank for _, adapter in triplets)
+        first = triplets[0][1]
+        config = dataclasses.replace(first.config, rank=rank, init_rank=rank)
+        new = cls(w0, config).to(device=w0.device, dtype=first.A.dtype)
+        with torch.no_grad():
+            new.A.copy_(torch.cat([adapter.A for _, adapter in triplets]))
+            new.e.copy_(torch.cat([adapter.e * (weight * adapter.scale / new.scale) for weight, adapter in triplets]))
+            new.B.copy_(torch.cat([adapter.B for _, adapter in triplets], 1))
+        return new
 
     def orthogonality(self, squared: bool = False) -> Tensor:
         """``||A Aᵀ − I||_F + ||Bᵀ B − I||_F``, the paper's regularizer R(P, Q).

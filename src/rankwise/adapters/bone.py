@@ -11,15 +11,16 @@ PEFT's ``MissConfig(init_weights=True)``; the affine form is :mod:`rankwise.adap
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product
+from ..core.delta import Adapter, Delta, add_product, summed_parameters
 from ..core.registry import register
 
 
@@ -85,6 +86,15 @@ class Bone(Delta[BoneConfig]):
     def delta_weight(self) -> Tensor:
         rank = self.D.shape[0]
         return self.D.t().repeat(1, math.ceil(self.in_features / rank))[:, : self.in_features]
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact: ΔW is linear in the shards (of one rank), so they add, ``Σ_i w_i p_i``.
+
+        Raises:
+            ValueError: the parts' configs differ (:func:`~rankwise.core.delta.summed_parameters`).
+        """
+        return summed_parameters(cls, parts, w0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.D.shape[0]}"

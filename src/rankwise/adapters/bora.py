@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.delta import MergeState, Reparam
 from ..core.precision import at_least_fp32
 from ..core.registry import register
@@ -48,6 +49,9 @@ class BoRA(LowRank[BoRAConfig], Reparam[BoRAConfig]):
     """BoRA: row and column magnitudes around a LoRA-updated direction; ≥ DoRA by small margins."""
 
     exact_gradients = False  # both norms are detached in backward, unless detach_norms=False
+    # On an embedding (W0 = weightᵀ, (dim, num_embeddings)) the row magnitude is one per embedding
+    # dimension and the column magnitude one per token.
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def __init__(self, w0: Tensor, config: BoRAConfig) -> None:
         super().__init__(w0, config)
@@ -95,6 +99,17 @@ class BoRA(LowRank[BoRAConfig], Reparam[BoRAConfig]):
         scaled = dropped * column_gain
         y = F.linear(x - dropped, w0) + row_gain * (F.linear(scaled, w0) + self.lowrank(scaled))
         return y if bias is None else y + bias
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor:
+        """``a ⊙ c[ids] (W0ᵀ[ids] + s · A[:, ids]ᵀ Bᵀ)``: the rows of ``W'ᵀ`` for ``ids``, from the
+        base's rows; the token's column gain is looked up as the embedding looks up its weight
+        (the padding token's gets no gradient)."""
+        row_gain, column_gain = self.gains(geometry.weight_matrix(base, "embedding"))
+        token_gain = geometry.embedding_columns(ids, column_gain.unsqueeze(0), base).to(rows.dtype)  # (..., 1)
+        adapted = scale_rows((rows + self.lowrank_rows(ids, base)) * token_gain, row_gain.to(rows.dtype), None)
+        mask = geometry.dropped_tokens(self.dropout, ids, rows)
+        # With dropout a dropped token keeps its base row (x W0ᵀ + x̃ (W' − W0)ᵀ, as on a Linear).
+        return adapted if mask is None else rows + mask * (adapted - rows)
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         return self.merged_with_state(w0)[0]

@@ -11,6 +11,7 @@ p = in/b input blocks x_j, q = out/b output blocks and one length-b kernel w_ij 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig
-from ..core.delta import Delta
+from ..core.delta import Adapter, Delta, summed_parameters
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 
@@ -102,6 +103,15 @@ class C3A(Delta[C3AConfig]):
         shift = (k[None, :] - k[:, None]) % b  # C(v)[k, l] = v[(l − k) mod b]
         blocks = self.kernel[:, :, shift]  # (q, p, b, b): block (i, j), row k, column l
         return blocks.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features) / self.in_features
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact: ΔW is linear in the kernels (of one block size), so they add, ``Σ_i w_i p_i``.
+
+        Raises:
+            ValueError: the parts' configs differ (:func:`~rankwise.core.delta.summed_parameters`).
+        """
+        return summed_parameters(cls, parts, w0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.delta import MergeState, Reparam
 from ..core.precision import apply_in, at_least_fp32
 from ..core.registry import register
@@ -36,7 +37,9 @@ class DoRAConfig(LoRAConfig):
 class DoRA(LowRank[DoRAConfig], Reparam[DoRAConfig]):
     """DoRA: magnitude × direction, the direction updated by LoRA; ≈ LoRA's quality, sometimes better."""
 
-    supported_bases = frozenset({"linear", "conv1d"})
+    # On an embedding, W0 = weightᵀ is (dim, num_embeddings): the magnitude is one per embedding
+    # dimension, the norm over the vocabulary, as PEFT's DoRA embedding computes it.
+    supported_bases = frozenset({"linear", "conv1d", "embedding"})
     exact_gradients = False  # the row norm is detached in backward (DoRA paper §4.3)
 
     def __init__(self, w0: Tensor, config: DoRAConfig) -> None:
@@ -77,6 +80,18 @@ class DoRA(LowRank[DoRAConfig], Reparam[DoRAConfig]):
         dropped = self.dropout(x)
         y = F.linear(x, w0) + (gain - 1) * F.linear(dropped, w0) + gain * self.lowrank(dropped)
         return y if bias is None else y + bias
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor:
+        """``g ⊙ (W0ᵀ[ids] + s · A[:, ids]ᵀ Bᵀ)`` with ``g = m / ||W0 + s B A||_row``, from the base's
+        rows for ``ids``; the direction's norm is computed without forming the (dim, vocabulary) sum."""
+        gain = (self.magnitude / self.direction_norm(geometry.weight_matrix(base, "embedding"))).to(rows.dtype)
+        lowrank = self.lowrank_rows(ids, base)
+        mask = geometry.dropped_tokens(self.dropout, ids, rows)
+        if mask is None:
+            return scale_rows(rows + lowrank, gain, None)
+        # As on a linear layer, the dropped input feeds the whole DoRA branch and the base term
+        # keeps the clean one: a dropped token keeps its base row, the others get the full W'ᵀ row.
+        return rows + mask * ((gain - 1) * rows + gain * lowrank)
 
     def merged_weight(self, w0: Tensor) -> Tensor:
         return self.merged_with_state(w0)[0]

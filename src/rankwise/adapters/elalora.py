@@ -33,3 +33,7 @@ class ElaLoRAConfig(AdaLoRAConfig):
 @register("elalora", ElaLoRAConfig)
 class ElaLoRA(AdaLoRA):
     """ElaLoRA: AdaLoRA's triplets, pruned and grown between layers by ``rankwise.allocate.ElaLoRAAllocator``."""
+
+    # Not embeddings: a grown triplet's row of A is a random unit vector over the whole vocabulary,
+    # so the padding token would get an update that nn.Embedding's padding_idx rules out.
+    supported_bases = frozenset({"linear", "conv1d", "conv2d"})

@@ -35,3 +35,7 @@ class GoRAConfig(LoRAConfig):
 @register("gora", GoRAConfig)
 class GoRA(LoRA):
     """GoRA: LoRA whose per-layer ranks and initial B come from gradients (``rankwise.allocate.gora``)."""
+
+    # Not embeddings: the gradient-derived start G·P_A projects through a random A over the whole
+    # vocabulary, giving every token, the padding token too, an update before training.
+    supported_bases = frozenset({"linear", "conv1d", "conv2d"})

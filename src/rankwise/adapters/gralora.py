@@ -12,7 +12,9 @@ Same parameters as a LoRA of rank ``rank + hybrid_rank``; ΔW's rank reaches k �
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta
+from ..core.delta import Adapter, Delta, as_method
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -127,6 +129,35 @@ class GraLoRA(Delta[GraLoRAConfig]):
         if self.hybrid_rank:
             delta = delta + self.hybrid_B @ self.hybrid_A
         return self.scale * delta
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact for parts of one ``k``: each block's factors side by side (block (j, n) of rank
+        ``Σ r_i / k``), the hybrid LoRAs' too, each weight and scale folded into B, ``c_i = w_i s_i / s``.
+
+        Raises:
+            ValueError: the parts have different ``k`` (their blocks do not line up).
+        """
+        grids = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        first = grids[0][1]
+        ks = sorted({adapter.k for _, adapter in grids})
+        if len(ks) > 1:
+            raise ValueError(f"GraLoRA: the adapters have different k ({ks}), so their blocks do not line up")
+        k, block_in, block_out = first.k, first.in_features // first.k, first.out_features // first.k
+        rank = sum(adapter.rank for _, adapter in grids)
+        hybrid = sum(adapter.hybrid_rank for _, adapter in grids)
+        new = cls(w0, dataclasses.replace(first.config, rank=rank, hybrid_rank=hybrid))
+        new = new.to(device=w0.device, dtype=first.A.dtype)
+        with torch.no_grad():
+            # A (n, i, j·r/k): per output block j, the parts' columns side by side; B (j, n·r/k, o) likewise.
+            new.A.copy_(torch.cat([a.A.view(k, block_in, k, -1) for _, a in grids], 3).view(k, block_in, rank))
+            up = [a.B.view(k, k, -1, block_out) * (w * a.scale / new.scale) for w, a in grids]
+            new.B.copy_(torch.cat(up, 2).view(k, rank, block_out))
+            if hybrid:
+                hybrids = [(w, a) for w, a in grids if a.hybrid_rank]
+                new.hybrid_A.copy_(torch.cat([a.hybrid_A for _, a in hybrids]))
+                new.hybrid_B.copy_(torch.cat([a.hybrid_B * (w * a.scale / new.scale) for w, a in hybrids], 1))
+        return new
 
     def extra_repr(self) -> str:
         sizes = f"rank={self.rank}, k={self.k}, hybrid_rank={self.hybrid_rank}"

@@ -14,15 +14,16 @@ W0 at step 0 only to rounding).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, add_product, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 
@@ -103,6 +104,25 @@ class LoLDU(Delta[LoLDUConfig]):
 
     def delta_weight(self) -> Tensor:
         return (self.L * self.gain()) @ self.U
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact where the frozen factors are the same (the same layer's LU, the same rank):
+        ``ΔW = L diag(g) U`` is linear in the gain ``g = σ z − σ0 D_r``, so the new one has
+        ``g = Σ_i w_i g_i``, through ``z = (g + σ0 D_r) / σ``.
+
+        Raises:
+            ValueError: the parts' (or the new adapter's) L, U differ, e.g. different ranks.
+        """
+        diagonals = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        first = diagonals[0][1]
+        new = cls(w0, first.config).to(device=w0.device, dtype=first.z.dtype)
+        if not all(torch.equal(a.L, new.L) and torch.equal(a.U, new.U) for _, a in diagonals):
+            raise ValueError("LoLDU: the adapters' frozen factors L, U differ (another rank or base weight)")
+        with torch.no_grad():
+            gain = sum(w * a.gain() for w, a in diagonals)
+            new.z.copy_((gain + new.initial) / new.sigma)
+        return new
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.z.shape[0]}"

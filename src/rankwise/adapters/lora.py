@@ -7,7 +7,9 @@ https://arxiv.org/abs/2312.03732.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import geometry
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -105,6 +108,24 @@ class LowRank(Adapter[LoRAConfigT]):
     def lowrank_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)
 
+    def reset_for_embedding(self, padding_idx: int | None) -> None:
+        """``A = 0`` and ``B ~ N(0, 1)``, the embedding init of the official loralib and of PEFT.
+        A one-hot input reads one column of A, so kaiming's bound 1/√num_embeddings would leave
+        the branch and B's gradient tiny; B = 0 with A = 0 would give neither factor a gradient.
+        The padding token's column of A is then zero and gets no gradient, so its update stays zero."""
+        with torch.no_grad():
+            self.A.zero_()
+            self.B.normal_()
+
+    def lowrank_rows(self, ids: Tensor, base: nn.Module) -> Tensor:
+        """``s · A[:, ids]ᵀ Bᵀ``, the rows of the low-rank term's transpose for token ``ids``, shape
+        (..., out), before dropout; the scale goes on the rank side, the narrowest tensor."""
+        return low_rank_product(self.embedding_hidden(ids, base), self.B.t())
+
+    def embedding_hidden(self, ids: Tensor, base: nn.Module) -> Tensor:
+        """``s · A[:, ids]ᵀ``, shape (..., rank), looked up as ``base`` looks up its weight."""
+        return geometry.embedding_columns(ids, self.A, base) * self.scale
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.A.shape[0]}, scale={self.scale:g}"
 
@@ -112,6 +133,8 @@ class LowRank(Adapter[LoRAConfigT]):
 @register("lora", LoRAConfig)
 class LoRA(LowRank[LoRAConfig], Delta[LoRAConfig]):
     """LoRA (and rsLoRA): ΔW = s · B A, rank r; the reference low-rank adapter."""
+
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lowrank(self.dropout(x))
@@ -121,6 +144,26 @@ class LoRA(LowRank[LoRAConfig], Delta[LoRAConfig]):
 
     def delta_weight(self) -> Tensor:
         return self.lowrank_weight()
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor:
+        """``rows + s · A[:, ids]ᵀ Bᵀ``: the base's rows for ``ids`` plus the rows of ΔWᵀ (PEFT's
+        ``lora_embedding_A/B`` lookup), as one ``addmm``."""
+        hidden = self.embedding_hidden(ids, base)
+        mask = geometry.dropped_tokens(self.dropout, ids, hidden)
+        return add_product(rows, hidden if mask is None else hidden * mask, self.B.t())
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact: the factors side by side, ``A = [A_1; A_2; …]`` and ``B = [c_1 B_1, c_2 B_2, …]``
+        with ``c_i = w_i s_i / s`` (each weight and scale folded into B), rank ``Σ r_i``."""
+        loras = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        rank = sum(adapter.A.shape[0] for _, adapter in loras)
+        first = loras[0][1]
+        new = cls(w0, dataclasses.replace(first.config, rank=rank)).to(device=w0.device, dtype=first.A.dtype)
+        with torch.no_grad():
+            new.A.copy_(torch.cat([adapter.A for _, adapter in loras]))
+            new.B.copy_(torch.cat([adapter.B * (weight * adapter.scale / new.scale) for weight, adapter in loras], 1))
+        return new
 
 
 class _Direction(torch.autograd.Function):

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, MergeState, add_product, low_rank_product
+from ..core.delta import Adapter, Delta, MergeState, add_product, as_method, low_rank_product
 from ..core.registry import register
 from ..core.steps import Stepped
 
@@ -135,6 +136,41 @@ class SingLoRA(Delta[SingLoRAConfig], Stepped):
     def restore_weight(self, merged: Tensor, ramp: MergeState) -> Tensor:
         assert isinstance(ramp, Tensor)  # what merged_with_state returned: u(t) at merge time
         return merged - self._delta_weight(ramp).to(merged.dtype)
+
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact for non-negative weights, at the parts' current ramps: the columns side by side,
+        ``A = [c_1 A_1, c_2 A_2, …]`` with ``c_i = √(w_i s_i u_i / (s u))``, rank ``Σ r_i``, so that
+        ``s u A_out A_inᵀ = Σ_i w_i s_i u_i A_out,i A_in,iᵀ``. The new ramp starts at the furthest
+        part's step (the parts' own ramps are folded into ``c_i``); steps counted later move it on.
+
+        Raises:
+            ValueError: a negative weight: ``A Aᵀ`` is positive semi-definite, so a difference of
+                two updates is in general no SingLoRA update (merge the adapters instead).
+        """
+        singles = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        negative = [weight for weight, _ in singles if weight < 0]
+        if negative:
+            raise ValueError(
+                f"SingLoRA: weights {negative} are negative; its update s·u·A Aᵀ has one sign, so only non-negative "
+                "weights combine exactly; merge the adapters instead (rankwise.set_active(model, names), "
+                "rankwise.merge(model))"
+            )
+        first = max((adapter for _, adapter in singles), key=lambda adapter: int(adapter.step))
+        rank = sum(adapter.A.shape[1] for _, adapter in singles)
+        new = cls(w0, dataclasses.replace(first.config, rank=rank)).to(device=w0.device, dtype=first.A.dtype)
+        with torch.no_grad():
+            new.step.copy_(first.step)
+            # All ramps at zero: every update is zero and stays so until steps are counted; the
+            # columns then keep their weights relative to each other without the ramps.
+            on = bool(new.ramp() > 0)
+            one = torch.ones((), dtype=new.A.dtype, device=new.A.device)
+            columns = [
+                a.A * torch.sqrt(w * a.scale * (a.ramp() if on else one) / (new.scale * (new.ramp() if on else one)))
+                for w, a in singles
+            ]
+            new.A.copy_(torch.cat(columns, 1))
+        return new
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.A.shape[1]}, scale={self.scale:g}, ramp_steps={self.ramp_steps}"

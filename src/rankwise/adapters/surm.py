@@ -24,7 +24,9 @@ circulant, a general rectangular Toeplitz matrix with all in + out − 1 diagona
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Delta, OutputAdapter
+from ..core.delta import Adapter, Delta, OutputAdapter, as_method
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 
@@ -265,6 +267,41 @@ class SURM(Delta[SURMConfig]):
             matrix = (b[:, offsets % n][:, :rows] @ skew[:, :, :cols]).sum(0)
         return self.scale * matrix
 
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """Exact for the circulant, ``ΔW = s C(b ⊙ a)``, linear in the vector ``b ⊙ a``: the new one
+        is ``a = Σ_i w_i s_i (b_i ⊙ a_i) / s``, ``b = 1``; and for LDR, ``ΔW = s Σ_j C(b_j) S(a_j)``:
+        the parts' terms side by side (displacement rank ``Σ ρ_i``), each weight and scale folded
+        into its b.
+
+        Raises:
+            ValueError: the parts have different structures, or a structure with no such form: the
+                Toeplitz form ``T(b) T(a)`` and the Kronecker ``b ⊗ a`` are products of the two
+                factors, and a sum of two products is not one (merge them instead).
+        """
+        structured = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
+        structures = sorted({adapter.structure for _, adapter in structured})
+        first = structured[0][1]
+        if structures not in (["circulant"], ["ldr"]):
+            raise ValueError(
+                f"SURM: structures {structures} have no exact combination (only circulant with circulant, or LDR "
+                "with LDR: the Toeplitz and Kronecker forms are products of their two factors); merge the adapters "
+                "instead (rankwise.set_active(model, names), rankwise.merge(model))"
+            )
+        ldr = structures == ["ldr"]
+        config = first.config
+        if ldr:
+            config = dataclasses.replace(config, displacement_rank=sum(a.a.shape[0] for _, a in structured))
+        new = cls(w0, config).to(device=w0.device, dtype=first.a.dtype)
+        with torch.no_grad():
+            if ldr:
+                new.a.copy_(torch.cat([a.a for _, a in structured]))
+                new.b.copy_(torch.cat([a.b * (w * a.scale / new.scale) for w, a in structured]))
+            else:
+                new.a.copy_(torch.stack([w * a.scale * (a.b * a.a) for w, a in structured]).sum(0) / new.scale)
+                new.b.fill_(1.0)
+        return new
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, structure={self.structure}, scale={self.scale:g}"
 
@@ -274,6 +311,8 @@ class SURMAdapter(OutputAdapter[SURMAdapterConfig]):
     """SURM adapter: h + GELU(M h) + β after a layer, M a structured d × d matrix; 3d parameters (circulant)."""
 
     double_backward = False  # the FFT backward keeps only the spectra (once_differentiable)
+    # It maps the layer's output only, so an embedding's rows are as good an input as a Linear's.
+    supported_bases = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
     def __init__(self, w0: Tensor, config: SURMAdapterConfig) -> None:
         super().__init__(w0, config)

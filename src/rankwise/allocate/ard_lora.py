@@ -146,7 +146,7 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
         config = dataclasses.replace(old.config, heads=count, head_side=side)
         w0 = geometry.weight_matrix(layer.base, layer.kind).detach().to(old.A.dtype)
         try:
-            layer.delta = type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype)
+            layer.replace_delta(type(old)(w0, config).to(device=old.A.device, dtype=old.A.dtype))
         except ValueError as error:
             raise ValueError(f"ARDLoRAAllocator on '{path}': {error}") from error
 

@@ -125,8 +125,9 @@ def gora(
 
     Raises:
         ValueError: no batch, a trained or merged adapter, an argument out of range.
-        TypeError: an adapter that is not LoRA-shaped, a quantized base layer (no weight gradient),
-            or a batch the default ``loss_fn`` cannot use.
+        TypeError: an adapter that is not LoRA-shaped or sits on a layer GoRA does not start (an
+            embedding, a quantized base with no weight gradient), or a batch the default ``loss_fn``
+            cannot use.
     """
     layers = dict(adapted_modules(model))
     if not layers:
@@ -134,6 +135,11 @@ def gora(
     for path, layer in layers.items():
         if not isinstance(layer.delta, LoRA):
             raise TypeError(f"gora sets LoRA factors; '{path}' holds {type(layer.delta).__name__}")
+        if layer.kind not in GoRAModule.supported_bases:  # a LoRAConfig model may hold an embedding
+            raise TypeError(
+                f"gora: '{path}' is a {type(layer.base).__name__}; GoRA starts only "
+                f"{sorted(GoRAModule.supported_bases)} layers (see docs/methods/gora.md)"
+            )
         if layer.merged or layer.delta.B.abs().max() > 0:
             raise ValueError(f"gora runs on a freshly adapted model; '{path}' is merged or already trained")
         if quantized.is_quantized(layer.base):
@@ -250,7 +256,7 @@ def _initialize(layer: Adapted, gradient: Tensor, rank: int, step_size: float, s
         new.A.copy_(from_rank_zero(A.to(device)))
         new.B.copy_(from_rank_zero(B.to(device)))
     new.train(old.training)
-    layer.delta = new
+    layer.replace_delta(new)
 
 
 # The method declares its data-driven start; declared from here because allocate imports adapters,

@@ -6,16 +6,21 @@ in-domain text recover part of it. Either the model's linear layers train themse
 merged back at the end. An adapter on a factor is merged into that factor: ``U`` and ``V`` keep
 their shapes, so ``U V`` keeps its rank with no re-factoring. Apply the same call to the
 uncompressed model to tell recovery from domain adaptation.
+
+With a ``teacher`` (the uncompressed model, or that model given the same fine-tune), the loss is
+the teacher's token distributions instead of, or beside, the labels: knowledge distillation,
+a dense signal per token where the labels give one token each (Hinton et al., 2015).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..core import targets as core_targets
 from ..core.checks import check_number
@@ -33,6 +38,8 @@ def heal(
     steps: int,
     lr: float,
     loss: LossFn | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` for ``steps`` AdamW steps (cosine learning rate), in place.
@@ -49,6 +56,12 @@ def heal(
         lr: the peak learning rate, > 0.
         loss: ``loss(output, batch)``; by default the output's ``loss`` (a transformers model given
             ``labels``).
+        teacher: a model whose output distribution over the same batches the model learns
+            (KL(teacher ‖ model) per position, averaged over the positions the batch's
+            ``attention_mask`` keeps, or all); run in eval mode without gradients. Its output and
+            the model's must be logits (a tensor, or an output with ``logits``) of one shape.
+        distill_weight: the loss is ``distill_weight · KL + (1 − distill_weight) · task loss``; in
+            [0, 1], used only with a ``teacher``. At 1 (the default) no labels are needed.
         progress: called after each step with (step, loss).
 
     Returns:
@@ -62,6 +75,7 @@ def heal(
     """
     check_number("heal", "steps", steps, 1, integer=True)
     check_number("heal", "lr", lr, 0, low_open=True)
+    check_number("heal", "distill_weight", distill_weight, 0, 1)
     batches = list(batches)
     if not batches:
         raise ValueError("heal: no batches to train on")
@@ -83,9 +97,7 @@ def heal(
     try:
         for step in range(steps):
             batch = batches[step % len(batches)]
-            value = batch_loss(forward(model, batch), batch, loss)
-            if value is None:
-                raise ValueError("heal: the batch gives no loss; pass batches with labels or loss=")
+            value = _step_loss(model, batch, loss, teacher, distill_weight)
             value.backward()
             optimizer.step()
             schedule.step()
@@ -106,6 +118,54 @@ def heal(
             p.requires_grad_(requires_grad[name])
     assert _ranks(model) == ranks, "healing changed a rank"
     return losses
+
+
+def _step_loss(
+    model: nn.Module, batch: Any, loss: LossFn | None, teacher: nn.Module | None, distill_weight: float
+) -> Tensor:
+    output = forward(model, batch)
+    task_weight = 1.0 if teacher is None else 1 - distill_weight
+    task = batch_loss(output, batch, loss) if task_weight > 0 else None
+    if task is None and task_weight > 0:
+        raise ValueError("heal: the batch gives no loss; pass batches with labels or loss=, or a teacher")
+    if teacher is None:
+        assert task is not None
+        return task
+    was_training = teacher.training
+    with torch.no_grad():
+        target = _logits(forward(teacher.eval(), batch), "teacher")
+    teacher.train(was_training)
+    distill = distillation_loss(_logits(output, "model"), target, _attention_mask(batch))
+    return distill if task is None else distill_weight * distill + task_weight * task
+
+
+def distillation_loss(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(teacher ‖ model) of the distributions over the last dimension, averaged over positions
+    (those where ``mask`` is nonzero, when given)."""
+    if logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"heal: the model's logits {tuple(logits.shape)} and the teacher's "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_q = F.log_softmax(teacher_logits.float(), dim=-1)
+    per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
+    if mask is None:
+        return per_position.mean()
+    keep = mask.to(per_position.dtype)
+    return (per_position * keep).sum() / keep.sum().clamp_min(1)
+
+
+def _logits(output: Any, whose: str) -> Tensor:
+    logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"heal: the {whose}'s output has no logits to distil ({type(output).__name__})")
+    return logits
+
+
+def _attention_mask(batch: Any) -> Tensor | None:
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, Tensor) else None
 
 
 def _ranks(model: nn.Module) -> dict[str, int]:

@@ -9,7 +9,8 @@ one class method:
 * ``double_backward`` and ``exact_gradients``: what second derivatives and gradient checks may expect;
 * ``example_config``: a small config for tests.
 
-An adapter whose update is a trainable low-rank pair satisfies :class:`Factored`. The benchmark, the
+An adapter whose update is a trainable low-rank pair satisfies :class:`Factored`; one that adapts
+an ``nn.Embedding`` (``"embedding"`` in its ``supported_bases``) satisfies :class:`EmbeddingAdapter`. The benchmark, the
 optimizers and the tests read these; none of them names a method. Like torchtune's
 ``AdapterModule``, the interfaces are ``Protocol``s: anything with the right shape satisfies them.
 """
@@ -36,6 +37,25 @@ class Factored(Protocol):
     """
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter, float]: ...
+
+
+@runtime_checkable
+class EmbeddingAdapter(Protocol):
+    """An adapter on an ``nn.Embedding``, seen as the (dim, num_embeddings) matrix ``W0 = weightᵀ``
+    whose input is a one-hot token (:mod:`rankwise.core.geometry`).
+
+    ``embed(ids, rows, base)`` is the adapted lookup: ``rows`` is the base's output ``W0ᵀ[ids]``,
+    shape (..., dim), and the result is ``W'ᵀ[ids]``, computed from the rows of the method's factors
+    for ``ids`` (:func:`rankwise.core.geometry.embedding_columns`, which keeps the embedding's
+    ``padding_idx`` and ``scale_grad_by_freq``), never from ΔW. ``reset_for_embedding(padding_idx)``
+    re-initializes a freshly built module for a one-hot input; it keeps step 0 the base model, and
+    the padding token's column of the input-side factor starts at zero, so (getting no gradient)
+    the padding token's update stays zero.
+    """
+
+    def embed(self, ids: Tensor, rows: Tensor, base: nn.Module) -> Tensor: ...
+
+    def reset_for_embedding(self, padding_idx: int | None) -> None: ...
 
 
 class Allocator(Protocol):

@@ -13,6 +13,11 @@ Format (``format_version`` 1)::
     adapter.safetensors = {"<path>.delta.<name>": tensor, "<trainable path>.<name>": tensor}
 
 No pickle: tensors are safetensors, everything else JSON.
+
+A model with several named adapters saves each in this format: ``save_adapter(model, folder,
+name="b")`` writes adapter ``b`` in ``folder`` (its keys ``<path>.delta.<name>`` as a one-adapter
+model's, so either loads as the other); ``save_adapter(model, folder)`` writes one subfolder per
+adapter, ``folder/<adapter name>/``, as PEFT does for its non-default adapters.
 """
 
 from __future__ import annotations
@@ -32,9 +37,20 @@ from torch import Tensor, nn
 
 from ..version import __version__
 from . import geometry, registry
-from .adapted import Adapted
+from .adapted import DEFAULT, Adapted
 from .config import AdapterConfig
-from .inject import adapted_modules, build, install_wrappers, module_overrides, trainable_paths
+from .inject import (
+    adapted_modules,
+    adapter_names,
+    add_wrappers,
+    base_of,
+    build,
+    check_can_add,
+    check_name,
+    install_wrappers,
+    module_overrides,
+    trainable_paths,
+)
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -60,29 +76,68 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors an adapter checkpoint holds: each ``delta`` child, and the trainable modules."""
+def adapter_layers(model: nn.Module, name: str | None = None) -> list[tuple[str, Adapted]]:
+    """The layers holding the adapter ``name``, each as a view with that adapter alone
+    (:meth:`Adapted.view`); ``name=None`` means the model's only adapter.
+
+    Raises:
+        ValueError: the model has no adapters, none named ``name``, or several and no name given.
+    """
     model = uncompiled(model)
-    layers = list(adapted_modules(model))
-    if not layers:
+    names = adapter_names(model)
+    if not names:
         raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
+    if name is None:
+        if len(names) > 1:
+            raise ValueError(f"the model holds the adapters {names}; name one (name=...)")
+        name = names[0]
+    if name not in names:
+        raise ValueError(f"unknown adapter name {name!r}; the model holds {names}")
+    return [(path, layer.view(name)) for path, layer in adapted_modules(model) if name in layer.adapters]
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """The tensors an adapter checkpoint holds: the adapter's tensors under ``<path>.delta.``, and
+    the trainable modules'.
+
+    Args:
+        name: which adapter; ``None`` for the model's only one.
+
+    Raises:
+        ValueError: as :func:`adapter_layers`.
+    """
+    model = uncompiled(model)
+    layers = adapter_layers(model, name)
     config = _shared_config(layers)
-    state = {_key(path, "delta", name): t for path, layer in layers for name, t in layer.delta.state_dict().items()}
+    state = {_key(path, "delta", key): t for path, layer in layers for key, t in layer.delta.state_dict().items()}
     for path in trainable_paths(model, config):
-        state.update({_key(path, name): t for name, t in model.get_submodule(path).state_dict().items()})
+        state.update({_key(path, key): t for key, t in model.get_submodule(path).state_dict().items()})
     return state
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None = None) -> Path:
     """Write the adapter of ``model`` to ``folder`` (created if needed); returns the folder.
 
     Both files are written in full before either replaces an old one (:func:`write_files`), so a
     save that fails leaves the previous checkpoint in ``folder`` as it was. The paths recorded are
     the model's own, also for a model wrapped by ``torch.compile``.
+
+    Args:
+        name: the adapter to write in ``folder``. ``None`` writes a model's only adapter in
+            ``folder``, and each adapter of a model with several in ``folder/<its name>/``.
+
+    Raises:
+        ValueError: the model has no adapters, or none named ``name``.
     """
     model = uncompiled(model)
-    layers = list(adapted_modules(model))
-    state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model).items()}
+    folder = Path(folder)
+    names = adapter_names(model)
+    if name is None and len(names) > 1:
+        for each in names:
+            save_adapter(model, folder / each, each)
+        return folder
+    layers = adapter_layers(model, name)
+    state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model, name).items()}
     config = _shared_config(layers)
     tensors = safetensors.torch.save(state)
     meta = {
@@ -103,11 +158,21 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
         "trainable_modules": sorted(trainable_paths(model, config)),
         "tensors_sha256": hashlib.sha256(tensors).hexdigest(),
     }
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # The JSON last: it holds the tensors' checksum, so it is the commit (see write_files).
     write_files({folder / TENSORS_FILE: tensors, folder / CONFIG_FILE: (json.dumps(meta, indent=2) + "\n").encode()})
     return folder
+
+
+def saved_adapters(folder: str | os.PathLike) -> dict[str, Path]:
+    """The adapter checkpoints in ``folder``: ``{"": folder}`` for one written there, else each
+    subfolder holding one, by name (the layout :func:`save_adapter` writes for several adapters)."""
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file():
+        return {"": folder}
+    if not folder.is_dir():
+        return {}
+    return {sub.name: sub for sub in sorted(folder.iterdir()) if (sub / CONFIG_FILE).is_file()}
 
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[dict[str, Any], AdapterConfig]:
@@ -136,23 +201,36 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[dict[str, Any], Adap
     return meta, config
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Adapt a fresh base ``model`` as the checkpoint in ``folder`` says and load its tensors.
+def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) -> nn.Module:
+    """Adapt a base ``model`` as the checkpoint in ``folder`` says and load its tensors; on a model
+    that has adapters already, add it as the adapter ``name`` (inactive, as :func:`rankwise.adapt`
+    adds one).
 
     The whole checkpoint is read and checked against the model before anything is changed.
+
+    Args:
+        name: the name the adapter gets in the model.
 
     Raises:
         CheckpointError: a missing, truncated or corrupted file; an unknown method or config key;
             layers the model lacks or whose shapes differ; missing, unexpected or mis-shaped
-            tensors (all of them listed).
-        ValueError: the model already has adapters.
+            tensors (all of them listed); a folder holding several adapters (one per subfolder:
+            load each by its folder).
+        ValueError: the model holds an adapter ``name`` already, is merged, or the checkpoint has
+            trainable modules and the model has adapters (those modules are the model's).
     """
     folder = Path(folder)
+    check_name(name)
+    several = saved_adapters(folder)
+    if "" not in several and several:
+        calls = ", ".join(f"load_adapter(model, '{path}', name='{sub}')" for sub, path in several.items())
+        raise CheckpointError(f"{folder} holds several adapters, one per subfolder {list(several)}; load each: {calls}")
     meta, config = read_adapter_config(folder)
     state = _read_tensors(folder / TENSORS_FILE, meta["tensors_sha256"])
     compiled, model = model, uncompiled(model)
-    if any(True for _ in adapted_modules(model)):
-        raise ValueError("the model already has rankwise adapters; load into a fresh base model")
+    adding = any(True for _ in adapted_modules(model))
+    if adding:
+        check_can_add(model, config, name)
 
     problems: list[str] = []
     wrappers: dict[str, Adapted] = {}
@@ -163,13 +241,15 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             continue
         try:
             layer_config = config.from_dict({**config.to_dict(), **entry["config"]})
-            wrappers[path] = build(model, path, config, layer_config)
+            wrappers[path] = build(model, path, config, layer_config, name)
         except (ValueError, TypeError) as error:
             problems.append(f"'{path}': {error}")
     if problems:
         raise CheckpointError(f"{folder} does not fit this model:\n  " + "\n  ".join(problems))
 
-    expected = {_key(path, "delta", n): t for path, w in wrappers.items() for n, t in w.delta.state_dict().items()}
+    expected = {
+        _key(path, "delta", key): t for path, w in wrappers.items() for key, t in w.adapters[name].state_dict().items()
+    }
     trainable = {}
     for path in meta["trainable_modules"]:
         try:
@@ -182,7 +262,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if problems:
         raise CheckpointError(f"{folder / TENSORS_FILE} does not fit this model:\n  " + "\n  ".join(problems))
 
-    installed = install_wrappers(model, wrappers, config)
+    installed = add_wrappers(model, wrappers, name) if adding else install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key])
@@ -237,7 +317,7 @@ def _check_types(meta: dict[str, Any], path: Path) -> None:
 
 def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str | None:
     try:
-        module = model.get_submodule(path)
+        module = base_of(model.get_submodule(path))
     except AttributeError:
         return f"layer '{path}' is not in the model"
     kind = geometry.base_kind(module)
@@ -270,7 +350,7 @@ def _compare(state: dict[str, Tensor], expected: dict[str, Tensor], problems: li
 
 def _shared_config(layers: list[tuple[str, Adapted]]) -> AdapterConfig:
     configs = {layer.config for _, layer in layers}
-    assert len(configs) == 1, "adapt() installs one config per model"
+    assert len(configs) == 1, "adapt() installs one config per adapter"
     return configs.pop()
 
 

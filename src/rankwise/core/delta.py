@@ -15,7 +15,8 @@ merging, the merged flag and layouts.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -102,8 +103,67 @@ class Adapter(nn.Module, abc.ABC, Generic[ConfigT]):
         state that merge returned."""
         ...
 
+    @classmethod
+    def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+        """A new adapter of this method on the same layer whose update is the weighted sum of the
+        parts' updates, ``W' − W0 = Σ_i w_i (W'_i − W0)``, exactly, in this method's own parameters
+        (``rankwise.combine``). A method declares that it has such a form by overriding this; the
+        default has none.
+
+        Args:
+            parts: ``(w_i, adapter_i)``, adapters of this class built for this layer.
+            w0: the layer's base weight as an (out, in) matrix, as for the constructor.
+
+        Raises:
+            TypeError: the method has no exact combination (the message says what works instead).
+            ValueError: these parts cannot be combined exactly (different fixed parts, e.g. block
+                sizes); the message says which.
+        """
+        raise TypeError(
+            f"{cls.__name__} has no exact combination in its parameters (its update is not linear in them); "
+            "merge the adapters instead (rankwise.set_active(model, names), rankwise.merge(model)), which writes "
+            "the sum of their updates into the base weight, or keep them active together"
+        )
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+AdapterT = TypeVar("AdapterT", bound=Adapter[Any])
+
+
+def as_method(cls: type[AdapterT], adapter: Adapter[Any]) -> AdapterT:
+    """``adapter`` typed as ``cls``: a part given to ``cls.combined`` (:meth:`Adapter.combined`)."""
+    assert isinstance(adapter, cls)  # rankwise.combine passes adapters of one method only
+    return adapter
+
+
+def summed_parameters(cls: type[Adapter[Any]], parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
+    """``cls(w0, config)`` with every parameter ``Σ_i w_i p_i``: the exact combination
+    (:meth:`Adapter.combined`) of a method whose update is linear in its parameters, for parts
+    that agree on everything else (config and buffers), which is checked.
+
+    Raises:
+        ValueError: the parts' configs or buffers differ (the message names them).
+    """
+    (_, first), *rest = parts
+    for _, other in rest:
+        # Where each adapter applies is the caller's concern; everything else must agree.
+        if dataclasses.replace(other.config, targets=first.config.targets, trainable=first.config.trainable) != (
+            first.config
+        ):
+            raise ValueError(f"{cls.__name__}: the adapters' configs differ ({first.config} and {other.config})")
+        buffers = dict(other.named_buffers())
+        differ = [k for k, v in first.named_buffers() if not torch.equal(v, buffers[k])]
+        if differ:
+            raise ValueError(f"{cls.__name__}: the adapters' fixed parts {differ} differ")
+    new = cls(w0, first.config).to(device=w0.device, dtype=next(first.parameters()).dtype)
+    with torch.no_grad():
+        for key, target in new.named_parameters():
+            target.copy_(torch.stack([weight * adapter.get_parameter(key) for weight, adapter in parts]).sum(0))
+        for key, buffer in new.named_buffers():
+            buffer.copy_(first.get_buffer(key))
+    return new
 
 
 def low_rank_product(hidden: Tensor, up: Tensor) -> Tensor:

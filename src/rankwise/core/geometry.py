@@ -1,7 +1,7 @@
 """How each supported base layer's weight maps to an (out_features, in_features) matrix.
 
 Methods are written once for ``y = x W0ᵀ + b`` with ``W0`` of shape (out, in). This file maps the
-three supported bases onto that form:
+supported bases onto that form:
 
 * ``linear``: ``nn.Linear``, weight (out, in).
 * ``conv1d``: transformers ``Conv1D`` (GPT-2), weight stored transposed, (in, out).
@@ -9,6 +9,14 @@ three supported bases onto that form:
   (out, in·kh·kw); the layer's input is seen as its patches (``F.unfold``), so any method that
   works on a Linear works on a convolution. A 1 × 1 convolution with stride 1 and no padding is a
   Linear over channels and skips the unfold.
+* ``embedding``: ``nn.Embedding``, weight (num_embeddings, dim) seen as its transpose, (dim,
+  num_embeddings): the lookup of token ``i`` is ``onehot(i) W0ᵀ``, so out = dim and in =
+  num_embeddings, as PEFT's ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B``
+  (dim, r) read it. The input is token ids, not features: a method that adapts an embedding
+  declares it (``"embedding"`` in ``supported_bases``, :class:`.capabilities.EmbeddingAdapter`)
+  and looks up its update's rows for the ids (:func:`embedding_columns`) without forming ΔW. Only
+  :func:`rankwise.adapt` takes embeddings (``check_supported(..., embedding=True)``); the
+  compressors, whose low-rank layers take features, do not.
 
 A ``linear`` layer may hold a quantized weight (bitsandbytes 4-bit or 8-bit, torchao int8;
 :mod:`rankwise.core.quantized`): its matrix is then the dequantized weight, computed when asked
@@ -26,7 +34,7 @@ from torch import Tensor, nn
 
 from . import quantized
 
-BaseKind = Literal["linear", "conv1d", "conv2d"]
+BaseKind = Literal["linear", "conv1d", "conv2d", "embedding"]
 
 
 def _conv1d_type() -> type[nn.Module] | None:
@@ -45,18 +53,30 @@ def base_kind(module: nn.Module) -> BaseKind | None:
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
     return None
 
 
-def check_supported(module: nn.Module, path: str) -> BaseKind:
-    """The base kind of ``module``; ``TypeError`` for a layer no adapter can wrap."""
+def check_supported(module: nn.Module, path: str, *, embedding: bool = False) -> BaseKind:
+    """The base kind of ``module``; ``TypeError`` for a layer no adapter can wrap.
+
+    Args:
+        embedding: accept ``nn.Embedding`` (adapters do; compressors, whose layers take features, do not).
+    """
     kind = base_kind(module)
-    if kind is None:
-        raise TypeError(
-            f"'{path}' is a {type(module).__name__}; rankwise adapts nn.Linear, transformers Conv1D and nn.Conv2d"
+    if kind is None or (kind == "embedding" and not embedding):
+        layers = (
+            "nn.Linear, transformers Conv1D, nn.Conv2d and nn.Embedding"
+            if embedding
+            else ("nn.Linear, transformers Conv1D and nn.Conv2d")
         )
+        raise TypeError(f"'{path}' is a {type(module).__name__}; this takes {layers}")
     if quantized.is_quantized(module):
         quantized.scheme(module, path)  # raises for a layout rankwise cannot read
+    if kind == "embedding":
+        assert isinstance(module, nn.Embedding)  # base_kind's "embedding"
+        _check_embedding(module, path)
     if kind == "conv2d":
         if module.groups != 1:
             raise TypeError(f"'{path}': Conv2d with groups={module.groups} is not supported (groups must be 1)")
@@ -67,10 +87,27 @@ def check_supported(module: nn.Module, path: str) -> BaseKind:
     return kind
 
 
+def _check_embedding(module: nn.Embedding, path: str) -> None:
+    if module.max_norm is not None:
+        # F.embedding renormalizes the looked-up rows of the weight in place during forward: the
+        # frozen base would change as it runs, and a merged ΔW would be rescaled row by row.
+        raise TypeError(
+            f"'{path}': Embedding with max_norm={module.max_norm} rewrites its weight in forward, which an adapter "
+            "cannot follow; adapt an Embedding with max_norm=None"
+        )
+    if overrides_forward(module, "embedding"):
+        # A class that scales or otherwise changes its lookup (a scaled word embedding) would
+        # apply that to W0's rows and not to the adapter's, so merged and unmerged models differ.
+        raise TypeError(
+            f"'{path}': {type(module).__name__} defines its own forward, so its output is not the weight's rows "
+            "and an adapter's rows could not be added to it consistently with a merge; adapt a plain nn.Embedding"
+        )
+
+
 def overrides_forward(module: nn.Module, kind: BaseKind) -> bool:
-    """Whether ``module``'s class replaces the forward of its kind (nn.Linear, Conv1D, nn.Conv2d),
-    e.g. with a fake-quantized matmul: its output is then not known to be ``x W0ᵀ + b``."""
-    standard = {"linear": nn.Linear, "conv1d": _conv1d_type(), "conv2d": nn.Conv2d}[kind]
+    """Whether ``module``'s class replaces the forward of its kind (nn.Linear, Conv1D, nn.Conv2d,
+    nn.Embedding), e.g. with a fake-quantized matmul: its output is then not known to be ``x W0ᵀ + b``."""
+    standard = {"linear": nn.Linear, "conv1d": _conv1d_type(), "conv2d": nn.Conv2d, "embedding": nn.Embedding}[kind]
     assert standard is not None  # kind "conv1d" was found as transformers' Conv1D (base_kind)
     return type(module).forward is not standard.forward
 
@@ -104,7 +141,7 @@ def matrix_shape(base: nn.Module, kind: BaseKind) -> tuple[int, int]:
 
 def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
     """A tensor in a layer's weight layout (the weight, its gradient) as an (out, in) view."""
-    if kind == "conv1d":
+    if kind in ("conv1d", "embedding"):
         return weight.t()
     if kind == "conv2d":
         return weight.flatten(1)
@@ -113,7 +150,7 @@ def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
 
 def as_weight(matrix: Tensor, kind: BaseKind, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`as_matrix`: an (out, in) matrix in the layout of a weight of ``shape``."""
-    return matrix.t() if kind == "conv1d" else matrix.reshape(shape)
+    return matrix.t() if kind in ("conv1d", "embedding") else matrix.reshape(shape)
 
 
 def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
@@ -123,6 +160,25 @@ def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
     weight = layer_weight(base)
     with torch.no_grad():
         weight.copy_(as_weight(matrix, kind, tuple(weight.shape)))
+
+
+def embedding_columns(ids: Tensor, matrix: Tensor, base: nn.Module) -> Tensor:
+    """``onehot(ids) matrixᵀ``: the columns ``ids`` of a (k, num_embeddings) matrix as rows (..., k),
+    looked up as the embedding ``base`` looks up its own weight (PEFT's convention for
+    ``lora_embedding_A``): the ``padding_idx`` column gets no gradient, and ``scale_grad_by_freq``
+    scales the others'. An adapter's factor that reads the input goes through here.
+    """
+    assert isinstance(base, nn.Embedding)  # check_supported refuses max_norm, so the lookup is pure
+    return F.embedding(ids, matrix.t(), padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
+
+
+def dropped_tokens(dropout: nn.Module, ids: Tensor, like: Tensor) -> Tensor | None:
+    """Dropout on an embedding adapter's one-hot input, as a (..., 1) factor per token (0 or
+    1 / (1 − p)), or ``None`` when no dropout is active. Dropping the one-hot input of a token drops
+    its whole update, which is what a method's ``dropout`` on its branch input means here."""
+    if isinstance(dropout, nn.Identity) or not dropout.training:
+        return None
+    return dropout(like.new_ones(*ids.shape, 1))
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from . import geometry, quantized, registry, targets
-from .adapted import Adapted
+from .adapted import DEFAULT, Adapted
+from .capabilities import EmbeddingAdapter
 from .config import AdapterConfig, matches
 from .delta import Reparam
 from .precision import at_least_fp32
@@ -24,8 +25,11 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
             yield path, module
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+def find_targets(model: nn.Module, config: AdapterConfig, adapted: bool = False) -> list[str]:
     """Paths of the layers ``config.targets`` selects (:func:`.targets.select`), in module order.
+
+    Args:
+        adapted: whether adapted layers may be selected (an adapter added beside others).
 
     Raises:
         ValueError: a target matches no module, or a selected layer is already adapted, shared
@@ -33,29 +37,37 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         TypeError: a selected module is not a layer the method supports.
     """
     method = registry.for_config(config)
-    paths = targets.select(model, config.targets, trainable=config.trainable)
+    paths = targets.select(model, config.targets, trainable=config.trainable, embedding=True, adapted=adapted)
     for path in paths:
-        module = model.get_submodule(path)
+        module = base_of(model.get_submodule(path))
         kind = geometry.base_kind(module)
         if kind not in method.module_class.supported_bases:
+            others = [name for name in registry.methods() if kind in registry.get(name).module_class.supported_bases]
             raise TypeError(
                 f"{method.name} does not support {type(module).__name__} ('{path}'); "
-                f"it supports {sorted(method.module_class.supported_bases)}"
+                f"it supports {sorted(method.module_class.supported_bases)}; methods that support {kind}: {others}"
             )
         if kind == "conv2d" and module.kernel_size != (1, 1) and not method.module_class.spatial_conv:
             raise TypeError(f"{method.name} supports only 1 x 1 convolutions; '{path}' has kernel {module.kernel_size}")
     return paths
 
 
-def build(model: nn.Module, path: str, config: AdapterConfig, module_config: AdapterConfig | None = None) -> Adapted:
-    """An ``Adapted`` around the layer at ``path``, not yet installed. The model is not changed.
+def build(
+    model: nn.Module,
+    path: str,
+    config: AdapterConfig,
+    module_config: AdapterConfig | None = None,
+    name: str = DEFAULT,
+) -> Adapted:
+    """An ``Adapted`` around the layer at ``path`` (its base, if it is adapted already) holding one
+    new adapter ``name``, not yet installed. The model is not changed.
 
     Args:
         module_config: this layer's own config where it differs from ``config`` (a rank allocator's
             per-layer rank); defaults to ``config``.
     """
-    base = model.get_submodule(path)
-    kind = geometry.check_supported(base, path)
+    base = base_of(model.get_submodule(path))
+    kind = geometry.check_supported(base, path, embedding=True)
     method = registry.for_config(config)
     # A Reparam method computes x W'ᵀ + b from the weight and never calls the base, so it would skip a
     # forward the layer's class defines (a fake-quantized matmul, a custom kernel): the adapted model
@@ -78,7 +90,10 @@ def build(model: nn.Module, path: str, config: AdapterConfig, module_config: Ada
         delta = method.module_class(weight.detach().to(adapter_dtype), module_config or config)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{method.name} on '{path}': {error}") from error
-    wrapper = Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config)
+    if kind == "embedding" and isinstance(delta, EmbeddingAdapter):  # an OutputAdapter needs no lookup
+        assert isinstance(base, nn.Embedding)  # kind "embedding" (geometry.base_kind)
+        delta.reset_for_embedding(base.padding_idx)
+    wrapper = Adapted(base, delta.to(device=weight.device, dtype=adapter_dtype), kind, config, name)
     return wrapper.train(base.training)  # a model adapted in eval mode stays in eval mode
 
 
@@ -99,35 +114,157 @@ def install_wrappers(model: nn.Module, wrappers: dict[str, Adapted], config: Ada
     return model
 
 
-def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap each layer ``config.targets`` selects with the method of ``config``, in place.
+def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT) -> nn.Module:
+    """Wrap each layer ``config.targets`` selects with the method of ``config``, in place; or, on a
+    model that has adapters already, add the adapter ``name`` to the layers its targets select.
 
-    Every other parameter is frozen, except the modules named in ``config.trainable``.
+    The first adapter of a model is active, and every other parameter is frozen, except the
+    modules named in ``config.trainable``. An adapter added beside others is not activated (as in
+    PEFT; :func:`set_active` switches): its layers that were adapted already hold it as one more
+    named adapter, the others are wrapped, their base frozen.
 
     Args:
         model: any ``nn.Module``; a transformers model works as is.
         config: the method's config (its type selects the method).
+        name: the adapter's name; one-adapter code leaves the default, ``"default"``.
 
     Returns:
         The same model object, adapted (a new ``Adapted`` only when ``model`` itself is the target).
 
     Raises:
-        ValueError: a target or trainable name matches nothing, a layer is already adapted, or a
-            layer's shape does not fit the method (the message names the layer).
+        ValueError: a target or trainable name matches nothing, a layer's shape does not fit the
+            method (the message names the layer), ``name`` is taken or not a valid name, the model
+            is merged, or an added adapter names ``trainable`` modules (they are the model's, shared
+            by its adapters: give them with the first adapter). The model is unchanged.
         TypeError: ``config`` is not a method config, or a target layer is of a type the method
             does not support.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"adapt() needs a method config such as LoRAConfig, got {type(config).__name__}")
+    check_name(name)
     if any(True for _ in adapted_modules(model)):
-        raise ValueError("the model already has rankwise adapters; unwrap it before adapting again")
+        check_can_add(model, config, name)
+        paths = find_targets(model, config, adapted=True)
+        return add_wrappers(model, {path: build(model, path, config, name=name) for path in paths}, name)
     paths = find_targets(model, config)
-    wrappers = {path: build(model, path, config) for path in paths}
+    wrappers = {path: build(model, path, config, name=name) for path in paths}
     return install_wrappers(model, wrappers, config)
 
 
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` can name an adapter (a ``ModuleDict`` key, a folder)."""
+    if not isinstance(name, str) or not name or "." in name or "/" in name or name.startswith("_"):
+        raise ValueError(
+            f"an adapter name must be a non-empty string without '.' or '/', not starting with '_'; got {name!r}"
+        )
+
+
+def check_can_add(model: nn.Module, config: AdapterConfig, name: str) -> None:
+    """Refuse, before anything is built, an adapter ``name`` that an adapted ``model`` cannot take."""
+    names = adapter_names(model)
+    if name in names:
+        raise ValueError(
+            f"the model already has an adapter named {name!r} (adapters: {names}); choose another name, "
+            "or rankwise.delete_adapter(model, name) first"
+        )
+    merged = [path for path, layer in adapted_modules(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot add adapter {name!r} to a merged model ({merged} are merged); unmerge first")
+    if config.trainable:
+        raise ValueError(
+            f"adapter {name!r} names trainable modules {list(config.trainable)}, but they belong to the model, "
+            "not to one adapter: give them with the model's first adapter"
+        )
+
+
+def add_wrappers(model: nn.Module, wrappers: dict[str, Adapted], name: str) -> nn.Module:
+    """Install the one-adapter ``wrappers`` (from :func:`build`) into an adapted model: a layer
+    adapted already takes the adapter ``name`` as one more, inactive; a plain one is wrapped."""
+    for path, wrapper in wrappers.items():
+        module = model.get_submodule(path) if path else model
+        adapter = wrapper.adapter(name)
+        if isinstance(module, Adapted):
+            module.add(name, adapter, wrapper.configs[name], active=False)
+        else:
+            wrapper.set_active(())
+            wrapper.base.requires_grad_(False)
+            model = replace_module(model, path, wrapper)
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters ``model`` holds, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in adapted_modules(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the active adapters, in the order they were added (their effects add, so the
+    order :func:`set_active` was given them does not matter)."""
+    active = {name for _, layer in adapted_modules(model) for name in layer.active}
+    return [name for name in adapter_names(model) if name in active]
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Run the adapters ``names`` (one name or several, whose effects add; ``[]`` for none).
+
+    Only the active adapters' parameters require grad afterwards, and every inactive one's do not:
+    build the optimizer after ``set_active`` so that it holds the parameters that train.
+
+    Raises:
+        ValueError: an unknown or repeated name, or a merged model (unmerge first). Nothing changes.
+    """
+    wanted = (names,) if isinstance(names, str) else tuple(names)
+    known = adapter_names(model)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; the model holds {known}")
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"adapter names repeated in {list(wanted)}")
+    layers = list(adapted_modules(model))
+    merged = [path for path, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"cannot switch adapters while merged ({merged} are merged); unmerge first")
+    for _, layer in layers:
+        layer.set_active(wanted)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the adapter ``name`` from every layer; a layer left with no adapter is unwrapped back
+    to its base layer. The other adapters, active or not, stay as they were.
+
+    Returns:
+        The model (its base layer when ``model`` itself was the only adapted layer).
+
+    Raises:
+        ValueError: an unknown name, or a merged model (unmerge first). Nothing changes.
+    """
+    known = adapter_names(model)
+    if name not in known:
+        raise ValueError(f"unknown adapter name {name!r}; the model holds {known}")
+    layers = list(adapted_modules(model))
+    merged = [path for path, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"cannot delete adapter {name!r} while merged ({merged} are merged); unmerge first")
+    for path, layer in layers:
+        if name not in layer.adapters:
+            continue
+        if len(layer.adapters) == 1:
+            model = replace_module(model, path, layer.base)
+        else:
+            layer.remove(name)
+    return model
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight; forward then costs what the base model costs.
+    """Fold the active adapters into their base weights; forward then costs what the base model costs.
+
+    Several active adapters merge to ``W0 + Σ_i (W'_i − W0)``, each ``W'_i`` computed from ``W0``;
+    such a layer keeps a copy of its base weight until unmerge, which writes the copy back (one
+    active adapter is undone from its parameters, as its method defines).
 
     Everything is checked before any weight is written, so a refused merge leaves the whole model
     untouched. While merged, a backward through an adapted layer whose adapter requires grad
@@ -203,7 +340,8 @@ def unwrap(model: nn.Module, merge: bool = True, *, dtype: torch.dtype | None = 
             replacements[path] = quantized.float_linear(module, quantized.dequantized(module), dtype)
         for path, layer in quantized_bases:
             try:
-                replacements[path] = quantized.float_linear(layer.base, layer.merged_weight(), dtype)
+                weight = layer.merged_weight() if layer.active else quantized.dequantized(layer.base)
+                replacements[path] = quantized.float_linear(layer.base, weight, dtype)
             except ValueError as error:
                 raise ValueError(f"'{path}': {error}; nothing was changed") from error
     _set_merged(model, merge, [(path, layer) for path, layer in layers if path not in replacements])
@@ -236,6 +374,48 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = state
 
 
+@contextmanager
+def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block each example of a batch runs with its own adapter: ``names[i]`` for row
+    ``i`` of the batch (dim 0 of each adapted layer's input, also for a Conv2d), ``None`` for the
+    base model. Each layer groups the rows by name and runs each adapter once on its rows, so an
+    example's output is what it would be alone with that adapter active (up to float rounding).
+    The active adapters are set aside inside the block. For inference: the adapters' parameters
+    get gradients only through their own rows.
+
+    Raises:
+        ValueError: a name the model does not hold, or a merged model, before any forward; in the
+            forward, an adapted layer whose batch differs from ``len(names)`` (both numbers named).
+        TypeError: ``names`` is a string, not one name per example.
+    """
+    if isinstance(names, str):
+        raise TypeError(f"per_example needs one adapter name (or None) per example, got the string {names!r}")
+    rows = list(names)
+    known = adapter_names(model)
+    unknown = sorted({n for n in rows if n is not None and n not in known}, key=str)
+    if unknown:
+        raise ValueError(f"per_example: unknown adapter names {unknown}; the model holds {known}")
+    layers = [layer for _, layer in adapted_modules(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("per_example needs unmerged adapters; call rankwise.unmerge(model) first")
+    # One index tensor per distinct name (not per example), moved once per device.
+    indices = {n: torch.tensor([i for i, m in enumerate(rows) if m == n]) for n in dict.fromkeys(rows) if n is not None}
+    on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+    previous = [layer.rows for layer in layers]
+    for layer in layers:
+        device = layer.weight.device
+        groups = {}
+        for name, index in indices.items():
+            if name in layer.adapters:
+                groups[name] = on_device.setdefault((name, device), index.to(device))
+        layer.rows = (len(rows), groups)
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous, strict=True):
+            layer.rows = state
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``path``; returns the model (``new`` itself when ``path`` is the root)."""
     if not path:
@@ -260,7 +440,8 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
         _check_not_quantized(layers)
     for path, layer in layers:
         _check_unchanged_since_merge(path, layer)
-    layers = [(path, layer) for path, layer in layers if layer.merged != merged]
+    # A layer with no active adapter has nothing to merge.
+    layers = [(path, layer) for path, layer in layers if layer.merged != merged and (layer.active or not merged)]
     if merged and layers:
         inside = [path for path, layer in layers if layer.disabled]
         if inside:
@@ -295,19 +476,25 @@ def _check_not_quantized(layers: list[tuple[str, Adapted]]) -> None:
 def _check_unchanged_since_merge(path: str, layer: Adapted) -> None:
     # Parameters only: they are what an optimizer step or a load changes. Buffers hold constants
     # and counts, and a method whose ΔW follows a count (SingLoRA's step) keeps its merge-time value.
-    if layer.merged_adapter is None:
+    if layer.merged_adapters is None:
         return
-    now = dict(layer.delta.named_parameters())
-    changed = sorted(
-        set(now) ^ set(layer.merged_adapter)
-        | {k for k, v in layer.merged_adapter.items() if k in now and not torch.equal(now[k], v.to(now[k]))}
-    )
+    one = len(layer.merged_adapters) == 1
+    changed = []
+    for name, then in layer.merged_adapters.items():
+        now = dict(layer.adapters[name].named_parameters())
+        keys = set(now) ^ set(then) | {k for k, v in then.items() if k in now and not torch.equal(now[k], v.to(now[k]))}
+        changed += [f"{'delta' if one else f'adapters.{name}'}.{k}" for k in sorted(keys)]
     if changed:
+        put_back = (
+            "layer.delta.load_state_dict(layer.merged_adapter, strict=False)"
+            if one
+            else "for name, values in layer.merged_adapters.items(): layer.adapters[name].load_state_dict(values, "
+            "strict=False)"
+        )
         raise ValueError(
-            f"'{path}': the adapter changed while merged (delta.{', delta.'.join(changed)}); the base weight holds "
+            f"'{path}': the adapter changed while merged ({', '.join(changed)}); the base weight holds "
             f"the ΔW of its values at merge, so unmerging now would leave the base weight off. Put them "
-            f"back (layer = model.get_submodule({path!r}); layer.delta.load_state_dict(layer.merged_adapter, "
-            "strict=False)), then "
+            f"back (layer = model.get_submodule({path!r}); {put_back}), then "
             "unmerge; train and edit adapters unmerged. No weight was changed"
         )
 
@@ -333,6 +520,11 @@ def _check_untied(model: nn.Module, layers: list[tuple[str, Adapted]]) -> None:
 
 def _key(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The layer under a wrapper (an adapter added beside others is built for it), else the module."""
+    return module.base if isinstance(module, Adapted) else module
 
 
 def trainable_paths(model: nn.Module, config: AdapterConfig) -> list[str]:

@@ -15,8 +15,10 @@ class LayerRow:
     method: str
     base: str
     shape: tuple[int, int]  # (out_features, in_features)
-    params: int
+    params: int  # of this adapter's parameters, those that require grad
     merged: bool
+    adapter: str  # its name
+    active: bool
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,18 @@ class Summary:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        header = ("layer", "method", "base", "out x in", "params", "merged")
+        header = ("layer", "adapter", "method", "base", "out x in", "params", "active", "merged")
         rows = [
-            (r.path or "<root>", r.method, r.base, f"{r.shape[0]} x {r.shape[1]}", f"{r.params:,}", str(r.merged))
+            (
+                r.path or "<root>",
+                r.adapter,
+                r.method,
+                r.base,
+                f"{r.shape[0]} x {r.shape[1]}",
+                f"{r.params:,}",
+                str(r.active),
+                str(r.merged),
+            )
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -46,18 +57,21 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Count parameters (shared ones once) and list the adapted layers."""
+    """Count parameters (shared ones once) and list the adapted layers, one row per adapter."""
     params = {id(p): p for p in model.parameters()}.values()
     rows = tuple(
         LayerRow(
             path=path,
-            method=layer.config.method,
+            method=layer.configs[name].method,
             base=layer.kind,
-            shape=(layer.delta.out_features, layer.delta.in_features),
-            params=sum(p.numel() for p in layer.delta.parameters() if p.requires_grad),
-            merged=layer.merged,
+            shape=(adapter.out_features, adapter.in_features),
+            params=sum(p.numel() for p in adapter.parameters() if p.requires_grad),
+            merged=name in layer.merged_names,
+            adapter=name,
+            active=name in layer.active,
         )
         for path, layer in adapted_modules(model)
+        for name, adapter in ((n, layer.adapter(n)) for n in layer.adapters)
     )
     return Summary(
         trainable=sum(p.numel() for p in params if p.requires_grad),

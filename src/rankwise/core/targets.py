@@ -26,6 +26,8 @@ def select(
     trainable: Iterable[str] = (),
     skip: tuple[type[nn.Module], ...] = (),
     owner: str = "",
+    embedding: bool = False,
+    adapted: bool = False,
 ) -> list[str]:
     """Paths of the layers ``targets`` selects, in module order.
 
@@ -37,12 +39,17 @@ def select(
             hold or lie in.
         skip: module types left out with everything inside them (a compressor's low-rank layers).
         owner: who selects, first in every message (``"lord"``); empty for ``rw.adapt``.
+        embedding: whether an ``nn.Embedding`` may be selected (by name or pattern only, never by
+            ``"all-linear"``): adapters take them, compressors do not.
+        adapted: whether an adapted layer may be selected (a named adapter added beside others);
+            its base is then the layer checked.
 
     Raises:
         ValueError: a target matches no module or is an invalid regular expression; a selected
             layer is adapted, is the same module as another path, or overlaps a trainable module.
-        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1, holds a quantized
-            weight of a layout rankwise cannot read, or (for a compressor) any quantized weight.
+        TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1 (or, with
+            ``embedding``, an Embedding without max_norm), holds a quantized weight of a layout
+            rankwise cannot read, or (for a compressor) any quantized weight.
     """
     prefix = f"{owner}: " if owner else ""
     targets = tuple(targets)
@@ -67,8 +74,11 @@ def select(
     for path in paths:
         module = modules[path]
         if isinstance(module, Adapted):
-            raise ValueError(f"{prefix}'{path}' is already adapted ({module.config.method}); unwrap the model first")
-        geometry.check_supported(module, path)
+            if not adapted:
+                methods = sorted({c.method for c in module.configs.values()})
+                raise ValueError(f"{prefix}'{path}' is already adapted ({', '.join(methods)}); unwrap the model first")
+            module = module.base
+        geometry.check_supported(module, path, embedding=embedding)
         if owner and quantized.is_quantized(module):
             # A compressor rewrites or trains the weight itself, which a packed weight cannot take.
             raise TypeError(

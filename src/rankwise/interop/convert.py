@@ -17,10 +17,22 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..core.adapted import Adapted
-from ..core.checkpoint import CheckpointError, uncompiled, write_files
+from ..core import geometry
+from ..core.adapted import DEFAULT, Adapted
+from ..core.checkpoint import CheckpointError, adapter_layers, uncompiled, write_files
 from ..core.config import AdapterConfig, matches
-from ..core.inject import adapted_modules, build, find_targets, install_wrappers, module_overrides, trainable_paths
+from ..core.inject import (
+    adapted_modules,
+    adapter_names,
+    add_wrappers,
+    build,
+    check_can_add,
+    check_name,
+    find_targets,
+    install_wrappers,
+    module_overrides,
+    trainable_paths,
+)
 from ..core.ties import shared_tensors
 from .formats import _ANY_TYPE, FORMATS, PeftFormat
 
@@ -29,10 +41,18 @@ PEFT_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 
 
-def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
+def to_peft(model: nn.Module, folder: str | os.PathLike, name: str | None = None) -> Path:
     """Write the adapter of ``model`` in PEFT's format to ``folder``; returns the folder.
 
-    PEFT keeps its own copy of each module in ``modules_to_save``; where a trainable module shares
+    Args:
+        name: the adapter to write in ``folder``. ``None`` writes a model's only adapter in
+            ``folder``, and each adapter of a model with several in ``folder/<its name>/`` (the
+            layout ``rankwise.save_adapter`` writes; PEFT loads each with ``load_adapter(path,
+            adapter_name=name)``).
+
+    An adapted embedding's base weight is written too, as PEFT's ``save_pretrained`` writes it
+    (``save_embedding_layers``), unmerged. PEFT keeps its own copy of each module in
+    ``modules_to_save``; where a trainable module shares
     a tensor with another module (an LM head tied to the embedding), that module is saved too, so
     that PEFT's copies hold what both hold here.
 
@@ -42,20 +62,16 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
             module shares a tensor with an adapted layer. Nothing is written.
     """
     model = uncompiled(model)
-    layers = list(adapted_modules(model))
-    if not layers:
-        raise ValueError("the model has no rankwise adapters; call rankwise.adapt first")
+    names = adapter_names(model)
+    if name is None and len(names) > 1:
+        for each in names:  # all checked before any is written: a refusal writes nothing
+            _peft_format(model, adapter_layers(model, each))
+        for each in names:
+            to_peft(model, Path(folder) / each, each)
+        return Path(folder)
+    layers = adapter_layers(model, name)
+    fmt = _peft_format(model, layers)
     config = layers[0][1].config
-    fmt = FORMATS.get(type(config))
-    if fmt is None:
-        supported = [f.config_class.method for f in FORMATS.values()]
-        raise ValueError(f"PEFT export supports {supported}, not {config.method!r}; see docs/interop.md")
-    for path, layer in layers:
-        if layer.kind not in fmt.bases:
-            raise ValueError(
-                f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
-                f"it supports {sorted(fmt.bases)}"
-            )
     trainable = trainable_paths(model, config)
     tied = _tied_modules(model, trainable, [path for path, _ in layers])
     peft_config = {
@@ -77,6 +93,10 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     for path in [*trainable, *tied]:
         for name, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
+    for path, layer in layers:  # as PEFT's save_pretrained does by default for an adapted embedding
+        if layer.kind == "embedding":
+            weight = geometry.as_weight(layer.restored_weight(), layer.kind, tuple(layer.weight.shape))
+            tensors[f"{_PREFIX}{path}.base_layer.weight"] = weight
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -89,10 +109,14 @@ def to_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Adapt ``model`` with the PEFT adapter in ``folder`` and load its weights.
+def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) -> nn.Module:
+    """Adapt ``model`` with the PEFT adapter in ``folder`` and load its weights; on a model that
+    has adapters already, add it as the adapter ``name`` (inactive, as ``rankwise.adapt`` adds one).
+    PEFT saves each adapter but its ``"default"`` in a subfolder named after it: load each folder.
 
-    Everything is read and checked before the model changes. Names in ``modules_to_save`` that
+    Everything is read and checked before the model changes. The weight PEFT saves with an
+    embedding it adapts (``save_embedding_layers``) is loaded into the base embedding, as PEFT
+    loads it. Names in ``modules_to_save`` that
     match no module of the model are skipped, as PEFT skips them (a sequence-classification
     adapter lists both ``classifier`` and ``score``); tensors saved for them are still refused.
 
@@ -100,8 +124,11 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
             model, tensors that do not fit the model (all listed), or a module to save whose
             tensor this model shares with another module (PEFT loads into a copy of it).
+        ValueError: as ``rankwise.adapt`` adding an adapter: a taken name, a merged model, or
+            ``modules_to_save`` (they are the model's: give them with its first adapter).
     """
     folder = Path(folder)
+    check_name(name)
     compiled, model = model, uncompiled(model)
     meta = _read_json(folder / PEFT_CONFIG)
     fmt = _format_of(meta, folder)
@@ -112,9 +139,12 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         tensors = safetensors.torch.load_file(folder / PEFT_TENSORS)
     except Exception as error:  # safetensors' own error type for a malformed file; OSError if absent
         raise CheckpointError(f"{folder / PEFT_TENSORS} is missing or not a safetensors file: {error}") from None
+    adding = any(True for _ in adapted_modules(model))
+    if adding:
+        check_can_add(model, config, name)
     try:
-        paths = find_targets(model, config)
-        wrappers = {path: build(model, path, config, _layer_config(fmt, config, meta, path)) for path in paths}
+        paths = find_targets(model, config, adapted=adding)
+        wrappers = {path: build(model, path, config, _layer_config(fmt, config, meta, path), name) for path in paths}
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{folder}: {error}") from None
 
@@ -123,6 +153,12 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         for path, wrapper in wrappers.items()
         for name, pair in fmt.tensors(wrapper).items()
     }
+    for path, wrapper in wrappers.items():
+        # PEFT saves the weight of an embedding it adapts (save_embedding_layers, on by default
+        # there, for a resized vocabulary) and loads it into the base layer: so does this.
+        key = f"{_PREFIX}{path}.base_layer.weight"
+        if wrapper.kind == "embedding" and key in tensors:
+            targets[key] = (wrapper.weight, tuple(wrapper.weight.shape))
     trainable = trainable_paths(model, config)
     for path in trainable:
         for name, tensor in model.get_submodule(path).state_dict().items():
@@ -135,11 +171,31 @@ def from_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
     _check_saved_modules_untied(model, trainable, tensors, folder)
-    installed = install_wrappers(model, wrappers, config)
+    installed = add_wrappers(model, wrappers, name) if adding else install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
             target.copy_(tensors[key].reshape(target.shape))
     return compiled if installed is model else installed
+
+
+def _peft_format(model: nn.Module, layers: list[tuple[str, Adapted]]) -> PeftFormat:
+    """The PEFT format of the adapter these layers (views, one adapter each) hold.
+
+    Raises:
+        ValueError: its method has no PEFT form, or PEFT does not support one of its layers.
+    """
+    config = layers[0][1].config
+    fmt = FORMATS.get(type(config))
+    if fmt is None:
+        supported = [f.config_class.method for f in FORMATS.values()]
+        raise ValueError(f"PEFT export supports {supported}, not {config.method!r}; see docs/interop.md")
+    for path, layer in layers:
+        if layer.kind not in fmt.bases:
+            raise ValueError(
+                f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
+                f"it supports {sorted(fmt.bases)}"
+            )
+    return fmt
 
 
 def _tied_modules(model: nn.Module, trainable: list[str], adapted: list[str]) -> list[str]:

@@ -76,6 +76,8 @@ def _lora_tensors(layer: Adapted) -> Tensors:
     if layer.kind == "conv2d":  # PEFT keeps A as a convolution kernel and B as a 1 x 1 one
         kernel = tuple(layer_weight(layer.base).shape[1:])  # (in, kh, kw)
         return {"lora_A.weight": (A, (A.shape[0], *kernel)), "lora_B.weight": (B, (*B.shape, 1, 1))}
+    if layer.kind == "embedding":  # PEFT's own parameters, A (r, num_embeddings) and B (dim, r), as ours
+        return _as_is(lora_embedding_A=A, lora_embedding_B=B)
     return _as_is(**{"lora_A.weight": A, "lora_B.weight": B})
 
 
@@ -138,7 +140,7 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {
             LoRAConfig,
             "LORA",
             {"use_dora": (False, None)},
-            frozenset({"linear", "conv1d", "conv2d"}),
+            frozenset({"linear", "conv1d", "conv2d", "embedding"}),
             write=_lora_write,
             read=_lora_read,
             tensors=_lora_tensors,
@@ -149,7 +151,7 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {
             DoRAConfig,
             "LORA",
             {"use_dora": (True,)},
-            frozenset({"linear", "conv1d"}),
+            frozenset({"linear", "conv1d", "embedding"}),
             write=_lora_write,
             read=_lora_read,
             patterns=_LORA_PATTERNS,

@@ -451,7 +451,7 @@ def _square_layers(model: PreTrainedModel, head: tuple[str, ...], folder: Path) 
     for path, module in model.named_modules():
         kind = geometry.base_kind(module)
         inside_head = any(path == h or path.startswith(h + ".") for h in head)
-        if kind is None or kind == "conv2d" or module is output or inside_head:
+        if kind not in ("linear", "conv1d") or module is output or inside_head:
             continue
         out_features, in_features = geometry.weight_matrix(module, kind).shape
         if in_features == out_features:
