@@ -72,6 +72,13 @@ def test_weight_matrix_is_the_dequantized_weight(backend: str) -> None:
 
 
 @backends
+def test_summary_counts_the_values_a_quantized_weight_stands_for(backend: str) -> None:
+    model = rw.adapt(quantize(_float_model(), backend), LORA)
+    expected = sum(p.numel() for p in _float_model().parameters()) + rw.summary(model).trainable
+    assert rw.summary(model).total == expected
+
+
+@backends
 def test_merge_refuses_and_changes_nothing(backend: str) -> None:
     model = _adapted(backend, LORA)
     x = _input()
