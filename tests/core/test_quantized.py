@@ -52,6 +52,24 @@ def test_4bit_types_and_dtypes_start_at_the_quantized_output(quant_type, dtype, 
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [LORA, DORA], ids=["lora", "dora"])
+def test_torchao_int8_with_dynamic_int8_activations(config) -> None:
+    # Int8DynamicActivationInt8WeightConfig: the same Int8Tensor weight, its forward quantizing x too.
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = _float_model()
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    x = _input()
+    expected = model(x)
+    w0 = model[2].weight.dequantize()
+    model = rw.adapt(model, config)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(geometry.weight_matrix(model.get_submodule("2").base, "linear"), w0)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @backends
 def test_dora_magnitude_is_the_dequantized_row_norm(backend: str) -> None:
     model = quantize(_float_model(), backend)
