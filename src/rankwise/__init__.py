@@ -24,6 +24,7 @@ from .core.inject import (
     unmerge,
     unwrap,
 )
+from .core.quantized import prepare_for_quantized_training
 from .core.registry import make_config, methods, register
 from .core.steps import step, step_with
 from .core.summary import Summary, summary
@@ -54,6 +55,7 @@ __all__ = [
     "merge",
     "methods",
     "per_example",
+    "prepare_for_quantized_training",
     "read_adapter_config",
     "register",
     "save_adapter",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..adapters.gora import GoRA as GoRAModule
 from ..adapters.lora import LoRA, LoRAConfig
-from ..core import geometry
+from ..core import geometry, quantized
 from ..core.adapted import Adapted
 from ..core.checks import check_number
 from ..core.distributed import from_rank_zero, mean_across_ranks
@@ -126,7 +126,8 @@ def gora(
     Raises:
         ValueError: no batch, a trained or merged adapter, an argument out of range.
         TypeError: an adapter that is not LoRA-shaped or sits on a layer GoRA does not start (an
-            embedding), or a batch the default ``loss_fn`` cannot use.
+            embedding, a quantized base with no weight gradient), or a batch the default ``loss_fn``
+            cannot use.
     """
     layers = dict(adapted_modules(model))
     if not layers:
@@ -141,6 +142,13 @@ def gora(
             )
         if layer.merged or layer.delta.B.abs().max() > 0:
             raise ValueError(f"gora runs on a freshly adapted model; '{path}' is merged or already trained")
+        if quantized.is_quantized(layer.base):
+            # The gradient of a packed weight does not exist; GoRA's start is built from ∂L/∂W0.
+            raise TypeError(
+                f"gora reads the gradient of each base weight; '{path}' is quantized "
+                f"({quantized.scheme(layer.base, path)}) and has none. Run gora on the float model, or train "
+                "the quantized one from LoRA's start (B = 0) without gora"
+            )
     first = next(iter(layers.values())).config
     assert isinstance(first, LoRAConfig)  # the config that built the LoRA adapters checked above
     r_ref = first.rank

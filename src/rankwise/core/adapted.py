@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from . import geometry
+from . import geometry, quantized
 from .capabilities import EmbeddingAdapter
 from .config import AdapterConfig
 from .delta import Adapter, Delta, MergeState, OutputAdapter, Reparam
@@ -212,6 +212,12 @@ class Adapted(nn.Module, Generic[AdapterT]):
                 return adapter.add_to(y, features)
             return y + geometry.from_features(adapter(features), x, self.base, self.kind).to(y.dtype)
         assert isinstance(adapter, Reparam)  # the third shape, after OutputAdapter and Delta
+        if quantized.is_quantized(self.base):
+            # The base's quantized forward is x Ŵ0ᵀ + b, Ŵ0 its dequantized weight: adding
+            # x (W' − Ŵ0)ᵀ keeps step 0 equal to that forward, which x W'ᵀ + b from Ŵ0 would not be
+            # (the kernel rounds otherwise: bitsandbytes' int8 activations, its bf16 CPU scales).
+            h = self.base(x)
+            return h + self._difference(adapter, x, h)
         w0 = geometry.weight_matrix(self.base, self.kind)
         bias = geometry.layer_bias(self.base)
         if bias is not None and bias.dtype == adapter_dtype == x.dtype:

@@ -323,7 +323,7 @@ def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str |
     kind = geometry.base_kind(module)
     if kind is None or kind != entry["base"]:  # entry["base"] is a string (_check_types)
         return f"layer '{path}' is a {type(module).__name__}, the checkpoint expects a {entry['base']}"
-    out_features, in_features = geometry.weight_matrix(module, kind).shape
+    out_features, in_features = geometry.matrix_shape(module, kind)
     if (in_features, out_features) != (entry["in_features"], entry["out_features"]):
         return (
             f"layer '{path}' is {in_features} -> {out_features}, the checkpoint expects "

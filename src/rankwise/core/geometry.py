@@ -17,6 +17,10 @@ supported bases onto that form:
   and looks up its update's rows for the ids (:func:`embedding_columns`) without forming ΔW. Only
   :func:`rankwise.adapt` takes embeddings (``check_supported(..., embedding=True)``); the
   compressors, whose low-rank layers take features, do not.
+
+A ``linear`` layer may hold a quantized weight (bitsandbytes 4-bit or 8-bit, torchao int8;
+:mod:`rankwise.core.quantized`): its matrix is then the dequantized weight, computed when asked
+for, and it cannot be written.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import quantized
 
 BaseKind = Literal["linear", "conv1d", "conv2d", "embedding"]
 
@@ -66,6 +72,8 @@ def check_supported(module: nn.Module, path: str, *, embedding: bool = False) ->
             else ("nn.Linear, transformers Conv1D and nn.Conv2d")
         )
         raise TypeError(f"'{path}' is a {type(module).__name__}; this takes {layers}")
+    if quantized.is_quantized(module):
+        quantized.scheme(module, path)  # raises for a layout rankwise cannot read
     if kind == "embedding":
         assert isinstance(module, nn.Embedding)  # base_kind's "embedding"
         _check_embedding(module, path)
@@ -116,8 +124,19 @@ def layer_bias(base: nn.Module) -> Tensor | None:
 
 
 def weight_matrix(base: nn.Module, kind: BaseKind) -> Tensor:
-    """The base weight as an (out_features, in_features) view, sharing storage with the layer."""
+    """The base weight as an (out_features, in_features) view, sharing storage with the layer; for
+    a quantized weight, a new matrix of its dequantized values (at least fp32, no gradient)."""
+    if quantized.is_quantized(base):
+        return quantized.dequantized(base)
     return as_matrix(layer_weight(base), kind)
+
+
+def matrix_shape(base: nn.Module, kind: BaseKind) -> tuple[int, int]:
+    """(out_features, in_features) of :func:`weight_matrix`, without dequantizing a quantized weight."""
+    if quantized.is_quantized(base):
+        return quantized.shape(base)
+    out_features, in_features = as_matrix(layer_weight(base), kind).shape
+    return out_features, in_features
 
 
 def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
@@ -136,6 +155,8 @@ def as_weight(matrix: Tensor, kind: BaseKind, shape: tuple[int, ...]) -> Tensor:
 
 def write_weight(base: nn.Module, kind: BaseKind, matrix: Tensor) -> None:
     """Copy an (out, in) matrix into the layer's weight, in its own layout and dtype."""
+    # Callers refuse a quantized base first (rankwise.merge names the layer and what to do instead).
+    assert not quantized.is_quantized(base), "a quantized weight cannot be written"
     weight = layer_weight(base)
     with torch.no_grad():
         weight.copy_(as_weight(matrix, kind, tuple(weight.shape)))

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import geometry, registry, targets
+from . import geometry, quantized, registry, targets
 from .adapted import DEFAULT, Adapted
 from .capabilities import EmbeddingAdapter
 from .config import AdapterConfig, matches
@@ -76,7 +76,10 @@ def build(
     # and PEFT answers both ways (its DoRA reuses the base's output only while no dropout is active,
     # its Bat never), so a refusal naming the layer is what a user can act on. The additive methods
     # add to that forward's output and accept the layer.
-    if issubclass(method.module_class, Reparam) and geometry.overrides_forward(base, kind):
+    # A quantized base is the exception: its forward is known to be x Ŵ0ᵀ + b for its dequantized
+    # weight Ŵ0 (up to the kernel's rounding), so Adapted adds x (W' − Ŵ0)ᵀ to that forward.
+    quantized_base = quantized.is_quantized(base)
+    if issubclass(method.module_class, Reparam) and geometry.overrides_forward(base, kind) and not quantized_base:
         raise TypeError(
             f"{method.name} on '{path}': {type(base).__name__} defines its own forward, which {method.name} "
             "would bypass (it computes x W'ᵀ + b from the weight); use a method that adds to the layer's output"
@@ -271,6 +274,8 @@ def merge(model: nn.Module) -> nn.Module:
         ValueError: a new weight would hold a NaN or an infinity; a base weight is shared with
             another module (tied weights: the merge would change that module too); the call is
             inside ``with rankwise.disabled(model)``; or a merged adapter changed since its merge.
+        TypeError: a base layer is quantized (bitsandbytes, torchao): ``W0 + ΔW`` cannot be written
+            into its weight; :func:`unwrap` with ``merge=True`` gives a float model instead.
     """
     return _set_merged(model, True)
 
@@ -286,21 +291,66 @@ def unmerge(model: nn.Module) -> nn.Module:
     return _set_merged(model, False)
 
 
-def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+def unwrap(model: nn.Module, merge: bool = True, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Remove the wrappers: the plain model back, with its original module types and keys.
+
+    A quantized model (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao int8 weights) comes
+    back as a float model with ``merge=True``, the way a QLoRA result ships: a quantized base
+    cannot hold ``W0 + ΔW``, so each adapted one becomes an ``nn.Linear`` of weight ``Ŵ0 + ΔW``
+    (``Ŵ0`` its dequantized weight, the sum computed in fp32) and its bias, and every other
+    quantized linear an ``nn.Linear`` of ``Ŵ0``, all in ``dtype``. A transformers model also loses
+    its record of the quantization (``hf_quantizer``, ``config.quantization_config``), so that
+    ``save_pretrained`` writes a float checkpoint and ``.to(dtype)`` works. With ``merge=False``
+    the quantized layers come back as they were.
 
     Args:
         merge: fold the adapters into the weights first; ``False`` drops them, restoring the base
             weights if they were merged.
+        dtype: the dtype of the ``nn.Linear`` layers that replace quantized ones (e.g.
+            ``torch.bfloat16``); default: the dtype each was quantized from (fp32 for bitsandbytes
+            8-bit, which does not record it). The rest of the model keeps its dtypes (cast it with
+            ``.to(dtype)`` to ship one dtype).
 
     Parameters stay frozen as :func:`adapt` left them; call ``requires_grad_(True)`` to train them.
 
     Raises:
-        ValueError: as :func:`merge` (``merge=True``) or :func:`unmerge` (``merge=False``) would.
+        ValueError: as :func:`merge` (``merge=True``) or :func:`unmerge` (``merge=False``) would; a
+            ``dtype`` with ``merge=False`` or on a model with no quantized layer.
+        TypeError: ``merge=True`` on a model holding a quantized layer rankwise cannot read (it
+            could not return a float model). Nothing is changed.
     """
-    _set_merged(model, merge)
-    for path, layer in list(adapted_modules(model)):
-        model = replace_module(model, path, layer.base)
+    layers = list(adapted_modules(model))
+    quantized_paths = [  # outside the wrappers (an Adapted's weight is its base's)
+        path for path, m in targets.outer_modules(model) if not isinstance(m, Adapted) and quantized.is_quantized(m)
+    ]
+    quantized_bases = [(path, layer) for path, layer in layers if quantized.is_quantized(layer.base)]
+    if dtype is not None and not (merge and (quantized_paths or quantized_bases)):
+        raise ValueError(
+            "unwrap(dtype=...) sets the dtype of the float layers that replace quantized ones when merging; "
+            + ("this model has no quantized layer" if merge else "merge=False keeps the quantized layers")
+        )
+    replacements: dict[str, nn.Module] = {}
+    if merge:  # every float replacement computed (and checked) before anything changes
+        for path in quantized_paths:  # not adapted: Ŵ0 as it is
+            module = model.get_submodule(path)
+            try:
+                quantized.scheme(module, path)
+            except TypeError as error:
+                raise TypeError(f"unwrap(merge=True) returns a float model: {error}; nothing was changed") from None
+            replacements[path] = quantized.float_linear(module, quantized.dequantized(module), dtype)
+        for path, layer in quantized_bases:
+            try:
+                weight = layer.merged_weight() if layer.active else quantized.dequantized(layer.base)
+                replacements[path] = quantized.float_linear(layer.base, weight, dtype)
+            except ValueError as error:
+                raise ValueError(f"'{path}': {error}; nothing was changed") from error
+    _set_merged(model, merge, [(path, layer) for path, layer in layers if path not in replacements])
+    for path, layer in layers:
+        model = replace_module(model, path, replacements.pop(path, layer.base))
+    for path, replacement in replacements.items():
+        model = replace_module(model, path, replacement)
+    if merge and (quantized_paths or quantized_bases):
+        quantized.drop_transformers_record(model)
     return model
 
 
@@ -383,9 +433,11 @@ def module_overrides(layer: Adapted) -> dict[str, object]:
     }
 
 
-def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
+def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]] | None = None) -> nn.Module:
     # Two passes: check every layer and every new weight first, write only when all pass.
-    layers = list(adapted_modules(model))
+    layers = list(adapted_modules(model)) if layers is None else layers
+    if merged:
+        _check_not_quantized(layers)
     for path, layer in layers:
         _check_unchanged_since_merge(path, layer)
     # A layer with no active adapter has nothing to merge.
@@ -407,6 +459,18 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     for _, layer in layers:
         write(layer)
     return model
+
+
+def _check_not_quantized(layers: list[tuple[str, Adapted]]) -> None:
+    for path, layer in layers:
+        if quantized.is_quantized(layer.base):
+            raise TypeError(
+                f"cannot merge into '{path}': its base weight is quantized "
+                f"({quantized.scheme(layer.base, path)}), which cannot hold W0 + ΔW without re-quantizing "
+                "it and losing most of the adapter's update. Keep the adapter unmerged (the adapted model "
+                "runs as it is), or call rankwise.unwrap(model, merge=True, dtype=torch.bfloat16) for a float "
+                "model with the adapters merged into the dequantized weights; no weight was changed"
+            )
 
 
 def _check_unchanged_since_merge(path: str, layer: Adapted) -> None:

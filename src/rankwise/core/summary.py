@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import quantized
 from .inject import adapted_modules
 
 
@@ -59,6 +60,13 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Count parameters (shared ones once) and list the adapted layers, one row per adapter."""
     params = {id(p): p for p in model.parameters()}.values()
+    # A packed quantized weight (bitsandbytes 4-bit: two values a byte) counts the values it stands for.
+    counts = {
+        id(m.weight): out_features * in_features
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and quantized.is_quantized(m)
+        for out_features, in_features in [quantized.shape(m)]
+    }
     rows = tuple(
         LayerRow(
             path=path,
@@ -75,6 +83,6 @@ def summary(model: nn.Module) -> Summary:
     )
     return Summary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(counts.get(id(p), p.numel()) for p in params),
         layers=rows,
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
-from . import geometry
+from . import geometry, quantized
 from .adapted import Adapted
 from .config import ALL_LINEAR, check_entry, matches
 
@@ -48,7 +48,8 @@ def select(
         ValueError: a target matches no module or is an invalid regular expression; a selected
             layer is adapted, is the same module as another path, or overlaps a trainable module.
         TypeError: a selected module is not a Linear, Conv1D or Conv2d with groups 1 (or, with
-            ``embedding``, an Embedding without max_norm).
+            ``embedding``, an Embedding without max_norm), holds a quantized weight of a layout
+            rankwise cannot read, or (for a compressor) any quantized weight.
     """
     prefix = f"{owner}: " if owner else ""
     targets = tuple(targets)
@@ -78,6 +79,12 @@ def select(
                 raise ValueError(f"{prefix}'{path}' is already adapted ({', '.join(methods)}); unwrap the model first")
             module = module.base
         geometry.check_supported(module, path, embedding=embedding)
+        if owner and quantized.is_quantized(module):
+            # A compressor rewrites or trains the weight itself, which a packed weight cannot take.
+            raise TypeError(
+                f"{prefix}'{path}' has a quantized weight ({quantized.scheme(module, path)}); compress the float "
+                "model, then quantize the result"
+            )
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
     return paths
