@@ -80,8 +80,9 @@ def test_sft_trainer_lowers_the_loss_and_save_adapter_reloads_it(tmp_path) -> No
     assert sum(losses[-3:]) / 3 < 0.95 * losses[0]
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert any("embed_tokens.delta" in k for k in changed) and any("q_proj.delta" in k for k in changed)
-    assert all(".delta." in k for k in changed)
+    assert any("embed_tokens.adapters.default." in k for k in changed)
+    assert any("q_proj.adapters.default." in k for k in changed)
+    assert all(".adapters.default." in k for k in changed)
 
     rw.save_adapter(model, tmp_path / "adapter")
     reloaded = rw.load_adapter(_llama(len(tokenizer)), tmp_path / "adapter")
