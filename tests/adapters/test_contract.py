@@ -16,6 +16,9 @@ from rankwise.core import registry
 from rankwise.core.delta import Delta
 from rankwise.core.inject import adapted_modules
 
+from _adapters import perturb
+from _bases import PAD, VOCAB, Bases, base_input, cases
+
 
 def _linear() -> nn.Module:
     return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512))
@@ -38,11 +41,10 @@ def _spatial_conv() -> nn.Module:
 
 
 def _embedding() -> nn.Module:
-    # A padding row, as transformers' embeddings have; the ids below include it.
-    return nn.Sequential(nn.Embedding(40, 256, padding_idx=1), nn.GELU(), nn.Linear(256, 512))
+    return nn.Sequential(nn.Embedding(VOCAB, 256, padding_idx=PAD), nn.GELU(), nn.Linear(256, 512))
 
 
-BASES = {  # name -> (base kind, model builder, input shape)
+BASES: Bases = {
     "linear": ("linear", _linear, (2, 5, 256)),
     "embedding": ("embedding", _embedding, (2, 5)),
     "conv1d": ("conv1d", _conv1d, (2, 5, 256)),
@@ -51,40 +53,18 @@ BASES = {  # name -> (base kind, model builder, input shape)
 }
 
 
-def _cases() -> list:
-    cases = []
-    for name in registry.methods():
-        module_class = registry.get(name).module_class
-        for base, (kind, _, _) in BASES.items():
-            if kind in module_class.supported_bases and (base != "conv2d-3x3" or module_class.spatial_conv):
-                cases.append(pytest.param(name, base, id=f"{name}-{base}"))
-    return cases
-
-
 def _model(base: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return BASES[base][1]()
 
 
 def _input(base: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1)
-    if BASES[base][0] == "embedding":  # token ids, the padding token among them
-        return torch.randint(0, 40, BASES[base][2], generator=generator).index_fill_(1, torch.tensor([0]), 1)
-    return torch.randn(*BASES[base][2], generator=generator)
+    return base_input(BASES, base, seed=1)
 
 
 def _adapted(name: str, base: str) -> nn.Module:
     config = rw.make_config(name, targets=("0", "2"))
     return rw.adapt(_model(base), config)
-
-
-def _perturb(model: nn.Module) -> None:
-    """Move every adapter parameter off its init, so that ΔW ≠ 0 and merge has work to do."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, layer in adapted_modules(model):
-            for p in layer.delta.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -97,7 +77,7 @@ def _assert_finite_gradients(model: nn.Module) -> None:
             assert p.grad is not None and p.grad.isfinite().all(), f"{path}.delta.{param_name}"
 
 
-@pytest.mark.parametrize(("name", "base"), _cases())
+@pytest.mark.parametrize(("name", "base"), cases(BASES))
 class TestContract:
     def test_identity_at_init(self, name: str, base: str) -> None:
         if not registry.get(name).module_class.identity_at_init:
@@ -125,7 +105,7 @@ class TestContract:
 
     def test_factored_forward_matches_delta_weight(self, name: str, base: str) -> None:
         model = _adapted(name, base)
-        _perturb(model)
+        perturb(model, seed=2)
         x = _input(base)
         for _, layer in adapted_modules(model):
             features = torch.randn(7, layer.delta.in_features)
@@ -145,7 +125,7 @@ class TestContract:
             with pytest.raises(TypeError, match="no merged form"):
                 rw.merge(model)
             return
-        _perturb(model)
+        perturb(model, seed=2)
         x = _input(base)
         before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
         unmerged = model(x)
@@ -163,7 +143,7 @@ class TestContract:
         if not registry.get(name).module_class.mergeable:
             pytest.skip(f"{name} has no merged form")
         model = _adapted(name, base)
-        _perturb(model)
+        perturb(model, seed=2)
         rw.step(model)  # a step-dependent update is zero at step 0; merge would have nothing to do
         before = {p: layer.base.weight.detach().clone() for p, layer in adapted_modules(model)}
         rw.merge(model)
@@ -182,7 +162,7 @@ class TestContract:
     def test_unwrap_restores_types_and_keys(self, name: str, base: str) -> None:
         plain = _model(base)
         model = _adapted(name, base)
-        _perturb(model)
+        perturb(model, seed=2)
         x = _input(base)
         expected = model(x)
         merge = registry.get(name).module_class.mergeable
@@ -193,7 +173,7 @@ class TestContract:
 
     def test_save_load_bit_exact(self, name: str, base: str, tmp_path) -> None:
         model = _adapted(name, base)
-        _perturb(model)
+        perturb(model, seed=2)
         rw.save_adapter(model, tmp_path)
         loaded = rw.load_adapter(_model(base), tmp_path)
         saved_state, loaded_state = rw.adapter_state_dict(model), rw.adapter_state_dict(loaded)
@@ -217,7 +197,7 @@ class TestContract:
 
     def test_every_adapter_parameter_gets_a_finite_gradient(self, name: str, base: str) -> None:
         model = _adapted(name, base)
-        _perturb(model)
+        perturb(model, seed=2)
         model(_input(base)).square().mean().backward()
         _assert_finite_gradients(model)
 

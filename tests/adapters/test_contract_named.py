@@ -14,6 +14,9 @@ import rankwise as rw
 from rankwise.core import registry
 from rankwise.core.adapted import Adapted
 
+from _adapters import perturb
+from _bases import PAD, VOCAB, Bases, base_input, cases
+
 
 def _conv1d() -> nn.Module:  # GPT-2 layout: Conv1D(nf=out, nx=in)
     model = nn.Sequential(Conv1D(32, 16), nn.GELU(), Conv1D(16, 32))
@@ -23,11 +26,11 @@ def _conv1d() -> nn.Module:  # GPT-2 layout: Conv1D(nf=out, nx=in)
     return model
 
 
-BASES = {  # name -> (base kind, model builder, input shape: a batch of 4)
+BASES: Bases = {  # smaller than test_contract's, and a batch of 4
     "linear": ("linear", lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), (4, 3, 16)),
     "embedding": (
-        "embedding",  # a padding row, as transformers' embeddings have; the ids include it
-        lambda: nn.Sequential(nn.Embedding(40, 16, padding_idx=1), nn.GELU(), nn.Linear(16, 16)),
+        "embedding",
+        lambda: nn.Sequential(nn.Embedding(VOCAB, 16, padding_idx=PAD), nn.GELU(), nn.Linear(16, 16)),
         (4, 3),
     ),
     "conv1d": ("conv1d", _conv1d, (4, 3, 16)),
@@ -44,16 +47,6 @@ BASES = {  # name -> (base kind, model builder, input shape: a batch of 4)
 }
 
 
-def _cases() -> list:
-    cases = []
-    for name in registry.methods():
-        module_class = registry.get(name).module_class
-        for base, (kind, _, _) in BASES.items():
-            if kind in module_class.supported_bases and (base != "conv2d-3x3" or module_class.spatial_conv):
-                cases.append(pytest.param(name, base, id=f"{name}-{base}"))
-    return cases
-
-
 def _plain(base: str) -> nn.Module:
     torch.manual_seed(0)
     return BASES[base][1]().eval()
@@ -63,23 +56,13 @@ def _config(method: str) -> rw.AdapterConfig:
     return rw.make_config(method, targets=("0", "2"), **registry.get(method).module_class.example_config)
 
 
-def _perturb(model: nn.Module, name: str, seed: int) -> None:
-    """Move the adapter's parameters off their init, so that it changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Adapted) and name in module.adapters:
-                for p in module.adapters[name].parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-
-
 def _two(method: str, base: str) -> nn.Module:
     torch.manual_seed(10)
     model = rw.adapt(_plain(base), _config(method), name="a")
     torch.manual_seed(20)
     rw.adapt(model, _config(method), name="b")
-    _perturb(model, "a", 1)
-    _perturb(model, "b", 2)
+    perturb(model, "a", seed=1)
+    perturb(model, "b", seed=2)
     for _ in range(500):  # a step-dependent adapter (a ramp from zero) then changes the output too
         rw.step(model)
     return model.eval()
@@ -95,16 +78,13 @@ def _alone(model: nn.Module, method: str, base: str, name: str) -> nn.Module:
 
 
 def _input(base: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(3)
-    if BASES[base][0] == "embedding":  # token ids, the padding token among them
-        return torch.randint(0, 40, BASES[base][2], generator=generator).index_fill_(1, torch.tensor([0]), 1)
-    return torch.randn(*BASES[base][2], generator=generator)
+    return base_input(BASES, base, seed=3)
 
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.mark.parametrize(("method", "base"), _cases())
+@pytest.mark.parametrize(("method", "base"), cases(BASES))
 def test_two_named_adapters_of_one_method(method: str, base: str, tmp_path: Path) -> None:
     model, x, plain = _two(method, base), _input(base), _plain(base)
     only_a, only_b = _alone(model, method, base, "a"), _alone(model, method, base, "b")

@@ -11,7 +11,6 @@ import json
 import peft
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import rankwise as rw
@@ -19,6 +18,9 @@ from rankwise.core import geometry, registry
 from rankwise.core.capabilities import EmbeddingAdapter
 from rankwise.core.delta import Delta, OutputAdapter, Reparam
 from rankwise.core.inject import adapted_modules
+
+from _adapters import LORA_VARIANTS, peft_lora_twin, perturb
+from _models import tiny_llama
 
 VOCAB, DIM, PAD = 40, 16, 1
 
@@ -44,14 +46,6 @@ def _ids() -> torch.Tensor:
     return ids
 
 
-def _perturb(model: nn.Module, size: float = 0.1) -> None:
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, layer in adapted_modules(model):
-            for p in layer.delta.parameters():
-                p.add_(size * torch.randn(p.shape, generator=generator))
-
-
 def test_every_method_declaring_embeddings_has_the_lookup() -> None:
     for name in EMBEDDING_METHODS:
         module_class = registry.get(name).module_class
@@ -64,7 +58,7 @@ def test_every_method_declaring_embeddings_has_the_lookup() -> None:
 def test_lookup_is_the_dense_rows_of_the_adapted_weight(name) -> None:
     torch.manual_seed(0)
     model = rw.adapt(Tokens(), rw.make_config(name, targets="embed")).eval()
-    _perturb(model)
+    perturb(model, seed=2, size=0.1)
     layer, ids = model.embed, _ids()
     w0 = geometry.weight_matrix(layer.base, "embedding")  # (dim, vocabulary)
     rows = layer.base(ids)
@@ -123,7 +117,7 @@ def test_dropout_drops_a_tokens_whole_update(name) -> None:
     # the whole one (for LoRA, the rows of ΔWᵀ).
     torch.manual_seed(0)
     model = rw.adapt(Tokens(), rw.make_config(name, dropout=0.5, targets="embed"))
-    _perturb(model)
+    perturb(model, seed=2, size=0.1)
     layer, ids = model.embed, torch.arange(2, VOCAB).reshape(2, -1)
     rows = layer.base(ids)
     with torch.no_grad():
@@ -139,42 +133,22 @@ def test_dropout_drops_a_tokens_whole_update(name) -> None:
 
 
 def _llama(tied: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_llama(
+        VOCAB,
         hidden_size=DIM,
         intermediate_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=2,
         tie_word_embeddings=tied,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=PAD,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    ).eval()
 
 
-@pytest.mark.parametrize(
-    ("config_class", "rslora"),
-    [(rw.LoRAConfig, False), (rw.LoRAConfig, True), (rw.DoRAConfig, False)],
-    ids=["lora", "rslora", "dora"],
-)
+@LORA_VARIANTS
 def test_outputs_and_gradients_equal_peft_on_an_embedding(config_class, rslora) -> None:
-    base = _llama()
-    targets = ("embed_tokens", "q_proj")
-    reference = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=list(targets),
-            use_rslora=rslora,
-            use_dora=config_class is rw.DoRAConfig,
-            init_lora_weights=False,  # random A and B: ΔW ≠ 0, and the padding column of A too
-        ),
-    )
-    ours = rw.adapt(base, config_class(rank=4, alpha=8, rslora=rslora, targets=targets))
+    # PEFT's factors are random (ΔW ≠ 0), the padding column of its A too.
+    reference, ours = peft_lora_twin(_llama(), config_class, rslora, targets=("embed_tokens", "q_proj"))
     peft_root = reference.base_model.model
     pairs = []
     with torch.no_grad():
@@ -259,7 +233,7 @@ def test_compressors_do_not_take_an_embedding() -> None:
 
 def test_merging_a_tied_embedding_is_refused_and_unmerged_training_works() -> None:
     model = rw.adapt(_llama(tied=True), rw.LoRAConfig(rank=2, targets="embed_tokens"))
-    _perturb(model)
+    perturb(model, seed=2, size=0.1)
     head = model.get_output_embeddings().weight
     assert head is model.model.embed_tokens.base.weight  # tied
     before = head.detach().clone()
@@ -273,7 +247,7 @@ def test_merging_a_tied_embedding_is_refused_and_unmerged_training_works() -> No
 def test_checkpoint_records_the_embedding_and_refuses_another_layer(tmp_path) -> None:
     torch.manual_seed(0)
     model = rw.adapt(Tokens(), rw.LoRAConfig(rank=2, targets=("embed", "proj")))
-    _perturb(model)
+    perturb(model, seed=2, size=0.1)
     rw.save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())["modules"]["embed"]
     assert (meta["base"], meta["in_features"], meta["out_features"]) == ("embedding", VOCAB, DIM)

@@ -14,6 +14,9 @@ from torch import nn
 import rankwise as rw
 from rankwise.core.inject import adapted_modules
 
+from _adapters import LORA_VARIANTS, peft_lora_twin
+from _models import tiny_gpt2, tiny_llama
+
 
 def _bert() -> tuple[nn.Module, tuple[str, ...]]:
     config = transformers.BertConfig(
@@ -23,21 +26,11 @@ def _bert() -> tuple[nn.Module, tuple[str, ...]]:
 
 
 def _gpt2() -> tuple[nn.Module, tuple[str, ...]]:
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16)
-    return transformers.GPT2LMHeadModel(config), ("c_attn", "c_proj", "c_fc")
+    return tiny_gpt2(vocab_size=100, n_embd=32, n_head=4, n_positions=16), ("c_attn", "c_proj", "c_fc")
 
 
 def _llama() -> tuple[nn.Module, tuple[str, ...]]:
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return transformers.LlamaForCausalLM(config), ("q_proj", "v_proj", "up_proj", "down_proj")
+    return tiny_llama(100, max_position_embeddings=16), ("q_proj", "v_proj", "up_proj", "down_proj")
 
 
 def _output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -46,27 +39,11 @@ def _output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("build", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama"])
-@pytest.mark.parametrize(
-    ("config_class", "rslora"),
-    [(rw.LoRAConfig, False), (rw.LoRAConfig, True), (rw.DoRAConfig, False)],
-    ids=["lora", "rslora", "dora"],
-)
+@LORA_VARIANTS
 def test_outputs_equal_peft(build, config_class, rslora) -> None:
     torch.manual_seed(0)
     base, targets = build()
-    base.eval()
-    reference = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=list(targets),
-            use_rslora=rslora,
-            use_dora=config_class is rw.DoRAConfig,
-            init_lora_weights=False,  # random B: ΔW ≠ 0
-        ),
-    )
-    ours = rw.adapt(base, config_class(rank=4, alpha=8, rslora=rslora, targets=targets))
+    reference, ours = peft_lora_twin(base.eval(), config_class, rslora, targets)
     peft_root = reference.base_model.model
     layers = list(adapted_modules(ours))
     assert len(layers) == sum(1 for _, m in peft_root.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))

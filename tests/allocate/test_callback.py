@@ -9,50 +9,25 @@ import transformers
 import rankwise as rw
 from rankwise import integrations
 
+from _models import tiny_gpt2
+from _trainer import cpu_trainer, token_rows
+
 STEPS = 8
 
 
 def _gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=8,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(dropout=0.0)
 
 
 def _data() -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, 50, (16, 8), generator=torch.Generator().manual_seed(1))
-    return [{"input_ids": row, "labels": row} for row in ids]
-
-
-def _args(tmp_path) -> transformers.TrainingArguments:
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-    )
+    return token_rows(16, torch.Generator().manual_seed(1))
 
 
 def test_trainer_runs_adalora_to_its_budget_and_the_result_reloads(tmp_path) -> None:
     model = rw.adapt(_gpt2(), rw.AdaLoRAConfig(rank=4, targets=("c_attn", "c_fc")))
     alloc = rw.allocate.AdaLoRAAllocator(model, total_steps=STEPS, budget=10, t_init=1, t_final=3, delta_t=1)
-    trainer = transformers.Trainer(
-        model=model, args=_args(tmp_path), train_dataset=_data(), callbacks=[integrations.RankAllocationCallback(alloc)]
-    )
+    callback = integrations.RankAllocationCallback(alloc)
+    trainer = cpu_trainer(model, tmp_path, _data(), lr=1e-2, steps=STEPS, callbacks=[callback])
     trainer.train()
     assert alloc.t == trainer.state.global_step == STEPS
     assert alloc.total() == 10 and alloc.history.totals[-1] == 10

@@ -17,6 +17,8 @@ import rankwise as rw
 from rankwise import cli
 from rankwise.core import registry
 
+from _models import tiny_gpt2
+
 
 def test_list_prints_every_method_with_its_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list"]) == 0
@@ -61,8 +63,7 @@ def test_inspect_of_a_folder_without_an_adapter_fails_with_a_message(
 
 
 def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(tmp_path: Path) -> None:
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8)
-    base = transformers.GPT2LMHeadModel(config).eval()
+    base = tiny_gpt2().eval()
     base.save_pretrained(tmp_path / "base")
     model = rw.adapt(
         transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),

@@ -13,6 +13,8 @@ from torch import nn
 from rankwise.compress import LowRankLinear, load_compressed, lord, save_compressed
 from rankwise.compress.report import count_params
 
+from _models import tiny_gpt2
+
 
 def _model() -> nn.Sequential:
     torch.manual_seed(1)
@@ -102,10 +104,8 @@ def test_bad_arguments_name_the_field() -> None:
 
 
 def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
-    return transformers.GPT2LMHeadModel(config).eval()
+    pytest.importorskip("transformers")
+    return tiny_gpt2(vocab_size=100, n_embd=64, n_positions=32).eval()
 
 
 def test_gpt2_conv1d_layers_compress_with_calibration_and_reload(tmp_path) -> None:

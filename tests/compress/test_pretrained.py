@@ -13,8 +13,9 @@ import rankwise as rw
 from rankwise import cli
 from rankwise.compress import LowRankLinear, calibrate, from_pretrained, lord, save_pretrained
 
+from _models import tiny_llama, word_tokenizer
+
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 _WORDS = [
     "the",
@@ -40,26 +41,12 @@ _TEXT = " ".join(_WORDS[i % len(_WORDS)] for i in range(7 * 200))
 
 
 def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(32, max_position_embeddings=64, tie_word_embeddings=True).eval()
 
 
 def _model_folder(folder: Path) -> Path:
     """A tiny Llama and a word-level tokenizer, as save_pretrained writes them."""
-    vocab = {word: i for i, word in enumerate(["[UNK]", *dict.fromkeys(_WORDS)])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    word_tokenizer(_WORDS, unk="[UNK]").save_pretrained(folder)
     _llama().save_pretrained(folder)
     return folder
 

@@ -12,6 +12,7 @@ from torch import nn
 from rankwise.compress import TRP, LowRankConv2d
 from rankwise.compress.report import count_params
 
+from _models import tiny_gpt2
 from _tiny_cnn import TinyCNN, batches
 
 
@@ -129,11 +130,8 @@ def test_bad_values_name_the_field() -> None:
 
 
 def test_trp_on_gpt2_conv1d_layers() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
-    )
+    pytest.importorskip("transformers")
+    model = tiny_gpt2(n_embd=32, n_layer=1, n_positions=16)
     trp = TRP(model, targets=("mlp.c_fc",), energy=0.5, period=1)
     W = model.transformer.h[0].mlp.c_fc.weight.detach().T.clone()  # Conv1D stores (in, out)
     trp.truncate(0)

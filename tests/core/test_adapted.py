@@ -11,27 +11,20 @@ from torch import nn
 import rankwise as rw
 from rankwise.core.adapted import Adapted
 
+from _adapters import perturb
+
 
 def _base() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.GELU(), nn.Linear(8, 8))
 
 
-def _perturb(model: nn.Module, name: str, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Adapted) and name in module.adapters:
-                for p in module.adapters[name].parameters():
-                    p.add_(0.1 * torch.randn(p.shape, generator=generator))
-
-
 def _two() -> nn.Module:
     """LoRA "a" on layers 0 and 2, LoRA "b" of another rank on layers 2 and 4."""
     model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="a")
     rw.adapt(model, rw.LoRAConfig(rank=3, alpha=4, targets=("2", "4")), name="b")
-    _perturb(model, "a", 1)
-    _perturb(model, "b", 2)
+    perturb(model, "a", seed=1, size=0.1)
+    perturb(model, "b", seed=2, size=0.1)
     return model
 
 
@@ -127,8 +120,8 @@ def test_a_merged_adapter_that_changed_refuses_unmerge_when_several_are_merged()
 def test_lora_and_c3a_on_the_same_layer_work_together_and_merge() -> None:
     model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("2",)), name="lora")
     rw.adapt(model, rw.C3AConfig(block_size=4, targets=("2",)), name="c3a")
-    _perturb(model, "lora", 1)
-    _perturb(model, "c3a", 2)
+    perturb(model, "lora", seed=1, size=0.1)
+    perturb(model, "c3a", seed=2, size=0.1)
     rw.set_active(model, ["lora", "c3a"])
     layer = model[2]
     h = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
@@ -249,7 +242,7 @@ def test_summary_has_one_row_per_adapter_of_each_layer() -> None:
 
 def test_a_state_dict_saved_before_adapters_were_named_loads_into_a_one_adapter_model() -> None:
     model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")))
-    _perturb(model, "default", 1)
+    perturb(model, "default", seed=1, size=0.1)
     old = {k.replace(".adapters.default.", ".delta."): v for k, v in model.state_dict().items()}
     assert "0.delta.A" in old
     fresh = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")))

@@ -14,6 +14,8 @@ from rankwise.core import registry
 from rankwise.core.adapted import Adapted
 from rankwise.core.delta import Adapter
 
+from _adapters import perturb
+
 
 def _base() -> nn.Module:
     torch.manual_seed(0)
@@ -25,22 +27,13 @@ def _config(method: str, **overrides: object) -> rw.AdapterConfig:
     return rw.make_config(method, targets=("0", "2"), **{**example, **overrides})
 
 
-def _perturb(model: nn.Module, name: str, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, Adapted) and name in layer.adapters:
-                for p in layer.adapters[name].parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
-
-
 def _two(config_a: rw.AdapterConfig, config_b: rw.AdapterConfig) -> nn.Module:
     torch.manual_seed(10)
     model = rw.adapt(_base(), config_a, name="a")
     torch.manual_seed(20)
     rw.adapt(model, config_b, name="b")
-    _perturb(model, "a", 1)
-    _perturb(model, "b", 2)
+    perturb(model, "a", seed=1)
+    perturb(model, "b", seed=2)
     for _ in range(500):  # a step-dependent adapter (a ramp from zero) then has an update
         rw.step(model)
     return model.eval()

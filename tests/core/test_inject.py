@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 
 import rankwise as rw
 from rankwise.core.inject import adapted_modules, find_targets
+
+from _models import tiny_gpt2
 
 
 class Block(nn.Module):
@@ -79,8 +80,7 @@ def test_all_linear_leaves_out_the_layers_inside_a_trainable_module() -> None:
 
 
 def test_all_linear_leaves_out_the_output_embedding_of_a_transformers_model() -> None:
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
-    model = rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2))
+    model = rw.adapt(tiny_gpt2(n_layer=1), rw.LoRAConfig(rank=2))
     paths = [path for path, _ in adapted_modules(model)]
     assert paths == [
         "transformer.h.0.attn.c_attn",

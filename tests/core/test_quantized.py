@@ -12,6 +12,7 @@ import rankwise as rw
 from rankwise.core import geometry
 from rankwise.core.inject import adapted_modules
 
+from _models import tiny_llama
 from _quantized import BACKENDS, dequantized, quantize, same
 
 
@@ -334,19 +335,9 @@ def test_4bit_weight_in_the_cpu_inference_packing() -> None:
 
 
 def _tiny_llama(dtype: torch.dtype) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    pytest.importorskip("transformers")
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return tiny_llama(128, max_position_embeddings=64, tie_word_embeddings=False, **sizes).to(dtype)
 
 
 def test_prepare_for_quantized_training_on_a_4bit_llama() -> None:

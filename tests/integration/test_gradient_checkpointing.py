@@ -7,30 +7,19 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import rankwise as rw
 from rankwise.core import registry
+
+from _models import tiny_llama
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", registry.methods())
 def test_gradients_equal_a_run_without_checkpointing(name: str, reentrant: bool) -> None:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
+    base = tiny_llama(64, max_position_embeddings=32, use_cache=False)
     example = registry.get(name).module_class.example_config  # the defaults may not fit width 32
-    model = rw.adapt(
-        LlamaForCausalLM(config), rw.make_config(name, targets=("q_proj", "v_proj", "down_proj"), **example)
-    )
+    model = rw.adapt(base, rw.make_config(name, targets=("q_proj", "v_proj", "down_proj"), **example))
     with torch.no_grad():  # away from the identity init, so that every factor has a gradient
         for p in model.parameters():
             if p.requires_grad:

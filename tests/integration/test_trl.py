@@ -9,9 +9,10 @@ import transformers
 
 import rankwise as rw
 
+from _models import tiny_llama, word_tokenizer
+
 trl = pytest.importorskip("trl", reason="trl is not installed (pip install rankwise[trl])")
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (trl depends on it)")
-tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed (transformers depends on it)")
 
 TEXTS = [
     "the king had a horse and the queen had a cat",
@@ -21,30 +22,12 @@ TEXTS = [
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = dict.fromkeys(word for text in TEXTS for word in text.split())
-    vocab = {word: i for i, word in enumerate(["<pad>", "<eos>", "<unk>", *words])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
-    )
+    return word_tokenizer((word for text in TEXTS for word in text.split()), unk="<unk>", pad="<pad>", eos="<eos>")
 
 
-def _llama(vocab_size: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return transformers.LlamaForCausalLM(config)
+def _llama(vocab_size: int) -> transformers.PreTrainedModel:
+    # the pad and end ids are the tokenizer's: <pad> 0, <eos> 1
+    return tiny_llama(vocab_size, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
 @pytest.mark.slow  # ten trainer steps and TRL's dataset preparation: about 5 s on 2 cores

@@ -12,11 +12,12 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-import transformers
 from torch import nn
 
 import rankwise as rw
 from rankwise.core.inject import adapted_modules
+
+from _models import tiny_gpt2, tiny_llama
 
 
 class Classifier(nn.Module):
@@ -32,11 +33,7 @@ class Classifier(nn.Module):
 
 def _gpt2() -> nn.Module:
     """Conv1D layers: c_attn 16 -> 48, attn.c_proj 16 -> 16, c_fc 16 -> 64, mlp.c_proj 64 -> 16."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2().eval()
 
 
 def _mlp() -> nn.Module:
@@ -268,22 +265,17 @@ def test_from_peft_names_a_block_size_the_layer_does_not_allow(tmp_path) -> None
 
 def _llama(tied: bool = True, classes: int = 0) -> nn.Module:
     """A tiny Llama: a causal LM whose head is tied to its embedding, or a sequence classifier."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=50,
+    return tiny_llama(
+        50,
+        classes=classes,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=2,
         tie_word_embeddings=tied,
-        num_labels=max(classes, 2),
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-    )
-    model_class = transformers.LlamaForSequenceClassification if classes else transformers.LlamaForCausalLM
-    return model_class(config).eval()
+    ).eval()
 
 
 def _untied(model: nn.Module) -> nn.Module:

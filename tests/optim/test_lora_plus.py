@@ -7,12 +7,14 @@ import copy
 import peft
 import pytest
 import torch
-import transformers
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 import rankwise as rw
 from rankwise.optim import LoRAPlus, lora_plus_param_groups
+
+from _models import tiny_gpt2
+from _trainer import cpu_trainer, token_rows
 
 
 def _mlp() -> nn.Module:
@@ -92,24 +94,11 @@ def test_param_groups_work_with_any_torch_optimizer_and_round_trip() -> None:
 
 
 def test_trains_under_the_transformers_trainer(tmp_path) -> None:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0
-    )
-    model = rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2, targets="c_attn"))
+    model = rw.adapt(tiny_gpt2(), rw.LoRAConfig(rank=2, targets="c_attn"))
     before = {k: v.clone() for k, v in rw.adapter_state_dict(model).items()}
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (12, 8))]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-    )
+    data = token_rows(12)
     optimizer = LoRAPlus(model, lr=1e-3)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
+    trainer = cpu_trainer(model, tmp_path, data, lr=1e-3, optimizers=(optimizer, None))
     trainer.train()
     assert trainer.state.global_step == 3
     assert all(not torch.equal(before[k], v) for k, v in rw.adapter_state_dict(model).items())

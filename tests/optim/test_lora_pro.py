@@ -10,11 +10,13 @@ import math
 
 import pytest
 import torch
-import transformers
 from torch import Tensor, nn
 
 import rankwise as rw
 from rankwise.optim import LoRAPro, LoRAProSGD, adjusted_gradients, equivalent_gradient
+
+from _models import tiny_gpt2
+from _trainer import cpu_trainer, token_rows
 
 F64 = torch.float64
 # Against undamped references: our inverses are pinv(M + 1e-8 I), the official damping.
@@ -306,20 +308,8 @@ def test_loss_after_100_steps_is_lower_than_lora_with_adamw() -> None:
 
 
 def _gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=8,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,  # deterministic steps for the round trip
-    )
-    return rw.adapt(transformers.GPT2LMHeadModel(config), rw.LoRAConfig(rank=2, targets=("c_attn", "c_proj")))
+    base = tiny_gpt2(dropout=0.0)  # deterministic steps for the round trip
+    return rw.adapt(base, rw.LoRAConfig(rank=2, targets=("c_attn", "c_proj")))
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Tensor]) -> None:
@@ -356,19 +346,7 @@ def test_gpt2_conv1d_steps_and_state_dict_round_trip() -> None:
 def test_trains_under_the_transformers_trainer(tmp_path) -> None:
     model = _gpt2()
     before = {k: v.clone() for k, v in rw.adapter_state_dict(model).items()}
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (12, 8))]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-    )
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data, optimizers=(LoRAPro(model, lr=1e-3), None)
-    )
+    trainer = cpu_trainer(model, tmp_path, token_rows(12), lr=1e-3, optimizers=(LoRAPro(model, lr=1e-3), None))
     trainer.train()
     assert trainer.state.global_step == 3
     assert all(not torch.equal(before[k], v) for k, v in rw.adapter_state_dict(model).items())

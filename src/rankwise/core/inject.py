@@ -167,9 +167,7 @@ def check_can_add(model: nn.Module, config: AdapterConfig, name: str) -> None:
             f"the model already has an adapter named {name!r} (adapters: {names}); choose another name, "
             "or rankwise.delete_adapter(model, name) first"
         )
-    merged = [path for path, layer in adapted_modules(model) if layer.merged]
-    if merged:
-        raise ValueError(f"cannot add adapter {name!r} to a merged model ({merged} are merged); unmerge first")
+    _refuse_merged(model, f"cannot add adapter {name!r} to a merged model")
     if config.trainable:
         raise ValueError(
             f"adapter {name!r} names trainable modules {list(config.trainable)}, but they belong to the model, "
@@ -207,6 +205,15 @@ def active_adapters(model: nn.Module) -> list[str]:
     return [name for name in adapter_names(model) if name in active]
 
 
+def _refuse_merged(model: nn.Module, refusal: str) -> None:
+    """Raise ``refusal``, naming the merged layers, if any layer of ``model`` is merged: a merged
+    weight holds the active adapters' update, and unmerge undoes exactly those, so adding, switching
+    or deleting adapters must wait for it."""
+    merged = [path for path, layer in adapted_modules(model) if layer.merged]
+    if merged:
+        raise ValueError(f"{refusal} ({merged} are merged); unmerge first")
+
+
 def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Run the adapters ``names`` (one name or several, whose effects add; ``[]`` for none).
 
@@ -223,11 +230,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
         raise ValueError(f"unknown adapter names {unknown}; the model holds {known}")
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"adapter names repeated in {list(wanted)}")
-    layers = list(adapted_modules(model))
-    merged = [path for path, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"cannot switch adapters while merged ({merged} are merged); unmerge first")
-    for _, layer in layers:
+    _refuse_merged(model, "cannot switch adapters while merged")
+    for _, layer in adapted_modules(model):
         layer.set_active(wanted)
     return model
 
@@ -245,11 +249,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     known = adapter_names(model)
     if name not in known:
         raise ValueError(f"unknown adapter name {name!r}; the model holds {known}")
-    layers = list(adapted_modules(model))
-    merged = [path for path, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"cannot delete adapter {name!r} while merged ({merged} are merged); unmerge first")
-    for path, layer in layers:
+    _refuse_merged(model, f"cannot delete adapter {name!r} while merged")
+    # Listed before the loop: unwrapping a layer replaces a module of the tree being walked.
+    for path, layer in list(adapted_modules(model)):
         if name not in layer.adapters:
             continue
         if len(layer.adapters) == 1:
