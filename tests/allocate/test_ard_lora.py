@@ -355,3 +355,22 @@ def test_l1_keeps_only_the_directions_worth_its_price() -> None:
     with_l1 = _fit_one_target([1.0, 1.0, 1.0, 0.2, 0.2, 0.2], l1=1e-2)
     assert 2.5 < with_l1 < 3.5
     assert _fit_one_target([1.0, 1.0, 1.0, 0.2, 0.2, 0.2], l1=0.0) > with_l1 + 0.75
+
+
+def test_an_optimizer_built_before_the_heads_split_is_refused_at_the_first_step() -> None:
+    # Splitting heads rebuilds the adapters: an optimizer built before holds parameters that no
+    # forward uses, and the run would train nothing. The first step says so.
+    model = _model()
+    stale = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    alloc = rw.allocate.ARDLoRAAllocator(model, total_steps=STEPS, warmup=2, heads={"2": (4, "out")})
+    x, y = _data()
+    nn.functional.mse_loss(model(x), y).backward()
+    stale.step()
+    missing = r"does not hold 3 adapter parameters \(e.g. \['2.A', '2.B', '2.magnitude'\]\); build it .* after creating"
+    with pytest.raises(ValueError, match=missing):
+        alloc.step(stale)
+    assert alloc.t == 0
+    # Built after the allocator, without α (the allocator owns it): accepted.
+    held = [p for name, p in model.named_parameters() if p.requires_grad and not name.endswith("rank_scale")]
+    assert len(held) < len([p for p in model.parameters() if p.requires_grad])
+    assert alloc.step(torch.optim.AdamW(held, lr=2e-2)) is False and alloc.t == 1

@@ -88,6 +88,7 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
 
     module_class = ARDLoRA
     unit = "parameters"
+    owned_parameters = frozenset({"rank_scale"})
 
     def __init__(
         self,

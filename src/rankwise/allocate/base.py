@@ -101,6 +101,8 @@ class RankAllocator(abc.ABC, Generic[AdapterT]):
     # False when the only replacement happens at the last step, after the last backward.
     reshapes_during_training: ClassVar[bool] = False
     unit: ClassVar[str] = "rank"
+    # Adapter parameters the allocator sets itself (ARD-LoRA's α), which an optimizer need not hold.
+    owned_parameters: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module, total_steps: int) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -140,10 +142,29 @@ class RankAllocator(abc.ABC, Generic[AdapterT]):
                 f"{type(self).__name__}: step {self.t + 1} is past total_steps={self.total_steps}; "
                 "total_steps must count optimizer steps"
             )
+        if self.t == 0:
+            self._check_optimizer(optimizer)
         changed = self._step(optimizer)
         self.history.record(self.t, self.ranks(), self.total(), self.budget)
         self.t += 1
         return changed
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # An optimizer built before the adapters were rebuilt (ARD-LoRA splits heads on
+        # construction) holds parameters no forward uses: the run would train nothing, silently.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [
+            f"{path}.{name}"
+            for path, layer in self.layers.items()
+            for name, p in layer.delta.named_parameters()
+            if p.requires_grad and name not in self.owned_parameters and id(p) not in held
+        ]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: the optimizer does not hold {len(missing)} adapter parameters "
+                f"(e.g. {missing[:3]}); build it over the model's trainable parameters after adapting and "
+                "after creating the allocator"
+            )
 
     @abc.abstractmethod
     def _step(self, optimizer: torch.optim.Optimizer) -> bool: ...

@@ -431,12 +431,14 @@ def train(
         start = time.perf_counter()
         if recipe.initialize is not None:
             recipe.initialize(model, task, seed, device)
-        params = trainable_parameters(model)  # after initialize: GoRA replaces the adapters
+        # The allocator before the parameters are read: ARD-LoRA's splits attention heads, which
+        # rebuilds those adapters, and an optimizer built earlier would train the old ones.
+        allocator = recipe.allocator(model, total_steps=steps) if recipe.allocator is not None else None
+        params = trainable_parameters(model)  # after initialize (GoRA replaces the adapters) and the allocator
         trainable, adapter = _count(model, task, params)
         if params:
             optimizer = recipe.optimizer(model, lr)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
-            allocator = recipe.allocator(model, total_steps=steps) if recipe.allocator is not None else None
             generator = torch.Generator().manual_seed(seed)
             batches = _batch_indices(task.num_examples("train"), task.sizes.batch_size, steps, generator)
             for step, index in enumerate(batches):
