@@ -34,8 +34,10 @@ def _two(config_a: rw.AdapterConfig, config_b: rw.AdapterConfig) -> nn.Module:
     rw.adapt(model, config_b, name="b")
     perturb(model, "a", seed=1)
     perturb(model, "b", seed=2)
+    rw.set_active(model, ["a", "b"])  # rw.step advances active adapters only
     for _ in range(500):  # a step-dependent adapter (a ramp from zero) then has an update
         rw.step(model)
+    rw.set_active(model, "a")
     return model.eval()
 
 
@@ -124,6 +126,7 @@ def test_a_one_sign_update_refuses_a_negative_weight_and_combines_zero_ramps() -
     fresh = rw.adapt(_base(), _config(method), name="a")  # step 0: u = 0, every update is zero
     rw.adapt(fresh, _config(method), name="b")
     rw.combine(fresh, {"a": 0.7, "b": 0.3}, name="ab")
+    rw.set_active(fresh, ["a", "b", "ab"])  # rw.step advances active adapters only
     for _ in range(10):
         rw.step(fresh)
     for layer in (fresh[0], fresh[2]):  # the columns kept their weights: exact once the ramps move on
