@@ -333,6 +333,7 @@ def unwrap(model: nn.Module, merge: bool = True, *, dtype: torch.dtype | None = 
         )
     replacements: dict[str, nn.Module] = {}
     if merge:  # every float replacement computed (and checked) before anything changes
+        _check_not_disabled([(path, layer) for path, layer in quantized_bases if layer.active])
         for path in quantized_paths:  # not adapted: Ŵ0 as it is
             module = model.get_submodule(path)
             try:
@@ -445,12 +446,7 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
     # A layer with no active adapter has nothing to merge.
     layers = [(path, layer) for path, layer in layers if layer.merged != merged and (layer.active or not merged)]
     if merged and layers:
-        inside = [path for path, layer in layers if layer.disabled]
-        if inside:
-            raise ValueError(
-                f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
-                "merge after the block; no weight was changed"
-            )
+        _check_not_disabled(layers)
         _check_untied(model, layers)
     compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:
@@ -461,6 +457,16 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
     for _, layer in layers:
         write(layer)
     return model
+
+
+def _check_not_disabled(layers: list[tuple[str, Adapted]]) -> None:
+    # Inside the block the model is its base model: a merge there would fold in adapters it is not running.
+    inside = [path for path, layer in layers if layer.disabled]
+    if inside:
+        raise ValueError(
+            f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
+            "merge after the block; no weight was changed"
+        )
 
 
 def _check_not_quantized(layers: list[tuple[str, Adapted]]) -> None:
