@@ -390,6 +390,32 @@ def test_an_embedding_adapter_goes_both_ways_with_peft(dora, tmp_path) -> None:
     torch.testing.assert_close(_run(again, x), _run(reference, x), rtol=1e-5, atol=1e-5)
 
 
+def test_adding_an_embedding_adapter_leaves_the_shared_base_weight_as_it_is(tmp_path) -> None:
+    # PEFT saves the adapted embedding's weight; beside another adapter that base is the other's too.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4))
+
+    source = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")))
+    rw.interop.to_peft(source, tmp_path / "same")
+    with torch.no_grad():
+        source[0].base.weight.add_(1.0)  # another base, e.g. resized and trained elsewhere
+    rw.interop.to_peft(source, tmp_path / "other")
+    model = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")))
+    x = torch.tensor([[1, 2, 3]])
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        rw.CheckpointError, match=r"embedding base weights \['base_model.model.0.base_layer.weight'\] that differ"
+    ):
+        rw.interop.from_peft(model, tmp_path / "other", name="b")
+    assert rw.adapter_names(model) == ["default"]
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    rw.interop.from_peft(model, tmp_path / "same", name="b")  # the model's own weight: nothing written
+    assert torch.equal(model[0].base.weight, state["0.base.weight"])
+    assert torch.equal(model(x), before)
+
+
 def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
     ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="a").eval()
     rw.adapt(ours, rw.LoRAConfig(rank=4, alpha=2.0, targets=("2", "4")), name="b")

@@ -116,14 +116,16 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
 
     Everything is read and checked before the model changes. The weight PEFT saves with an
     embedding it adapts (``save_embedding_layers``) is loaded into the base embedding, as PEFT
-    loads it. Names in ``modules_to_save`` that
+    loads it; when adding an adapter it must equal the model's (the base is the other adapters'
+    too), and nothing is written into it. Names in ``modules_to_save`` that
     match no module of the model are skipped, as PEFT skips them (a sequence-classification
     adapter lists both ``classifier`` and ``score``); tensors saved for them are still refused.
 
     Raises:
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
             model, tensors that do not fit the model (all listed), or a module to save whose
-            tensor this model shares with another module (PEFT loads into a copy of it).
+            tensor this model shares with another module (PEFT loads into a copy of it); when
+            adding an adapter, an embedding base weight that differs from the model's.
         ValueError: as ``rankwise.adapt`` adding an adapter: a taken name, a merged model, or
             ``modules_to_save`` (they are the model's: give them with its first adapter).
     """
@@ -171,10 +173,22 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
     _check_saved_modules_untied(model, trainable, tensors, folder)
+    # Beside other adapters the base is theirs too: loading another embedding weight would change
+    # the model they run, so it must be the one the model holds already (then nothing is written).
+    shared = [key for key in targets if adding and key.endswith(".base_layer.weight")]
+    differ = [key for key in shared if not torch.equal(tensors[key].to(targets[key][0]), targets[key][0])]
+    if differ:
+        raise CheckpointError(
+            f"{folder / PEFT_TENSORS} holds embedding base weights {differ} that differ from the model's; adding "
+            f"adapter {name!r} would change the base under the adapters the model holds "
+            f"({adapter_names(model)}). Load it into the base model alone, or into one whose embedding "
+            "weights are these"
+        )
     installed = add_wrappers(model, wrappers, name) if adding else install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
-            target.copy_(tensors[key].reshape(target.shape))
+            if key not in shared:
+                target.copy_(tensors[key].reshape(target.shape))
     return compiled if installed is model else installed
 
 
