@@ -535,6 +535,12 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, Adapted) else module
 
 
+def model_trainable(model: nn.Module) -> tuple[str, ...]:
+    """The ``trainable`` modules of an adapted model: those its first adapter named (an added one
+    names none, :func:`check_can_add`), trained in full and shared by all its adapters."""
+    return next((c.trainable for _, layer in adapted_modules(model) for c in layer.configs.values() if c.trainable), ())
+
+
 def trainable_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Paths of the modules ``config.trainable`` selects (outermost matches only)."""
     return targets.outermost_matches(dict(targets.outer_modules(model)), config.trainable)
