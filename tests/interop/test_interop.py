@@ -404,9 +404,7 @@ def test_adding_an_embedding_adapter_leaves_the_shared_base_weight_as_it_is(tmp_
     model = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")))
     x = torch.tensor([[1, 2, 3]])
     before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
-        rw.CheckpointError, match=r"embedding base weights \['base_model.model.0.base_layer.weight'\] that differ"
-    ):
+    with pytest.raises(rw.CheckpointError, match=r"tensors \['base_model.model.0.base_layer.weight'\] that differ"):
         rw.interop.from_peft(model, tmp_path / "other", name="b")
     assert rw.adapter_names(model) == ["default"]
     assert state.keys() == model.state_dict().keys()
@@ -444,3 +442,36 @@ def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
         torch.testing.assert_close(_run(back.eval(), x), _run(ours, x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="already has an adapter named 'b'"):
         rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")
+
+
+def test_each_named_adapter_exports_the_models_trainable_head(tmp_path) -> None:
+    # The head (given with the first adapter) is trained with every adapter: each export carries it.
+    ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("4",)))
+    rw.adapt(ours, rw.LoRAConfig(rank=2, targets=("2",)), name="b")
+    with torch.no_grad():
+        for key, p in ours.named_parameters():
+            if "adapters" in key or key.startswith("4."):
+                p.add_(0.1 * torch.randn_like(p))
+    x = _inputs(_mlp)
+    outputs = {}
+    for name in ("default", "b"):
+        rw.set_active(ours, name)
+        outputs[name] = _run(ours, x)
+    rw.interop.to_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "b" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["4"]
+    alone = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "b")
+    torch.testing.assert_close(_run(alone, x), outputs["b"], rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "peft" / "b")
+    torch.testing.assert_close(_run(theirs, x), outputs["b"], rtol=1e-6, atol=1e-6)
+
+    both = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "default")
+    rw.interop.from_peft(both, tmp_path / "peft" / "b", name="b")  # the model's own head: checked, not written
+    for name in ("default", "b"):
+        rw.set_active(both, name)
+        torch.testing.assert_close(_run(both, x), outputs[name], rtol=0, atol=0)
+    with torch.no_grad():
+        alone[4].bias.add_(1.0)
+    with pytest.raises(rw.CheckpointError, match=r"tensors \['base_model.model.4.bias'\] that differ"):
+        rw.interop.from_peft(alone, tmp_path / "peft" / "default", name="again")
+    assert rw.adapter_names(alone) == ["default"]
