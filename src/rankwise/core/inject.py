@@ -275,7 +275,8 @@ def merge(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: a new weight would hold a NaN or an infinity; a base weight is shared with
             another module (tied weights: the merge would change that module too); the call is
-            inside ``with rankwise.disabled(model)``; or a merged adapter changed since its merge.
+            inside ``with rankwise.disabled(model)`` or ``rankwise.per_example``; or a merged adapter
+            changed since its merge.
         TypeError: a base layer is quantized (bitsandbytes, torchao): ``W0 + ΔW`` cannot be written
             into its weight; :func:`unwrap` with ``merge=True`` gives a float model instead.
     """
@@ -460,13 +461,17 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
 
 
 def _check_not_disabled(layers: list[tuple[str, Adapted]]) -> None:
-    # Inside the block the model is its base model: a merge there would fold in adapters it is not running.
-    inside = [path for path, layer in layers if layer.disabled]
-    if inside:
-        raise ValueError(
-            f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
-            "merge after the block; no weight was changed"
-        )
+    # Inside either block the layers do not run their active adapters (the base model, or each row
+    # its own adapter), which a merge would fold in: the block's forward would silently change.
+    for block, inside in (
+        ("disabled(model)", [path for path, layer in layers if layer.disabled]),
+        ("per_example(model, names)", [path for path, layer in layers if layer.rows is not None]),
+    ):
+        if inside:
+            raise ValueError(
+                f"cannot merge inside `with rankwise.{block}` ({inside} are in it); "
+                "merge after the block; no weight was changed"
+            )
 
 
 def _check_not_quantized(layers: list[tuple[str, Adapted]]) -> None:
