@@ -91,3 +91,32 @@ def test_history_round_trips_and_reports_the_final_ranks() -> None:
     assert History.from_dict(history.to_dict()) == history
     with pytest.raises(ValueError, match="empty"):
         History(("a",)).final()
+
+
+@pytest.mark.parametrize("change", ["set_active", "delete_adapter"])
+def test_an_allocator_refuses_to_step_once_its_adapter_is_no_longer_the_active_one(change: str) -> None:
+    # Its statistics and budget are adapter "a"'s: driving "b" with them would be wrong, silently.
+    import rankwise as rw
+    from rankwise.allocate import AdaLoRAAllocator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    rw.adapt(model, rw.AdaLoRAConfig(rank=4, targets=("0", "2")), name="a")
+    rw.adapt(model, rw.AdaLoRAConfig(rank=4, targets=("0", "2")), name="b")
+    allocator = AdaLoRAAllocator(model, total_steps=20, t_init=0, t_final=2, delta_t=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 8)
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    allocator.step(optimizer)
+    if change == "set_active":
+        rw.set_active(model, "b")
+    else:
+        rw.delete_adapter(model, "a")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"AdaLoRAAllocator: the adapter it drives \('a' on \['0', '2'\]\) is no longer"
+    ):
+        allocator.step(optimizer)
+    assert allocator.t == 1
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -119,3 +119,16 @@ def test_bad_distillation_arguments_are_refused_before_training() -> None:
     with pytest.raises(ValueError, match=r"logits \(32, 16\) and the teacher's \(32, 8\) differ"):
         heal(model, _batches(), steps=1, lr=1e-3, teacher=nn.Linear(16, 8))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_a_teacher_sharing_the_models_parameters_is_refused_before_anything_changes() -> None:
+    # Compressed in place, the model is no teacher of itself: the KL would be 0 and nothing would heal.
+    model = _compressed()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for teacher in (model, nn.Sequential(model[0], nn.Linear(8, 16))):
+        for config in (None, rw.LoRAConfig(rank=2, targets=("all-linear",))):
+            with pytest.raises(ValueError, match="teacher shares parameters with the model"):
+                heal(model, _batches(), steps=1, lr=1e-3, teacher=teacher, config=config)
+    assert isinstance(model[0], LowRankLinear)
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

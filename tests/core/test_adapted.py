@@ -177,6 +177,11 @@ def _run_per_example(model: nn.Module, names: list[str | None]) -> None:
         model(X[: len(names)])
 
 
+def _merge_inside_per_example(model: nn.Module, names: list[str | None]) -> None:
+    with rw.per_example(model, names):
+        rw.merge(model)
+
+
 BAD = [  # (what, call, error, message)
     ("unknown name to activate", lambda m: rw.set_active(m, ["a", "c"]), ValueError, r"unknown adapter names \['c'\]"),
     ("repeated name to set_active", lambda m: rw.set_active(m, ["a", "a"]), ValueError, "repeated"),
@@ -205,6 +210,12 @@ BAD = [  # (what, call, error, message)
         lambda m: rw.adapt(m, rw.C3AConfig(block_size=5, targets=("0", "2")), name="c"),
         ValueError,
         "block_size",
+    ),
+    (
+        "merge inside per_example",  # a merged layer runs its active adapters for every row
+        lambda m: _merge_inside_per_example(m, ["b", None, "a"]),
+        ValueError,
+        r"cannot merge inside `with rankwise.per_example",
     ),
     (
         "per_example with an unknown name",

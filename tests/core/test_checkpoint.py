@@ -237,3 +237,48 @@ def test_a_compiled_model_saves_and_loads_the_paths_of_the_plain_model(tmp_path)
     compiled = rw.load_adapter(torch.compile(_model(), backend="eager"), tmp_path)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
+
+
+def _headed() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_each_named_adapter_saves_the_models_trainable_head_it_trained_with(tmp_path) -> None:
+    # The head is the model's, trained with every adapter: an adapter saved without it would load
+    # onto the untrained head and compute something else, silently.
+    model = rw.adapt(_headed(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("2",)))
+    rw.adapt(model, rw.LoRAConfig(rank=2, targets=("0",)), name="b")
+    rw.set_active(model, "b")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if not key.startswith("0.base."):  # the adapters and the head, not the frozen base
+                p.add_(torch.randn(p.shape, generator=generator))
+    model.eval()
+    x = torch.randn(3, 8, generator=generator)
+    outputs = {}
+    for name in ("default", "b"):
+        rw.set_active(model, name)
+        outputs[name] = model(x)
+    rw.save_adapter(model, tmp_path / "b", name="b")
+    alone = rw.load_adapter(_headed(), tmp_path / "b").eval()
+    assert torch.equal(alone(x), outputs["b"])
+    assert alone[2].weight.requires_grad  # a one-adapter model trains the head, as the first adapter did
+
+    rw.save_adapter(model, tmp_path / "all")
+    both = rw.load_adapter(_headed(), tmp_path / "all" / "default")
+    rw.load_adapter(both, tmp_path / "all" / "b", name="b")  # the same head: checked, not written
+    both.eval()
+    for name in ("default", "b"):
+        rw.set_active(both, name)
+        assert torch.equal(both(x), outputs[name])
+
+    other = rw.load_adapter(_headed(), tmp_path / "all" / "default")
+    with torch.no_grad():
+        other[2].bias.add_(1.0)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(rw.CheckpointError, match=r"other values for the trainable modules \['2'\] \(\['2.bias'\]\)"):
+        rw.load_adapter(other, tmp_path / "all" / "b", name="b")
+    assert rw.adapter_names(other) == ["default"]
+    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())

@@ -3,6 +3,7 @@ with a message naming what works elsewhere, and the model unchanged on every ref
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def _two(config_a: rw.AdapterConfig, config_b: rw.AdapterConfig) -> nn.Module:
     rw.adapt(model, config_b, name="b")
     perturb(model, "a", seed=1)
     perturb(model, "b", seed=2)
+    rw.set_active(model, ["a", "b"])  # rw.step advances active adapters only
     for _ in range(500):  # a step-dependent adapter (a ramp from zero) then has an update
         rw.step(model)
+    rw.set_active(model, "a")
     return model.eval()
 
 
@@ -124,6 +127,7 @@ def test_a_one_sign_update_refuses_a_negative_weight_and_combines_zero_ramps() -
     fresh = rw.adapt(_base(), _config(method), name="a")  # step 0: u = 0, every update is zero
     rw.adapt(fresh, _config(method), name="b")
     rw.combine(fresh, {"a": 0.7, "b": 0.3}, name="ab")
+    rw.set_active(fresh, ["a", "b", "ab"])  # rw.step advances active adapters only
     for _ in range(10):
         rw.step(fresh)
     for layer in (fresh[0], fresh[2]):  # the columns kept their weights: exact once the ramps move on
@@ -203,3 +207,32 @@ def test_approximate_refuses_a_method_whose_update_is_not_its_factors_and_an_unm
     with pytest.raises(TypeError, match="no merged form to approximate"):
         rw.combine(output, {"a": 0.5, "b": 0.5}, name="ab", approximate=rw.LoRAConfig(rank=4))
     assert _unchanged(output, before)
+
+
+def _differing(method: str) -> dict[str, object]:
+    """A training field the method's combination cannot hold per part: its dropout, or LoLDU's
+    train_scale."""
+    fields = {f.name for f in dataclasses.fields(registry.get(method).config_class)}
+    return {"dropout": 0.25} if "dropout" in fields else {"train_scale": True} if "train_scale" in fields else {}
+
+
+@pytest.mark.parametrize("method", [m for m in EXACT if _differing(m)])
+def test_adapters_whose_dropout_differs_refuse_and_change_nothing(method: str) -> None:
+    # The new adapter takes one config: it would silently train with the first part's dropout.
+    overrides = _differing(method)
+    model = _two(_config(method), _config(method, **overrides))
+    before = _snapshot(model)
+    for weights in ({"a": 0.5, "b": 0.5}, {"b": 0.5, "a": 0.5}):
+        with pytest.raises(ValueError, match=rf"configs differ in \['{next(iter(overrides))}'\]"):
+            rw.combine(model, weights, name="ab")
+    assert _unchanged(model, before)
+
+
+def test_a_different_scale_is_folded_in_not_refused() -> None:
+    model = _two(
+        rw.LoRAConfig(rank=2, targets=("0", "2")), rw.LoRAConfig(rank=4, alpha=3.0, rslora=True, targets=("0", "2"))
+    )
+    rw.combine(model, {"a": 0.7, "b": 0.3}, name="ab")
+    for layer in (model[0], model[2]):
+        expected = 0.7 * _update(layer, "a") + 0.3 * _update(layer, "b")
+        torch.testing.assert_close(_update(layer, "ab"), expected, rtol=1e-5, atol=1e-6)

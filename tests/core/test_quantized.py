@@ -111,6 +111,20 @@ def test_merge_refuses_and_changes_nothing(backend: str) -> None:
 
 
 @backends
+def test_unwrap_merge_inside_disabled_refuses_as_merge_does(backend: str) -> None:
+    # Inside the block the model is its base: a merge there is refused on a float base, so it must
+    # be on a quantized one too, where unwrap(merge=True) computes the merged weights itself.
+    model = _adapted(backend, LORA)
+    x = _input()
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    with rw.disabled(model), pytest.raises(ValueError, match=r"cannot merge inside `with rankwise.disabled"):
+        rw.unwrap(model, merge=True)
+    assert [type(m).__name__ for m in model] == ["Adapted", "GELU", "Adapted"]
+    assert all(same(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), before)
+
+
+@backends
 @pytest.mark.parametrize("config", [LORA, DORA], ids=["lora", "dora"])
 def test_unwrap_merge_is_a_float_model_of_dequantized_w0_plus_delta(backend: str, config) -> None:
     model = _adapted(backend, config)

@@ -390,6 +390,30 @@ def test_an_embedding_adapter_goes_both_ways_with_peft(dora, tmp_path) -> None:
     torch.testing.assert_close(_run(again, x), _run(reference, x), rtol=1e-5, atol=1e-5)
 
 
+def test_adding_an_embedding_adapter_leaves_the_shared_base_weight_as_it_is(tmp_path) -> None:
+    # PEFT saves the adapted embedding's weight; beside another adapter that base is the other's too.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4))
+
+    source = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")))
+    rw.interop.to_peft(source, tmp_path / "same")
+    with torch.no_grad():
+        source[0].base.weight.add_(1.0)  # another base, e.g. resized and trained elsewhere
+    rw.interop.to_peft(source, tmp_path / "other")
+    model = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")))
+    x = torch.tensor([[1, 2, 3]])
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rw.CheckpointError, match=r"tensors \['base_model.model.0.base_layer.weight'\] that differ"):
+        rw.interop.from_peft(model, tmp_path / "other", name="b")
+    assert rw.adapter_names(model) == ["default"]
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    rw.interop.from_peft(model, tmp_path / "same", name="b")  # the model's own weight: nothing written
+    assert torch.equal(model[0].base.weight, state["0.base.weight"])
+    assert torch.equal(model(x), before)
+
+
 def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
     ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="a").eval()
     rw.adapt(ours, rw.LoRAConfig(rank=4, alpha=2.0, targets=("2", "4")), name="b")
@@ -418,3 +442,36 @@ def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
         torch.testing.assert_close(_run(back.eval(), x), _run(ours, x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="already has an adapter named 'b'"):
         rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")
+
+
+def test_each_named_adapter_exports_the_models_trainable_head(tmp_path) -> None:
+    # The head (given with the first adapter) is trained with every adapter: each export carries it.
+    ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("4",)))
+    rw.adapt(ours, rw.LoRAConfig(rank=2, targets=("2",)), name="b")
+    with torch.no_grad():
+        for key, p in ours.named_parameters():
+            if "adapters" in key or key.startswith("4."):
+                p.add_(0.1 * torch.randn_like(p))
+    x = _inputs(_mlp)
+    outputs = {}
+    for name in ("default", "b"):
+        rw.set_active(ours, name)
+        outputs[name] = _run(ours, x)
+    rw.interop.to_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "b" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["4"]
+    alone = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "b")
+    torch.testing.assert_close(_run(alone, x), outputs["b"], rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "peft" / "b")
+    torch.testing.assert_close(_run(theirs, x), outputs["b"], rtol=1e-6, atol=1e-6)
+
+    both = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "default")
+    rw.interop.from_peft(both, tmp_path / "peft" / "b", name="b")  # the model's own head: checked, not written
+    for name in ("default", "b"):
+        rw.set_active(both, name)
+        torch.testing.assert_close(_run(both, x), outputs[name], rtol=0, atol=0)
+    with torch.no_grad():
+        alone[4].bias.add_(1.0)
+    with pytest.raises(rw.CheckpointError, match=r"tensors \['base_model.model.4.bias'\] that differ"):
+        rw.interop.from_peft(alone, tmp_path / "peft" / "default", name="again")
+    assert rw.adapter_names(alone) == ["default"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..core import geometry
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, check_configs_agree, low_rank_product
 from ..core.registry import register
 
 INIT_STD = 0.02  # A, B ~ N(0, 0.02²): the official code and PEFT
@@ -129,6 +129,7 @@ class AdaLoRA(Delta[AdaLoRAConfig]):
         """Exact: the triplets side by side, ``A = [A_1; …]``, ``B = [B_1, …]`` and
         ``e = [c_1 e_1; …]`` with ``c_i = w_i s_i / s`` (weight and scale folded into e), rank
         (and initial rank) ``Σ r_i``."""
+        check_configs_agree(cls, parts, folded=("rank", "alpha", "init_rank"))
         triplets = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
         rank = sum(adapter.rank for _, adapter in triplets)
         first = triplets[0][1]

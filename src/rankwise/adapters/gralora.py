@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, as_method
+from ..core.delta import Adapter, Delta, as_method, check_configs_agree
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -143,6 +143,7 @@ class GraLoRA(Delta[GraLoRAConfig]):
         ks = sorted({adapter.k for _, adapter in grids})
         if len(ks) > 1:
             raise ValueError(f"GraLoRA: the adapters have different k ({ks}), so their blocks do not line up")
+        check_configs_agree(cls, parts, folded=("rank", "alpha", "hybrid_rank", "k"))
         k, block_in, block_out = first.k, first.in_features // first.k, first.out_features // first.k
         rank = sum(adapter.rank for _, adapter in grids)
         hybrid = sum(adapter.hybrid_rank for _, adapter in grids)

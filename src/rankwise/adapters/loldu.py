@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, check_configs_agree, low_rank_product
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 
@@ -114,6 +114,7 @@ class LoLDU(Delta[LoLDUConfig]):
         Raises:
             ValueError: the parts' (or the new adapter's) L, U differ, e.g. different ranks.
         """
+        check_configs_agree(cls, parts, folded=("rank", "alpha"))  # a rank's own L, U are checked below
         diagonals = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
         first = diagonals[0][1]
         new = cls(w0, first.config).to(device=w0.device, dtype=first.z.dtype)

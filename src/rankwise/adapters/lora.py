@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core import geometry
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, add_product, as_method, low_rank_product
+from ..core.delta import Adapter, Delta, add_product, as_method, check_configs_agree, low_rank_product
 from ..core.precision import apply_in, compute_dtype
 from ..core.registry import register
 
@@ -156,6 +156,7 @@ class LoRA(LowRank[LoRAConfig], Delta[LoRAConfig]):
     def combined(cls, parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
         """Exact: the factors side by side, ``A = [A_1; A_2; …]`` and ``B = [c_1 B_1, c_2 B_2, …]``
         with ``c_i = w_i s_i / s`` (each weight and scale folded into B), rank ``Σ r_i``."""
+        check_configs_agree(cls, parts, folded=("rank", "alpha", "rslora", "init"))
         loras = [(weight, as_method(cls, adapter)) for weight, adapter in parts]
         rank = sum(adapter.A.shape[0] for _, adapter in loras)
         first = loras[0][1]

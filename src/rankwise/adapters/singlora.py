@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, MergeState, add_product, as_method, low_rank_product
+from ..core.delta import Adapter, Delta, MergeState, add_product, as_method, check_configs_agree, low_rank_product
 from ..core.registry import register
 from ..core.steps import Stepped
 
@@ -156,6 +156,7 @@ class SingLoRA(Delta[SingLoRAConfig], Stepped):
                 "weights combine exactly; merge the adapters instead (rankwise.set_active(model, names), "
                 "rankwise.merge(model))"
             )
+        check_configs_agree(cls, parts, folded=("rank", "alpha", "ramp_steps"))
         first = max((adapter for _, adapter in singles), key=lambda adapter: int(adapter.step))
         rank = sum(adapter.A.shape[1] for _, adapter in singles)
         new = cls(w0, dataclasses.replace(first.config, rank=rank)).to(device=w0.device, dtype=first.A.dtype)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..core.config import AdapterConfig, check_range
-from ..core.delta import Adapter, Delta, OutputAdapter, as_method
+from ..core.delta import Adapter, Delta, OutputAdapter, as_method, check_configs_agree
 from ..core.precision import at_least_fp32
 from ..core.registry import register
 
@@ -288,6 +288,7 @@ class SURM(Delta[SURMConfig]):
                 "with LDR: the Toeplitz and Kronecker forms are products of their two factors); merge the adapters "
                 "instead (rankwise.set_active(model, names), rankwise.merge(model))"
             )
+        check_configs_agree(cls, parts, folded=("structure", "alpha", "displacement_rank", "kron_factor"))
         ldr = structures == ["ldr"]
         config = first.config
         if ldr:

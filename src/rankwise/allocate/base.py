@@ -119,6 +119,9 @@ class RankAllocator(abc.ABC, Generic[AdapterT]):
         }
         if wrong:
             raise TypeError(f"{type(self).__name__} drives {self.module_class.__name__} adapters; found {wrong}")
+        # The adapter each layer runs now is the one driven to the end: its statistics, masks and
+        # budget are that adapter's (rankwise.set_active must not hand them to another).
+        self.names = {path: layer.active[0] for path, layer in self.layers.items()}
         self.total_steps = total_steps
         self.t = 0  # optimizer steps done so far; the step being processed in step()
         self.history = History(tuple(self.layers), self.unit)
@@ -134,9 +137,21 @@ class RankAllocator(abc.ABC, Generic[AdapterT]):
             ``DistributedDataParallel`` wrapper must then be rebuilt around the model.
 
         Raises:
-            ValueError: past ``total_steps``, or a replaced parameter is not in ``optimizer``.
+            ValueError: past ``total_steps``, a replaced parameter is not in ``optimizer``, or the
+                adapter it drives is no longer the active one (another adapter set active, or its
+                own deleted), checked before anything changes.
             RuntimeError: a gradient the step reads is missing (called after ``zero_grad``).
         """
+        held = {id(layer) for _, layer in adapted_modules(self.model)}
+        moved = [
+            path for path, layer in self.layers.items() if id(layer) not in held or layer.active != (self.names[path],)
+        ]
+        if moved:
+            raise ValueError(
+                f"{type(self).__name__}: the adapter it drives ({self.names[moved[0]]!r} on {moved}) is no longer the "
+                "active one (rankwise.set_active, delete_adapter or unwrap since it was built); its statistics and "
+                "budget are that adapter's: keep it active for the whole run, or build a new allocator (and optimizer)"
+            )
         if self.t >= self.total_steps:
             raise ValueError(
                 f"{type(self).__name__}: step {self.t + 1} is past total_steps={self.total_steps}; "

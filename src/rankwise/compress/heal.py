@@ -69,13 +69,21 @@ def heal(
         require grad is as before.
 
     Raises:
-        ValueError: ``steps`` or ``lr`` out of range, no batches, or a batch that gives no loss. A
+        ValueError: ``steps`` or ``lr`` out of range, no batches, a batch that gives no loss, or a
+            ``teacher`` that shares parameters with the model (it would move with it). A
             run that fails drops its adapters unmerged and restores the ``requires_grad`` flags;
             steps already taken on the layers themselves (``config=None``) stay.
     """
     check_number("heal", "steps", steps, 1, integer=True)
     check_number("heal", "lr", lr, 0, low_open=True)
     check_number("heal", "distill_weight", distill_weight, 0, 1)
+    if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+        # A teacher that is the model (compressed in place), or holds its layers, moves with it:
+        # the distillation loss would be ~0 and the run would heal nothing, without an error.
+        raise ValueError(
+            "heal: the teacher shares parameters with the model (is it the model itself, compressed in "
+            "place?); pass the uncompressed model as a separate copy (copy.deepcopy before compressing)"
+        )
     batches = list(batches)
     if not batches:
         raise ValueError("heal: no batches to train on")

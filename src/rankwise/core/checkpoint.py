@@ -22,6 +22,7 @@ adapter, ``folder/<adapter name>/``, as PEFT does for its non-default adapters.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ from .inject import (
     check_can_add,
     check_name,
     install_wrappers,
+    model_trainable,
     module_overrides,
     trainable_paths,
 )
@@ -108,7 +110,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
     """
     model = uncompiled(model)
     layers = adapter_layers(model, name)
-    config = _shared_config(layers)
+    config = _saved_config(model, layers)
     state = {_key(path, "delta", key): t for path, layer in layers for key, t in layer.delta.state_dict().items()}
     for path in trainable_paths(model, config):
         state.update({_key(path, key): t for key, t in model.get_submodule(path).state_dict().items()})
@@ -138,7 +140,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None =
         return folder
     layers = adapter_layers(model, name)
     state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model, name).items()}
-    config = _shared_config(layers)
+    config = _saved_config(model, layers)
     tensors = safetensors.torch.save(state)
     meta = {
         "format": FORMAT,
@@ -229,7 +231,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
     state = _read_tensors(folder / TENSORS_FILE, meta["tensors_sha256"])
     compiled, model = model, uncompiled(model)
     adding = any(True for _ in adapted_modules(model))
+    shared = False
     if adding:
+        # The trainable modules saved with the adapter are the model's own where they are the ones it
+        # has (save_adapter writes them with each adapter): checked equal below, not written.
+        if config.trainable and set(config.trainable) == set(model_trainable(model)):
+            shared, config = True, dataclasses.replace(config, trainable=())
         check_can_add(model, config, name)
 
     problems: list[str] = []
@@ -261,11 +268,20 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
     _compare(state, expected, problems)
     if problems:
         raise CheckpointError(f"{folder / TENSORS_FILE} does not fit this model:\n  " + "\n  ".join(problems))
+    kept = [_key(path, n) for path, module in trainable.items() for n in module.state_dict()] if shared else []
+    differ = [key for key in kept if not torch.equal(state[key].to(expected[key]), expected[key])]
+    if differ:
+        raise CheckpointError(
+            f"{folder / TENSORS_FILE} holds other values for the trainable modules {sorted(trainable)} ({differ}) "
+            f"than the model, whose adapters {adapter_names(model)} share them: adding adapter {name!r} would "
+            "change them under those. Load it into the base model alone"
+        )
 
     installed = add_wrappers(model, wrappers, name) if adding else install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(state[key])
+            if key not in kept:
+                target.copy_(state[key])
     return compiled if installed is model else installed
 
 
@@ -348,10 +364,13 @@ def _compare(state: dict[str, Tensor], expected: dict[str, Tensor], problems: li
         problems.append(f"mis-shaped keys: {misshaped}")
 
 
-def _shared_config(layers: list[tuple[str, Adapted]]) -> AdapterConfig:
+def _saved_config(model: nn.Module, layers: list[tuple[str, Adapted]]) -> AdapterConfig:
+    """The adapter's config with the model's ``trainable`` modules: they are trained in full with
+    every adapter of the model, so each adapter's checkpoint carries them (one added beside the
+    first names none itself, and without them it would load onto an untrained head)."""
     configs = {layer.config for _, layer in layers}
     assert len(configs) == 1, "adapt() installs one config per adapter"
-    return configs.pop()
+    return dataclasses.replace(configs.pop(), trainable=model_trainable(model))
 
 
 def _full(tensor: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -138,6 +138,34 @@ def as_method(cls: type[AdapterT], adapter: Adapter[Any]) -> AdapterT:
     return adapter
 
 
+def check_configs_agree(
+    cls: type[Adapter[Any]], parts: Sequence[tuple[float, Adapter[Any]]], folded: Collection[str] = ()
+) -> None:
+    """Refuse parts of :meth:`Adapter.combined` whose configs differ in a field the combination
+    cannot hold per part: every field but ``targets`` and ``trainable`` (where each applies is the
+    caller's concern) and ``folded``, those ``cls.combined`` folds into the new adapter's parameters
+    (LoRA's rank and scale). The new adapter takes the first part's config, so another field (a
+    dropout, say) would otherwise silently be the first part's for all of them.
+
+    Raises:
+        ValueError: the configs differ in such a field (the message names the fields).
+    """
+    first = parts[0][1].config
+    own = {"targets", "trainable", *folded}
+    for _, other in parts[1:]:
+        differ = [
+            f.name
+            for f in dataclasses.fields(first)
+            if f.name not in own and getattr(other.config, f.name) != getattr(first, f.name)
+        ]
+        if differ:
+            raise ValueError(
+                f"{cls.__name__}: the adapters' configs differ in {differ} ({first} and {other.config}), which one "
+                "adapter cannot hold for each part; merge them instead (rankwise.set_active(model, names), "
+                "rankwise.merge(model))"
+            )
+
+
 def summed_parameters(cls: type[Adapter[Any]], parts: Sequence[tuple[float, Adapter[Any]]], w0: Tensor) -> Adapter[Any]:
     """``cls(w0, config)`` with every parameter ``Σ_i w_i p_i``: the exact combination
     (:meth:`Adapter.combined`) of a method whose update is linear in its parameters, for parts
@@ -146,13 +174,9 @@ def summed_parameters(cls: type[Adapter[Any]], parts: Sequence[tuple[float, Adap
     Raises:
         ValueError: the parts' configs or buffers differ (the message names them).
     """
+    check_configs_agree(cls, parts)
     (_, first), *rest = parts
     for _, other in rest:
-        # Where each adapter applies is the caller's concern; everything else must agree.
-        if dataclasses.replace(other.config, targets=first.config.targets, trainable=first.config.trainable) != (
-            first.config
-        ):
-            raise ValueError(f"{cls.__name__}: the adapters' configs differ ({first.config} and {other.config})")
         buffers = dict(other.named_buffers())
         differ = [k for k, v in first.named_buffers() if not torch.equal(v, buffers[k])]
         if differ:

@@ -275,7 +275,8 @@ def merge(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: a new weight would hold a NaN or an infinity; a base weight is shared with
             another module (tied weights: the merge would change that module too); the call is
-            inside ``with rankwise.disabled(model)``; or a merged adapter changed since its merge.
+            inside ``with rankwise.disabled(model)`` or ``rankwise.per_example``; or a merged adapter
+            changed since its merge.
         TypeError: a base layer is quantized (bitsandbytes, torchao): ``W0 + ΔW`` cannot be written
             into its weight; :func:`unwrap` with ``merge=True`` gives a float model instead.
     """
@@ -333,6 +334,7 @@ def unwrap(model: nn.Module, merge: bool = True, *, dtype: torch.dtype | None = 
         )
     replacements: dict[str, nn.Module] = {}
     if merge:  # every float replacement computed (and checked) before anything changes
+        _check_not_disabled([(path, layer) for path, layer in quantized_bases if layer.active])
         for path in quantized_paths:  # not adapted: Ŵ0 as it is
             module = model.get_submodule(path)
             try:
@@ -445,12 +447,7 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
     # A layer with no active adapter has nothing to merge.
     layers = [(path, layer) for path, layer in layers if layer.merged != merged and (layer.active or not merged)]
     if merged and layers:
-        inside = [path for path, layer in layers if layer.disabled]
-        if inside:
-            raise ValueError(
-                f"cannot merge inside `with rankwise.disabled(model)` ({inside} are disabled); "
-                "merge after the block; no weight was changed"
-            )
+        _check_not_disabled(layers)
         _check_untied(model, layers)
     compute, write = (Adapted.merged_weight, Adapted.merge) if merged else (Adapted.restored_weight, Adapted.unmerge)
     for path, layer in layers:
@@ -461,6 +458,20 @@ def _set_merged(model: nn.Module, merged: bool, layers: list[tuple[str, Adapted]
     for _, layer in layers:
         write(layer)
     return model
+
+
+def _check_not_disabled(layers: list[tuple[str, Adapted]]) -> None:
+    # Inside either block the layers do not run their active adapters (the base model, or each row
+    # its own adapter), which a merge would fold in: the block's forward would silently change.
+    for block, inside in (
+        ("disabled(model)", [path for path, layer in layers if layer.disabled]),
+        ("per_example(model, names)", [path for path, layer in layers if layer.rows is not None]),
+    ):
+        if inside:
+            raise ValueError(
+                f"cannot merge inside `with rankwise.{block}` ({inside} are in it); "
+                "merge after the block; no weight was changed"
+            )
 
 
 def _check_not_quantized(layers: list[tuple[str, Adapted]]) -> None:
@@ -527,6 +538,12 @@ def _key(path: str, name: str) -> str:
 def base_of(module: nn.Module) -> nn.Module:
     """The layer under a wrapper (an adapter added beside others is built for it), else the module."""
     return module.base if isinstance(module, Adapted) else module
+
+
+def model_trainable(model: nn.Module) -> tuple[str, ...]:
+    """The ``trainable`` modules of an adapted model: those its first adapter named (an added one
+    names none, :func:`check_can_add`), trained in full and shared by all its adapters."""
+    return next((c.trainable for _, layer in adapted_modules(model) for c in layer.configs.values() if c.trainable), ())
 
 
 def trainable_paths(model: nn.Module, config: AdapterConfig) -> list[str]:

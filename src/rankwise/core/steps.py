@@ -11,7 +11,8 @@ once per optimizer step, either explicitly or through a hook on the optimizer::
 
 Forward and backward calls never advance the count, so gradient accumulation, evaluation and
 activation recomputation leave it unchanged, and a step that ``GradScaler`` skips (inf/NaN
-gradients, ``optimizer.step()`` not called) is not counted either.
+gradients, ``optimizer.step()`` not called) is not counted either. An inactive named adapter
+(:func:`rankwise.set_active`) does not train, so its count stays too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
+
+from .adapted import Adapted
 
 
 class Stepped(abc.ABC):
@@ -38,7 +41,8 @@ class Stepped(abc.ABC):
 
 
 def step(model: nn.Module) -> int:
-    """Advance every :class:`Stepped` module of ``model`` by one optimizer step.
+    """Advance every :class:`Stepped` module of ``model`` by one optimizer step, except those
+    inside an inactive named adapter.
 
     Call it once after each ``optimizer.step()`` (or let :func:`step_with` do so). A module
     reachable along two paths is advanced once.
@@ -46,7 +50,18 @@ def step(model: nn.Module) -> int:
     Returns:
         How many modules were advanced (0 for a model whose adapters ignore the step, e.g. LoRA).
     """
-    stepped = [module for module in model.modules() if isinstance(module, Stepped)]
+    # An inactive adapter takes no optimizer step: counting steps for it would ramp in an adapter
+    # added for later (SingLoRA's u(t) > 0 with its random A), so it would not start from the base
+    # model once activated, and one trained before would resume further along its ramp.
+    resting = {
+        id(module)
+        for layer in model.modules()
+        if isinstance(layer, Adapted)
+        for name, adapter in layer.adapters.items()
+        if name not in layer.active
+        for module in adapter.modules()
+    }
+    stepped = [module for module in model.modules() if isinstance(module, Stepped) and id(module) not in resting]
     for module in stepped:
         module.advance()
     return len(stepped)

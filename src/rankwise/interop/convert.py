@@ -6,6 +6,7 @@ and ``adapter_config.json`` (``peft_type`` and that type's fields). Nothing here
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from ..core.inject import (
     check_name,
     find_targets,
     install_wrappers,
+    model_trainable,
     module_overrides,
     trainable_paths,
 )
@@ -71,7 +73,9 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, name: str | None = None
         return Path(folder)
     layers = adapter_layers(model, name)
     fmt = _peft_format(model, layers)
-    config = layers[0][1].config
+    # The model's trainable modules (a head given with its first adapter) are trained with every
+    # adapter: each adapter's export carries them, or it would load onto an untrained head.
+    config = dataclasses.replace(layers[0][1].config, trainable=model_trainable(model))
     trainable = trainable_paths(model, config)
     tied = _tied_modules(model, trainable, [path for path, _ in layers])
     peft_config = {
@@ -116,14 +120,16 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
 
     Everything is read and checked before the model changes. The weight PEFT saves with an
     embedding it adapts (``save_embedding_layers``) is loaded into the base embedding, as PEFT
-    loads it. Names in ``modules_to_save`` that
+    loads it; when adding an adapter it must equal the model's (the base is the other adapters'
+    too), and nothing is written into it. Names in ``modules_to_save`` that
     match no module of the model are skipped, as PEFT skips them (a sequence-classification
     adapter lists both ``classifier`` and ``score``); tensors saved for them are still refused.
 
     Raises:
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
             model, tensors that do not fit the model (all listed), or a module to save whose
-            tensor this model shares with another module (PEFT loads into a copy of it).
+            tensor this model shares with another module (PEFT loads into a copy of it); when
+            adding an adapter, an embedding base weight that differs from the model's.
         ValueError: as ``rankwise.adapt`` adding an adapter: a taken name, a merged model, or
             ``modules_to_save`` (they are the model's: give them with its first adapter).
     """
@@ -140,7 +146,12 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
     except Exception as error:  # safetensors' own error type for a malformed file; OSError if absent
         raise CheckpointError(f"{folder / PEFT_TENSORS} is missing or not a safetensors file: {error}") from None
     adding = any(True for _ in adapted_modules(model))
+    saved_modules = config.trainable
     if adding:
+        # Modules to save that are the model's own trainable ones (to_peft writes them with each
+        # adapter) are checked equal below, not written; any others are refused by check_can_add.
+        if config.trainable and set(config.trainable) == set(model_trainable(model)):
+            config = dataclasses.replace(config, trainable=())
         check_can_add(model, config, name)
     try:
         paths = find_targets(model, config, adapted=adding)
@@ -159,10 +170,10 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
         key = f"{_PREFIX}{path}.base_layer.weight"
         if wrapper.kind == "embedding" and key in tensors:
             targets[key] = (wrapper.weight, tuple(wrapper.weight.shape))
-    trainable = trainable_paths(model, config)
+    trainable = trainable_paths(model, dataclasses.replace(config, trainable=saved_modules))
     for path in trainable:
-        for name, tensor in model.get_submodule(path).state_dict().items():
-            targets[f"{_PREFIX}{path}.{name}"] = (tensor, tuple(tensor.shape))
+        for key, tensor in model.get_submodule(path).state_dict().items():
+            targets[f"{_PREFIX}{path}.{key}"] = (tensor, tuple(tensor.shape))
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
     misshaped = sorted(k for k in set(targets) & set(tensors) if tuple(tensors[k].shape) != targets[k][1])
     if missing or unexpected or misshaped:
@@ -171,10 +182,23 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
             f"{unexpected}, mis-shaped keys {misshaped}"
         )
     _check_saved_modules_untied(model, trainable, tensors, folder)
+    # Beside other adapters the base is theirs too: loading another embedding weight would change
+    # the model they run, so it must be the one the model holds already (then nothing is written).
+    shared = [key for key in targets if adding and key.endswith(".base_layer.weight")]
+    if adding and saved_modules and not config.trainable:  # the model's own trainable modules
+        shared += [f"{_PREFIX}{path}.{key}" for path in trainable for key in model.get_submodule(path).state_dict()]
+    differ = [key for key in shared if not torch.equal(tensors[key].to(targets[key][0]), targets[key][0])]
+    if differ:
+        raise CheckpointError(
+            f"{folder / PEFT_TENSORS} holds base or trainable-module tensors {differ} that differ from the model's; "
+            f"adding adapter {name!r} would change them under the adapters the model holds "
+            f"({adapter_names(model)}). Load it into the base model alone, or into one that holds these values"
+        )
     installed = add_wrappers(model, wrappers, name) if adding else install_wrappers(model, wrappers, config)
     with torch.no_grad():
         for key, (target, _) in targets.items():
-            target.copy_(tensors[key].reshape(target.shape))
+            if key not in shared:
+                target.copy_(tensors[key].reshape(target.shape))
     return compiled if installed is model else installed
 
 
