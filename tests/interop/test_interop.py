@@ -415,33 +415,35 @@ def test_adding_an_embedding_adapter_leaves_the_shared_base_weight_as_it_is(tmp_
 
 
 def test_named_adapters_go_to_peft_and_back_each_by_name(tmp_path) -> None:
-    ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="a").eval()
-    rw.adapt(ours, rw.LoRAConfig(rank=4, alpha=2.0, targets=("2", "4")), name="b")
+    ours = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0", "2")), name="sql").eval()
+    rw.adapt(ours, rw.LoRAConfig(rank=4, alpha=2.0, targets=("2", "4")), name="chat")
     with torch.no_grad():
         for _, layer in adapted_modules(ours):
             for adapter in layer.adapters.values():
                 for p in adapter.parameters():
                     p.add_(0.1 * torch.randn_like(p))
     rw.interop.to_peft(ours, tmp_path / "ours")  # several: one subfolder per adapter
-    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "ours" / "a", adapter_name="a")
-    theirs.load_adapter(tmp_path / "ours" / "b", adapter_name="b")
+    theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "ours" / "sql", adapter_name="sql")
+    theirs.load_adapter(tmp_path / "ours" / "chat", adapter_name="chat")
     x, base = _inputs(_mlp), _run(_mlp(), _inputs(_mlp))
-    for active in (["a"], ["b"], ["a", "b"]):  # PEFT's several active adapters add, as ours do
+    for active in (["sql"], ["chat"], ["sql", "chat"]):  # PEFT's several active adapters add, as ours do
         theirs.base_model.set_adapter(active)
         rw.set_active(ours, active)
         _assert_equal_and_adapted(_run(theirs, x), _run(ours, x), base)
 
-    # Back: PEFT's default adapter at the folder, "b" in its subfolder; each loads by its folder.
-    theirs.save_pretrained(tmp_path / "peft")  # PEFT writes "a" in a/ and "b" in b/ (no default)
-    back = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "a", name="a")
-    rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")
-    assert rw.adapter_names(back) == ["a", "b"] and rw.active_adapters(back) == ["a"]
-    for active in (["a"], ["b"], ["a", "b"]):
+    # Back: PEFT writes each adapter in its own subfolder (no default one); each loads from it. The
+    # names are no substring of a key: PEFT 0.19 picks an adapter's keys by substring, so it would
+    # write every key into the folder of an adapter named "a".
+    theirs.save_pretrained(tmp_path / "peft")
+    back = rw.interop.from_peft(_mlp(), tmp_path / "peft" / "sql", name="sql")
+    rw.interop.from_peft(back, tmp_path / "peft" / "chat", name="chat")
+    assert rw.adapter_names(back) == ["sql", "chat"] and rw.active_adapters(back) == ["sql"]
+    for active in (["sql"], ["chat"], ["sql", "chat"]):
         rw.set_active(back, active)
         rw.set_active(ours, active)
         torch.testing.assert_close(_run(back.eval(), x), _run(ours, x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
-        rw.interop.from_peft(back, tmp_path / "peft" / "b", name="b")
+    with pytest.raises(ValueError, match="already has an adapter named 'chat'"):
+        rw.interop.from_peft(back, tmp_path / "peft" / "chat", name="chat")
 
 
 def test_each_named_adapter_exports_the_models_trainable_head(tmp_path) -> None:
