@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import rankwise as rw
-from rankwise.bench.budget import default_budget, size_to_budget
+from rankwise.bench.budget import count, default_budget, layer_shapes, size_to_budget
+
+from _models import tiny_llama
 
 
 def _model() -> nn.Module:
@@ -66,3 +68,19 @@ def test_sizing_does_not_change_the_model() -> None:
 def test_a_budget_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="budget=0"):
         size_to_budget(_model(), "lora", 0, targets=TARGETS)
+
+
+def test_ard_lora_is_sized_as_its_allocator_lays_it_out_per_attention_head() -> None:
+    # The allocator gives q and v one α per head (each head its own A): the budget must count that
+    # layout, the one that trains, not one α per matrix.
+    llama = tiny_llama(50, tie_word_embeddings=False)  # 4 query heads over 2 key-value heads
+    targets = ("q_proj", "v_proj")
+    budget = default_budget(llama, targets, ())
+    sizing = size_to_budget(llama, "ard_lora", budget, targets=targets)
+    model = rw.adapt(tiny_llama(50, tie_word_embeddings=False), sizing.config)
+    rw.allocate.ARDLoRAAllocator(model, total_steps=1)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sizing.params == trained, (sizing, trained)
+    one_alpha_per_matrix = count(sizing.config, layer_shapes(llama, sizing.config))
+    assert one_alpha_per_matrix < trained  # what the search counted before: it under-counted
+    assert {layer.delta.config.heads for _, layer in rw.core.inject.adapted_modules(model)} == {4, 2}

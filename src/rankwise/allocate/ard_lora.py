@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..adapters.ard_lora import ARDLoRA
+from ..adapters.ard_lora import ARDLoRA, ARDLoRAConfig
 from ..core import geometry
 from ..core.checks import check_number
-from ..core.config import matches
+from ..core.config import AdapterConfig, matches
 from ..core.distributed import from_rank_zero
 from .base import RankAllocator, migrate
 
@@ -89,6 +89,19 @@ class ARDLoRAAllocator(RankAllocator[ARDLoRA]):
     module_class = ARDLoRA
     unit = "parameters"
     owned_parameters = frozenset({"rank_scale"})
+
+    @classmethod
+    def layer_configs(cls, model: nn.Module, config: AdapterConfig, paths: Sequence[str]) -> dict[str, AdapterConfig]:
+        """With its default ``heads=None``, one α per attention head (:func:`attention_heads`): each
+        head's own A (rows) or B (columns) makes a split layer cost more than one α per matrix."""
+        assert isinstance(config, ARDLoRAConfig)  # the allocator ARD-LoRA declares is asked for its configs
+        split = attention_heads(model, dict.fromkeys(paths))
+        return {
+            path: dataclasses.replace(config, heads=split[path][0], head_side=split[path][1])
+            if path in split
+            else config
+            for path in paths
+        }
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ The loop, for any allocator::
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from ..core.adapted import Adapted, AdapterT
 from ..core.checks import check_number
+from ..core.config import AdapterConfig
 from ..core.delta import Adapter
 from ..core.inject import adapted_modules
 
@@ -125,6 +127,13 @@ class RankAllocator(abc.ABC, Generic[AdapterT]):
         self.total_steps = total_steps
         self.t = 0  # optimizer steps done so far; the step being processed in step()
         self.history = History(tuple(self.layers), self.unit)
+
+    @classmethod
+    def layer_configs(cls, model: nn.Module, config: AdapterConfig, paths: Sequence[str]) -> dict[str, AdapterConfig]:
+        """Each target layer's config as this allocator, built with its defaults, sets it: what a
+        parameter budget must count. ``config`` for every layer unless the allocator changes a
+        layout on construction."""
+        return dict.fromkeys(paths, config)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Update the statistics and apply this step's decisions.

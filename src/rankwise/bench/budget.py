@@ -63,14 +63,20 @@ def layer_shapes(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int
     return shapes
 
 
-def count(config: AdapterConfig, shapes: dict[str, tuple[int, int]]) -> int:
-    """Adapter parameters of ``config`` over the layers in ``shapes``.
+def count(config: AdapterConfig, shapes: dict[str, tuple[int, int]], model: nn.Module | None = None) -> int:
+    """Adapter parameters of ``config`` over the layers in ``shapes``; given ``model``, each layer
+    as the method's allocator will lay it out there (ARD-LoRA's heads), which is what trains.
 
     Raises:
         ValueError: a layer's shape does not fit the config.
     """
     module_class = registry.for_config(config).module_class
-    return sum(module_class.num_params(i, o, config) for i, o in shapes.values())
+    allocator = module_class.allocator
+    if model is None or allocator is None:
+        layers = dict.fromkeys(shapes, config)
+    else:
+        layers = allocator.layer_configs(model, config, list(shapes))
+    return sum(module_class.num_params(i, o, layers[path]) for path, (i, o) in shapes.items())
 
 
 def default_budget(model: nn.Module, targets: tuple[str, ...], trainable: tuple[str, ...]) -> int:
@@ -116,7 +122,7 @@ def size_to_budget(
     counted = []
     for value, config in candidates:
         try:
-            counted.append((abs(count(config, shapes) - budget), value, config))
+            counted.append((abs(count(config, shapes, model) - budget), value, config))
         except ValueError:  # num_params refuses this layer shape at this value
             continue
     counted.sort(key=lambda item: (item[0], item[1] or 0))
@@ -128,6 +134,6 @@ def size_to_budget(
         except ValueError as refused:
             error = refused
             continue
-        params = count(config, shapes)
+        params = count(config, shapes, model)
         return Sizing(config, value, params, budget, abs(params - budget) <= tolerance * budget)
     raise ValueError(f"{method}: no {knob or 'default'} setting fits the target layers ({error})")

@@ -17,11 +17,13 @@ optimizers and the tests read these; none of them names a method. Like torchtune
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from .config import AdapterConfig
 
 
 @runtime_checkable
@@ -77,6 +79,11 @@ class AllocatorFactory(Protocol):
     :class:`rankwise.allocate.RankAllocator` subclass is one)."""
 
     def __call__(self, model: nn.Module, *, total_steps: int) -> Allocator: ...
+
+    def layer_configs(self, model: nn.Module, config: AdapterConfig, paths: Sequence[str]) -> dict[str, AdapterConfig]:
+        """Each target layer's config as the allocator, built on ``model`` with its defaults, sets
+        it (ARD-LoRA gives attention projections one α per head): what a parameter budget counts."""
+        ...
 
 
 class Initializer(Protocol):
