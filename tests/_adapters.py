@@ -21,6 +21,23 @@ if TYPE_CHECKING:
     import peft
 
 
+def two_adapters(plain: nn.Module, config_a: rw.AdapterConfig, config_b: rw.AdapterConfig) -> nn.Module:
+    """``plain`` adapted twice, adapters ``a`` and ``b`` from different seeds, each moved off its
+    init and stepped 500 times (a step-dependent adapter, a ramp from zero, then has an update);
+    ``a`` active, in eval mode."""
+    torch.manual_seed(10)
+    model = rw.adapt(plain, config_a, name="a")
+    torch.manual_seed(20)
+    rw.adapt(model, config_b, name="b")
+    perturb(model, "a", seed=1)
+    perturb(model, "b", seed=2)
+    rw.set_active(model, ["a", "b"])  # rw.step advances active adapters only
+    for _ in range(500):
+        rw.step(model)
+    rw.set_active(model, "a")
+    return model.eval()
+
+
 def perturb(model: nn.Module, name: str = DEFAULT, *, seed: int, size: float = 0.05) -> None:
     """Move every parameter of the adapter ``name`` off its init by ``size`` times a standard normal
     draw (from a generator seeded ``seed``, layer by layer in module order), so that it changes the

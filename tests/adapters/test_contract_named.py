@@ -14,7 +14,7 @@ import rankwise as rw
 from rankwise.core import registry
 from rankwise.core.adapted import Adapted
 
-from _adapters import perturb
+from _adapters import two_adapters
 from _bases import PAD, VOCAB, Bases, base_input, cases
 
 
@@ -57,17 +57,7 @@ def _config(method: str) -> rw.AdapterConfig:
 
 
 def _two(method: str, base: str) -> nn.Module:
-    torch.manual_seed(10)
-    model = rw.adapt(_plain(base), _config(method), name="a")
-    torch.manual_seed(20)
-    rw.adapt(model, _config(method), name="b")
-    perturb(model, "a", seed=1)
-    perturb(model, "b", seed=2)
-    rw.set_active(model, ["a", "b"])  # rw.step advances active adapters only
-    for _ in range(500):  # a step-dependent adapter (a ramp from zero) then has an update
-        rw.step(model)
-    rw.set_active(model, "a")
-    return model.eval()
+    return two_adapters(_plain(base), _config(method), _config(method))
 
 
 def _alone(model: nn.Module, method: str, base: str, name: str) -> nn.Module:

@@ -15,7 +15,7 @@ from rankwise.core import registry
 from rankwise.core.adapted import Adapted
 from rankwise.core.delta import Adapter
 
-from _adapters import perturb
+from _adapters import two_adapters
 
 
 def _base() -> nn.Module:
@@ -29,17 +29,7 @@ def _config(method: str, **overrides: object) -> rw.AdapterConfig:
 
 
 def _two(config_a: rw.AdapterConfig, config_b: rw.AdapterConfig) -> nn.Module:
-    torch.manual_seed(10)
-    model = rw.adapt(_base(), config_a, name="a")
-    torch.manual_seed(20)
-    rw.adapt(model, config_b, name="b")
-    perturb(model, "a", seed=1)
-    perturb(model, "b", seed=2)
-    rw.set_active(model, ["a", "b"])  # rw.step advances active adapters only
-    for _ in range(500):  # a step-dependent adapter (a ramp from zero) then has an update
-        rw.step(model)
-    rw.set_active(model, "a")
-    return model.eval()
+    return two_adapters(_base(), config_a, config_b)
 
 
 def _exact(method: str) -> bool:
