@@ -282,3 +282,23 @@ def test_each_named_adapter_saves_the_models_trainable_head_it_trained_with(tmp_
         rw.load_adapter(other, tmp_path / "all" / "b", name="b")
     assert rw.adapter_names(other) == ["default"]
     assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
+
+
+def test_deleting_the_adapter_that_named_the_head_keeps_the_head_in_the_next_save(tmp_path) -> None:
+    # The head is recorded on the first adapter's config; deleting that adapter once made a later
+    # save of the remaining one leave the trained head out, and the load computed something else.
+    model = rw.adapt(_headed(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("2",)))
+    rw.adapt(model, rw.LoRAConfig(rank=2, targets=("0",)), name="b")
+    rw.set_active(model, "b")
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if not key.startswith("0.base."):
+                p.add_(torch.randn(p.shape, generator=generator))
+    rw.delete_adapter(model, "default")
+    model.eval()
+    x = torch.randn(3, 8, generator=generator)
+    rw.save_adapter(model, tmp_path)
+    loaded = rw.load_adapter(_headed(), tmp_path).eval()
+    assert torch.equal(loaded(x), model(x))
+    assert loaded[2].weight.requires_grad and rw.summary(loaded).trainable == rw.summary(model).trainable

@@ -250,6 +250,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if name not in known:
         raise ValueError(f"unknown adapter name {name!r}; the model holds {known}")
     _refuse_merged(model, f"cannot delete adapter {name!r} while merged")
+    head = model_trainable(model)
     # Listed before the loop: unwrapping a layer replaces a module of the tree being walked.
     for path, layer in list(adapted_modules(model)):
         if name not in layer.adapters:
@@ -258,6 +259,14 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             model = replace_module(model, path, layer.base)
         else:
             layer.remove(name)
+    if head and not model_trainable(model):
+        # The trainable modules are the model's, recorded on the adapter that named them; when that
+        # one goes, the next adapter records them, or a later save would leave the trained head out.
+        heir = adapter_names(model)[:1]
+        for _, layer in adapted_modules(model):
+            for kept in heir:
+                if kept in layer.configs:
+                    layer.configs[kept] = dataclasses.replace(layer.configs[kept], trainable=head)
     return model
 
 
@@ -542,7 +551,8 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def model_trainable(model: nn.Module) -> tuple[str, ...]:
     """The ``trainable`` modules of an adapted model: those its first adapter named (an added one
-    names none, :func:`check_can_add`), trained in full and shared by all its adapters."""
+    names none, :func:`check_can_add`; :func:`delete_adapter` hands them on), trained in full and
+    shared by all its adapters."""
     return next((c.trainable for _, layer in adapted_modules(model) for c in layer.configs.values() if c.trainable), ())
 
 
