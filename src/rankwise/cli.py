@@ -99,6 +99,20 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """``rankwise compare``: the across-tasks table of several benchmark folders."""
+    from rankwise.bench import TASKS
+    from rankwise.bench.report import compare_folders
+
+    text = compare_folders(args.folders, TASKS)
+    if args.out:
+        args.out.write_text(text)
+        print(f"written to {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _check_folder(option: str, path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file, not a folder (nothing was written)")
@@ -327,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     own.add_argument("--length", type=int, help="tokens per sequence (default: the preset's)")
     run.set_defaults(run=bench)
+
+    across = commands.add_parser(
+        "compare", help="compare methods across the tasks of several benchmark folders (share of the best gain)"
+    )
+    across.add_argument("folders", type=Path, nargs="+", help="folders that rankwise bench --out wrote")
+    across.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
+    across.set_defaults(run=compare)
 
     show = commands.add_parser("inspect", help="an adapter checkpoint's method, config, modules and size")
     show.add_argument("folder", type=Path)

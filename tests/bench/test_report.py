@@ -3,6 +3,7 @@ metric plot tells every row apart."""
 
 from __future__ import annotations
 
+import csv
 import math
 from itertools import pairwise
 from pathlib import Path
@@ -105,3 +106,76 @@ def test_the_metric_plot_has_a_legend_entry_per_trained_row(tmp_path: Path, monk
     rows = [_row(method, 0, {"accuracy": 0.8, "macro_f1": 0.8}) for method in methods]
     report.plot_metric_vs_params(tmp_path / "plot.png", rows, Synthetic)
     assert labels == methods
+
+
+def _two_tasks() -> list[dict[str, str]]:
+    """synthetic (accuracy, higher is better) and friends (perplexity, lower is better), two seeds each."""
+    rows = []
+    accuracy = {"frozen": (0.60, 0.60), "lora": (0.80, 0.82), "dora": (0.79, 0.80), "bone": (0.65, 0.67)}
+    for method, values in accuracy.items():
+        rows += [_row(method, seed, {"accuracy": v, "macro_f1": v}) for seed, v in enumerate(values)]
+    perplexity = {"frozen": (30.0, 30.0), "lora": (22.0, 22.2), "dora": (21.0, 21.2), "full": (18.0, 18.0)}
+    for method, values in perplexity.items():
+        rows += [_row(method, seed, {"perplexity": v}, task="friends") for seed, v in enumerate(values)]
+    return rows
+
+
+def test_across_tasks_gives_each_methods_share_of_the_best_gain_and_the_top_group() -> None:
+    text = report.across_tasks(_two_tasks(), {"synthetic": Synthetic, "friends": Friends})
+    table = [[cell.strip() for cell in row.strip("|").split("|")] for row in text.splitlines() if row.startswith("| ")]
+    line = {cells[0]: cells[1:] for cells in table}
+    assert line["method"] == ["synthetic", "friends", "mean share", "top group"]
+    # synthetic: best lora 0.81 (sd 0.0141), frozen 0.60. dora 0.795: 93% of the gain, 0.015 behind
+    # lora, within 2 sd (0.0283): top group. bone 0.66: 29%, out. friends: best dora 21.1, frozen 30;
+    # lora 22.1: (30 - 22.1) / 8.9 = 89%, 1.0 behind, more than 2 sd (0.28): out. full: 12 / 8.9 = 135%.
+    assert line["lora"] == ["100 ★", "89", "94", "1 of 2"]
+    assert line["dora"] == ["93 ★", "100 ★", "96", "2 of 2"]
+    assert line["bone"] == ["29", "–", "29", "0 of 1"]
+    assert line["full"] == ["–", "135", "135", "–"]
+    # By mean share, the references last.
+    assert [cells[0] for cells in table][1:6] == ["dora", "lora", "bone", "full", "frozen"]
+    # Separation: synthetic's best (lora, 0.81 ± 0.0141) is 0.21 above frozen: 14.8 of its sd; 0.15
+    # above bone (sd 0.0141): 10.6.
+    assert "| synthetic | accuracy | 60.0 ± 0.0 | lora 81.0 ± 1.4 | 14.8 SD | bone 66.0 ± 1.4 | 10.6 SD |" in text
+
+
+def test_a_method_still_running_shows_its_seeds_and_a_task_without_frozen_is_left_out() -> None:
+    c3a = _row("c3a", 0, {"accuracy": 0.70, "macro_f1": 0.7})
+    rows = [*_two_tasks(), c3a, _row("lora", 0, {"accuracy": 0.9, "macro_f1": 0.9}, task="tweets")]  # no frozen
+    text = report.across_tasks(rows, {"synthetic": Synthetic, "friends": Friends})
+    assert "| c3a | 48 (1 of 2 seeds) | – |" in text
+    assert "tweets" not in text
+
+
+def test_results_md_compares_across_tasks_only_when_it_holds_several(tmp_path: Path) -> None:
+    rows = _two_tasks()
+    report.write_markdown(tmp_path / "one.md", [r for r in rows if r["task"] == "friends"], {"friends": Friends})
+    report.write_markdown(tmp_path / "two.md", rows, {"synthetic": Synthetic, "friends": Friends})
+    assert "## Across tasks" not in (tmp_path / "one.md").read_text()
+    assert "## Across tasks" in (tmp_path / "two.md").read_text()
+
+
+def _folder(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.mkdir()
+    with (path / report.RESULTS).open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_compare_folders_joins_one_task_per_folder_and_refuses_bad_input(tmp_path: Path) -> None:
+    rows = _two_tasks()
+    tasks = {"synthetic": Synthetic, "friends": Friends}
+    a = _folder(tmp_path / "a", [r for r in rows if r["task"] == "synthetic"])
+    b = _folder(tmp_path / "b", [r for r in rows if r["task"] == "friends"])
+    assert report.compare_folders([a, b], tasks) == report.across_tasks(rows, tasks)
+    with pytest.raises(ValueError, match="task 'synthetic' is in both"):
+        report.compare_folders([a, a], tasks)
+    with pytest.raises(ValueError, match=r"holds no results\.csv"):
+        report.compare_folders([tmp_path], tasks)
+    with pytest.raises(ValueError, match=r"task 'friends' is not registered \(known: \['synthetic'\]\)"):
+        report.compare_folders([a, b], {"synthetic": Synthetic})
+    lone = _folder(tmp_path / "c", [r for r in rows if r["task"] == "friends" and r["method"] != "frozen"])
+    with pytest.raises(ValueError, match="has both the frozen reference and an adapter"):
+        report.compare_folders([lone], tasks)

@@ -127,6 +127,11 @@ def test_bench_runs_the_quick_preset_machinery_on_the_synthetic_task(
     with (tmp_path / "results.csv").open(newline="") as file:
         assert [row["method"] for row in csv.DictReader(file)] == ["lora", "frozen"]
 
+    assert cli.main(["compare", str(tmp_path), "--out", str(tmp_path / "across.md")]) == 0
+    across = (tmp_path / "across.md").read_text()
+    assert across.startswith("## Across tasks") and "| lora | 100 ★ | 100 | 1 of 1 |" in across
+    assert re.search(r"\| synthetic \| accuracy \| .* \| lora .* \| .* SD \| lora .* \| 0.0 SD \|", across)
+
 
 def test_bench_refuses_an_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = cli.main(["bench", "--tasks", "synthetic", "--methods", "nope", "--out", str(tmp_path), "--no-progress"])
@@ -196,6 +201,11 @@ BAD_ARGUMENTS = [
             str(t / "bench"),
         ],
         "--device 'bogus' cannot be used here",
+    ),
+    (
+        "compare a folder without results",
+        lambda t: ["compare", str(t)],
+        "holds no results.csv",
     ),
     (
         "inspect without the tensor file",

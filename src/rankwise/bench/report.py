@@ -1,4 +1,5 @@
-"""Turn ``results.csv`` into ``results.md`` (mean ± std over seeds) and PNG plots.
+"""Turn ``results.csv`` into ``results.md`` (mean ± std over seeds, a comparison across tasks) and
+PNG plots.
 
 Only the *selected* runs count: every seed at the learning rate the validation split chose (the
 other runs of a sweep are in the CSV for inspection). Matplotlib's object API (``Figure``) is used,
@@ -7,6 +8,7 @@ not ``pyplot``, so making a report changes no global plotting state.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -18,6 +20,7 @@ from matplotlib.figure import Figure
 
 from .tasks import Task
 
+RESULTS = "results.csv"  # every run, one row each; written by the runner
 REPORT = "results.md"
 CURVES = "curves.jsonl"
 LOWER_IS_BETTER = {"perplexity"}
@@ -31,6 +34,9 @@ MARKERS = "o^sDvP<X>p*"
 # another: points closer than a marker's width, SPREAD of the axis's span in decades (about 9 of
 # its 750 pixels), are placed that far apart.
 SPREAD = 0.012
+# A method is in a task's top group when its mean trails the best adapter's by at most TOP seed
+# standard deviations (the larger of the two): three seeds cannot order the methods inside it.
+TOP = 2.0
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,167 @@ def task_table(rows: Sequence[Mapping[str, str]], task: type[Task]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Standing:
+    """The methods of one task measured against its frozen model and its best adapter, on the
+    task's primary test metric."""
+
+    task: str
+    metric: str
+    frozen: Row
+    adapters: list[Row]  # best first; the references (frozen, full) are not adapters
+    references: list[Row]
+
+    def _signed(self, row: Row) -> float:
+        mean = row.metrics[self.metric][0]
+        return -mean if self.metric in LOWER_IS_BETTER else mean
+
+    def _sd(self, row: Row) -> float:
+        return row.metrics[self.metric][1]
+
+    @property
+    def best(self) -> Row:
+        return self.adapters[0]
+
+    @property
+    def worst(self) -> Row:
+        return self.adapters[-1]
+
+    def share(self, row: Row) -> float | None:
+        """Percent of the best adapter's gain over the frozen model that ``row`` reaches (None when
+        no adapter gains)."""
+        gain = self._signed(self.best) - self._signed(self.frozen)
+        return 100 * (self._signed(row) - self._signed(self.frozen)) / gain if gain > 0 else None
+
+    def in_top_group(self, row: Row) -> bool:
+        """Within :data:`TOP` seed deviations of the best adapter (the larger of the two deviations)."""
+        return self._signed(self.best) - self._signed(row) <= TOP * max(self._sd(self.best), self._sd(row))
+
+    def best_over_frozen(self) -> float:
+        """The best adapter's gain over the frozen model in its own seed deviations (inf for 0)."""
+        return _ratio(self._signed(self.best) - self._signed(self.frozen), self._sd(self.best))
+
+    def best_over_worst(self) -> float:
+        """The best adapter's lead over the worst in the larger of their seed deviations."""
+        return _ratio(
+            self._signed(self.best) - self._signed(self.worst), max(self._sd(self.best), self._sd(self.worst))
+        )
+
+
+def _ratio(difference: float, deviation: float) -> float:
+    return difference / deviation if deviation > 0 else math.copysign(math.inf, difference) if difference else 0.0
+
+
+def standing(rows: Sequence[Mapping[str, str]], task: type[Task]) -> Standing | None:
+    """``task``'s :class:`Standing`, or None when it lacks the frozen reference or any adapter."""
+    aggregated, _ = aggregate(rows, task)
+    frozen = next((row for row in aggregated if row.method == "frozen"), None)
+    adapters = [row for row in aggregated if row.method not in REFERENCES]
+    if frozen is None or not adapters:
+        return None
+    metric = task.primary
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    adapters.sort(key=lambda row: -sign * row.metrics[metric][0])
+    references = [row for row in aggregated if row.method in REFERENCES]
+    return Standing(task.name, metric, frozen, adapters, references)
+
+
+def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Task]]) -> str:
+    """The Markdown section that compares methods over the tasks that have a frozen reference and
+    an adapter: each method's share of the best adapter's gain, its top-group membership, and how far
+    each task's rows separate (empty when no task qualifies)."""
+    standings = [s for task in tasks.values() if (s := standing(rows, task)) is not None]
+    if not standings:
+        return ""
+    methods = list(dict.fromkeys(row.method for s in standings for row in [*s.adapters, *s.references]))
+    table: dict[str, list[str]] = {}
+    means: dict[str, float] = {}
+    for method in methods:
+        cells, shares, top, ran = [], [], 0, 0
+        for s in standings:
+            rows_of_task = [s.frozen, *s.adapters, *s.references]
+            row = next((r for r in rows_of_task if r.method == method), None)
+            share = s.share(row) if row is not None else None
+            if row is None or share is None:
+                cells.append("–")
+                continue
+            ran += 1
+            shares.append(share)
+            leading = method not in REFERENCES and s.in_top_group(row)
+            top += leading
+            most = max(r.seeds for r in rows_of_task)
+            marks = [" ★" if leading else "", " †" if row.matched == "no" else ""]
+            marks.append(f" ({row.seeds} of {most} seeds)" if row.seeds < most else "")
+            cells.append(f"{share:.0f}" + "".join(marks))
+        means[method] = statistics.fmean(shares) if shares else -math.inf
+        average = f"{means[method]:.0f}" if shares else "–"
+        table[method] = [method, *cells, average, f"{top} of {ran}" if method not in REFERENCES else "–"]
+    order = sorted(methods, key=lambda m: (m in REFERENCES, -means[m]))
+    header = ["method", *(s.task for s in standings), "mean share", "top group"]
+    lines = [
+        "## Across tasks",
+        "",
+        "Share of the gain: (method − frozen) / (best adapter − frozen) on each task's primary test metric,",
+        f"in %. ★ the task's top group: within {TOP:g} seed deviations of the best adapter (the larger",
+        "deviation of the two). † off the budget. – not run on that task; a row still running gives its",
+        "seeds so far. Sorted by the mean share over the tasks a method ran.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(table[m]) + " |" for m in order),
+        "",
+        "How far each task's rows separate (differences in seed deviations: the best adapter's own",
+        "against the frozen model; the larger of the two against the worst adapter):",
+        "",
+        "| task | metric | frozen | best adapter | best − frozen | worst adapter | best − worst |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in standings:
+        value = {row.method: _value(s.metric, *row.metrics[s.metric], row.seeds) for row in [s.frozen, *s.adapters]}
+        lines.append(
+            f"| {s.task} | {s.metric} | {value['frozen']} | {s.best.method} {value[s.best.method]} | "
+            f"{s.best_over_frozen():.1f} SD | {s.worst.method} {value[s.worst.method]} | {s.best_over_worst():.1f} SD |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_folders(folders: Sequence[Path], tasks: Mapping[str, type[Task]]) -> str:
+    """:func:`across_tasks` over the ``results.csv`` of several benchmark folders (one task per folder,
+    or several: each task may come from one folder only).
+
+    Raises:
+        ValueError: a folder without ``results.csv``, a task found in two folders, or a task not in
+            ``tasks`` (a task of your own data: register it first, :func:`rankwise.bench.register_task`).
+    """
+    rows: list[dict[str, str]] = []
+    source: dict[str, Path] = {}
+    for folder in folders:
+        path = folder / RESULTS
+        if not path.is_file():
+            raise ValueError(f"{folder} holds no results.csv (a folder that rankwise bench --out wrote)")
+        with path.open(newline="") as file:
+            found = list(csv.DictReader(file))
+        for name in dict.fromkeys(row["task"] for row in found):
+            if name in source:
+                raise ValueError(f"task {name!r} is in both {source[name]} and {folder}; give each task once")
+            if name not in tasks:
+                raise ValueError(
+                    f"{folder}: task {name!r} is not registered (known: {sorted(tasks)}); a task of your own "
+                    "data compares from Python after rankwise.bench.register_task"
+                )
+            source[name] = folder
+        rows += found
+    named = [name for name in tasks if name in source]
+    text = across_tasks(rows, {name: tasks[name] for name in named})
+    if not text:
+        raise ValueError(f"no task in {[str(f) for f in folders]} has both the frozen reference and an adapter")
+    return text
+
+
 def write_markdown(path: Path, rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Task]]) -> None:
     sections = [task_table(rows, task) for task in tasks.values()]
+    if len({row["task"] for row in rows}) > 1:
+        sections.append(across_tasks(rows, tasks))
     text = "\n".join(
         [
             "# Benchmark results",

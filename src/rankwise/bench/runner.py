@@ -55,7 +55,6 @@ WARMUP = 0.1  # fraction of steps with a linear warm-up; then linear decay to ze
 # Batches a start from data reads gradients from; GoRA's official scripts use 32 or 64, for far
 # longer runs.
 INIT_BATCHES = 8
-RESULTS = "results.csv"
 SETTINGS = "settings.json"
 PROXY = "proxy"  # ``selected`` of a shortened sweep run: it chose the factor, it is not counted
 
@@ -531,7 +530,7 @@ class Results:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.path = folder / RESULTS
+        self.path = folder / report.RESULTS
         self.rows: list[dict[str, str]] = []
         if self.path.is_file():
             with self.path.open(newline="") as file:
