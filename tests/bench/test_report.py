@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from rankwise.bench import report
 from rankwise.bench.runner import FIELDS
-from rankwise.bench.tasks import Friends, Synthetic
+from rankwise.bench.tasks import Friends, Synthetic, Tweets
 
 
 def _row(
@@ -144,7 +144,10 @@ def test_a_method_still_running_shows_its_seeds_and_a_task_without_frozen_is_lef
     rows = [*_two_tasks(), c3a, _row("lora", 0, {"accuracy": 0.9, "macro_f1": 0.9}, task="tweets")]  # no frozen
     text = report.across_tasks(rows, {"synthetic": Synthetic, "friends": Friends})
     assert "| c3a | 48 (1 of 2 seeds) | – |" in text
-    assert "tweets" not in text
+    assert "tweets" not in text  # not asked for
+    text = report.across_tasks(rows, {"synthetic": Synthetic, "tweets": Tweets, "friends": Friends})
+    assert "Left out, no frozen reference or no adapter yet: tweets." in text
+    assert "| method | synthetic | friends |" in text
 
 
 def test_results_md_compares_across_tasks_only_when_it_holds_several(tmp_path: Path) -> None:

@@ -214,6 +214,8 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
     standings = [s for task in tasks.values() if (s := standing(rows, task)) is not None]
     if not standings:
         return ""
+    compared = {s.task for s in standings}
+    left_out = [name for name in tasks if name not in compared and any(row["task"] == name for row in rows)]
     methods = list(dict.fromkeys(row.method for s in standings for row in [*s.adapters, *s.references]))
     table: dict[str, list[str]] = {}
     means: dict[str, float] = {}
@@ -247,6 +249,7 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
         "deviation of the two). † off the budget. – not run on that task; a row still running gives its",
         "seeds so far. Sorted by the mean share over the tasks a method ran.",
         "",
+        *([f"Left out, no frozen reference or no adapter yet: {', '.join(left_out)}.", ""] if left_out else []),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(table[m]) + " |" for m in order),
