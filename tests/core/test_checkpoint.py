@@ -244,17 +244,24 @@ def _headed() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
-def test_each_named_adapter_saves_the_models_trainable_head_it_trained_with(tmp_path) -> None:
-    # The head is the model's, trained with every adapter: an adapter saved without it would load
-    # onto the untrained head and compute something else, silently.
+def _headed_pair(generator: torch.Generator) -> nn.Module:
+    """ "default" (which names the trainable head) and "b" on layer 0; the adapters and the head
+    perturbed, the frozen base not."""
     model = rw.adapt(_headed(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("2",)))
     rw.adapt(model, rw.LoRAConfig(rank=2, targets=("0",)), name="b")
     rw.set_active(model, "b")
-    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for key, p in model.named_parameters():
-            if not key.startswith("0.base."):  # the adapters and the head, not the frozen base
+            if not key.startswith("0.base."):
                 p.add_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+def test_each_named_adapter_saves_the_models_trainable_head_it_trained_with(tmp_path) -> None:
+    # The head is the model's, trained with every adapter: an adapter saved without it would load
+    # onto the untrained head and compute something else, silently.
+    generator = torch.Generator().manual_seed(1)
+    model = _headed_pair(generator)
     model.eval()
     x = torch.randn(3, 8, generator=generator)
     outputs = {}
@@ -287,14 +294,8 @@ def test_each_named_adapter_saves_the_models_trainable_head_it_trained_with(tmp_
 def test_deleting_the_adapter_that_named_the_head_keeps_the_head_in_the_next_save(tmp_path) -> None:
     # The head is recorded on the first adapter's config; deleting that adapter once made a later
     # save of the remaining one leave the trained head out, and the load computed something else.
-    model = rw.adapt(_headed(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("2",)))
-    rw.adapt(model, rw.LoRAConfig(rank=2, targets=("0",)), name="b")
-    rw.set_active(model, "b")
     generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if not key.startswith("0.base."):
-                p.add_(torch.randn(p.shape, generator=generator))
+    model = _headed_pair(generator)
     rw.delete_adapter(model, "default")
     model.eval()
     x = torch.randn(3, 8, generator=generator)
