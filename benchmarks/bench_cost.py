@@ -16,18 +16,25 @@ checks, a start from data such as GoRA's gradient pass, the first step's allocat
 steps the preset runs (its proxy sweep and every seed), plus the fixed cost per run and the
 evaluations (validation once per factor, test once per seed), give the task's time.
 
+``spent``: what finished runs cost, from the ``results.csv`` of benchmark folders: the training
+time summed over every run (proxy sweeps, unchosen factors and seeds included) per task, split
+into the recipes' own time and the references', with the recipes done.
+
     python benchmarks/bench_cost.py cache --threads 1
     python benchmarks/bench_cost.py estimate --threads 1 --tasks tweets r8 friends fashion
+    python benchmarks/bench_cost.py spent benchmarks/results/standard-*
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import os
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -35,6 +42,7 @@ import rankwise
 from rankwise.bench import PRESETS, Preset, Sizes, recipes, size_to_budget
 from rankwise.bench.budget import default_budget
 from rankwise.bench.cache import FrozenLayersCache
+from rankwise.bench.report import REFERENCES, RESULTS
 from rankwise.bench.runner import Recipe, train
 from rankwise.bench.tasks import TASKS, AssetMissing, Batch, Fashion, Task
 
@@ -161,6 +169,24 @@ def estimate(preset: Preset, names: list[str], steps: int) -> None:
         del task
 
 
+def spent(folders: list[Path]) -> None:
+    print("| task | recipes with every seed | training time, all runs | of it the references |")
+    print("|---|---|---|---|")
+    for folder in folders:
+        with (folder / RESULTS).open(newline="") as file:
+            rows = list(csv.DictReader(file))
+        for task in dict.fromkeys(row["task"] for row in rows):
+            ran = [row for row in rows if row["task"] == task and row["train_time_s"]]
+            hours = sum(float(row["train_time_s"]) for row in ran) / 3600
+            references = sum(float(row["train_time_s"]) for row in ran if row["method"] in REFERENCES) / 3600
+            seeds = {}
+            for row in ran:
+                if row["selected"] == "yes":
+                    seeds.setdefault(row["method"], set()).add(row["seed"])
+            done = sum(len(s) == max(map(len, seeds.values())) for s in seeds.values())
+            print(f"| {task} | {done} | {hours:.2f} h | {references:.2f} h |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,7 +199,12 @@ def main() -> None:
     cost.add_argument("--steps", type=int, default=6, help="steps timed per recipe")
     for command in (saving, cost):
         command.add_argument("--threads", type=int, default=1)
+    done = commands.add_parser("spent", help="training time of the finished runs in benchmark folders")
+    done.add_argument("folders", type=Path, nargs="+")
     args = parser.parse_args()
+    if args.command == "spent":
+        spent(args.folders)
+        return
     torch.set_num_threads(args.threads)
     if args.command == "cache":
         cache_saving(args.steps, args.rounds)
