@@ -261,3 +261,23 @@ def test_a_state_dict_saved_before_adapters_were_named_loads_into_a_one_adapter_
     assert torch.equal(fresh(X), model(X))
     with pytest.raises(RuntimeError, match="Unexpected key"):
         _two().load_state_dict({**_two().state_dict(), "2.delta.A": torch.zeros(2, 32)})
+
+
+def test_the_base_model_is_refused_where_a_trainable_head_was_trained_in_place() -> None:
+    # The head is trained in place and shared by the adapters: with every adapter off it would still
+    # run as trained, not as the base model's (PEFT keeps the original beside it; rankwise does not).
+    model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("4",)), name="a")
+    rw.adapt(model, rw.LoRAConfig(rank=2, targets=("2",)), name="b")
+    perturb(model, "a", seed=1, size=0.1)
+    perturb(model, "b", seed=2, size=0.1)
+    before = _state(model)
+    refusal = r"rankwise.disabled cannot run the base model: its trainable modules \['4'\]"
+    with pytest.raises(ValueError, match=refusal), rw.disabled(model):
+        pass
+    with pytest.raises(ValueError, match=r"with a None row \(the base model\) cannot run the base model"):
+        _run_per_example(model, ["a", None])
+    _assert_same(before, _state(model))
+    rw.set_active(model, "b")
+    alone = model(X[1:2])
+    with rw.per_example(model, ["a", "b"]):  # named rows use the shared, trained head: allowed
+        torch.testing.assert_close(model(X[:2])[1:], alone, rtol=1e-6, atol=1e-6)

@@ -372,11 +372,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model behaves as its base model (e.g. a DPO reference pass).
 
     Raises:
-        ValueError: if the adapters are merged (the base weights are not there to run).
+        ValueError: the adapters are merged (the base weights are not there to run), or the model
+            has ``trainable`` modules (they are trained in place, so the base model's are gone).
     """
     layers = [layer for _, layer in adapted_modules(model)]
     if any(layer.merged for layer in layers):
         raise ValueError("cannot disable merged adapters; call rankwise.unmerge(model) first")
+    _refuse_trainable_as_base(model, "rankwise.disabled")
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -397,8 +399,9 @@ def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     get gradients only through their own rows.
 
     Raises:
-        ValueError: a name the model does not hold, or a merged model, before any forward; in the
-            forward, an adapted layer whose batch differs from ``len(names)`` (both numbers named).
+        ValueError: a name the model does not hold, a merged model, or a ``None`` row in a model
+            with ``trainable`` modules (:func:`disabled`), before any forward; in the forward, an
+            adapted layer whose batch differs from ``len(names)`` (both numbers named).
         TypeError: ``names`` is a string, not one name per example.
     """
     if isinstance(names, str):
@@ -408,6 +411,8 @@ def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     unknown = sorted({n for n in rows if n is not None and n not in known}, key=str)
     if unknown:
         raise ValueError(f"per_example: unknown adapter names {unknown}; the model holds {known}")
+    if None in rows:
+        _refuse_trainable_as_base(model, "rankwise.per_example with a None row (the base model)")
     layers = [layer for _, layer in adapted_modules(model)]
     if any(layer.merged for layer in layers):
         raise ValueError("per_example needs unmerged adapters; call rankwise.unmerge(model) first")
@@ -427,6 +432,18 @@ def per_example(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     finally:
         for layer, state in zip(layers, previous, strict=True):
             layer.rows = state
+
+
+def _refuse_trainable_as_base(model: nn.Module, what: str) -> None:
+    # The trainable modules (a new head, say) are trained in place and shared by every adapter; no
+    # copy of the base model's is kept, so turning the adapters off would still run them as trained.
+    head = model_trainable(model)
+    if head:
+        raise ValueError(
+            f"{what} cannot run the base model: its trainable modules {list(head)} are trained in place and "
+            "no base copy of them is kept; run a separate copy of the base model instead (for a DPO "
+            "reference, one loaded before rankwise.adapt)"
+        )
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
