@@ -58,6 +58,22 @@ def test_add_keeps_the_first_active_and_wraps_new_layers_with_the_new_adapter_in
     assert not model[4].base.weight.requires_grad
 
 
+def test_an_added_all_linear_adapter_leaves_the_models_trainable_head_out_and_training() -> None:
+    # The head given with the first adapter is the model's, trained in full under every adapter:
+    # an added "all-linear" adapter once wrapped it and froze it, so training "a" left it unchanged.
+    model = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("4",)), name="a")
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    rw.adapt(model, rw.LoRAConfig(rank=2), name="b")
+    assert [type(layer) for layer in model] == [Adapted, nn.GELU, Adapted, nn.GELU, nn.Linear]
+    assert list(model[0].adapters) == ["a", "b"] and list(model[2].adapters) == ["b"]
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable
+    assert trainable == {"0.adapters.a.A", "0.adapters.a.B", "4.weight", "4.bias"}
+    head = model[4].weight.detach().clone()
+    model(X).square().sum().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert (model[4].weight - head).abs().max() > 1e-4  # a step of "a" trains the head
+
+
 def test_set_active_switches_outputs_and_requires_grad() -> None:
     model = _two()
     only_a = rw.adapt(_base(), rw.LoRAConfig(rank=2, targets=("0", "2")))

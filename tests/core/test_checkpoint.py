@@ -303,3 +303,54 @@ def test_deleting_the_adapter_that_named_the_head_keeps_the_head_in_the_next_sav
     loaded = rw.load_adapter(_headed(), tmp_path).eval()
     assert torch.equal(loaded(x), model(x))
     assert loaded[2].weight.requires_grad and rw.summary(loaded).trainable == rw.summary(model).trainable
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holds_one_layout_saves_refuse_the_other_and_loads_refuse_both(tmp_path) -> None:
+    # A several-adapter save once left an older one-adapter checkpoint beside its subfolders, and
+    # loading the folder silently gave the old adapter.
+    one = _lora(2)
+    two = _lora(4)
+    rw.adapt(two, rw.LoRAConfig(rank=2, targets=("2",)), name="b")
+    rw.save_adapter(one, tmp_path / "one")
+    before = _tree(tmp_path / "one")
+    with pytest.raises(
+        rw.CheckpointError,
+        match=r"one holds a one-adapter checkpoint \(adapter_config.json, adapter.safetensors\); the adapters "
+        r"\['default', 'b'\] would be written beside it",
+    ):
+        rw.save_adapter(two, tmp_path / "one")
+    assert _tree(tmp_path / "one") == before
+
+    rw.save_adapter(two, tmp_path / "two")
+    before = _tree(tmp_path / "two")
+    files = ("adapter.safetensors", "adapter_config.json")
+    assert sorted(before) == [f"{n}/{f}" for n in ("b", "default") for f in files]
+    for name in (None, "b"):
+        with pytest.raises(
+            rw.CheckpointError,
+            match=r"two holds adapters in the subfolders \['b', 'default'\]; one adapter's files would be written",
+        ):
+            rw.save_adapter(one if name is None else two, tmp_path / "two", name=name)
+    assert _tree(tmp_path / "two") == before
+
+    # Both layouts, as saves from before the refusal left them: loading either way is refused.
+    for name in files:
+        (tmp_path / "two" / name).write_bytes((tmp_path / "one" / name).read_bytes())
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    both = r"holds both a one-adapter checkpoint \(adapter_config.json, adapter.safetensors\) and adapters in the "
+    with pytest.raises(rw.CheckpointError, match=both + r"subfolders \['b', 'default'\], from two saves"):
+        rw.load_adapter(model, tmp_path / "two")
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not list(adapted_modules(model))
+    with pytest.raises(rw.CheckpointError, match=both):
+        checkpoint.saved_adapters(tmp_path / "two")
+    x = torch.randn(3, 6)
+    rw.set_active(two, "default")
+    loaded = rw.load_adapter(_model(), tmp_path / "two" / "default")  # each subfolder still loads
+    assert torch.equal(loaded(x), two(x))

@@ -176,6 +176,23 @@ def _attention() -> nn.Module:
     return model
 
 
+def _headed() -> Net:
+    """Adapted on 'proj', with 'head' trainable: the model's head, shared by every adapter it gets."""
+    return rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets="proj", trainable="head"))
+
+
+def _proj_twice() -> Net:
+    """'proj' registered at a second path too (one layer used twice), as the checkpoint's 'proj'."""
+    model = _fresh()
+    model.alias = model.proj
+    return model
+
+
+def _two_named() -> Net:
+    model = rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets="proj"), name="a")
+    return rw.adapt(model, rw.LoRAConfig(rank=2, targets="head"), name="b")
+
+
 CASES = [
     Case(
         "unknown target",
@@ -267,6 +284,65 @@ CASES = [
         lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="up_proj", trainable="scale")),
         ValueError,
         "target 'up_proj' contains trainable 'up_proj.scale'",
+    ),
+    Case(
+        "added adapter's target is the model's trainable head",
+        _headed,
+        lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="head"), name="b"),
+        ValueError,
+        r"modules are both targets and trainable \(target 'head' is trainable 'head'\)",
+    ),
+    Case(
+        "added adapter's target inside the model's trainable module",
+        lambda: rw.adapt(_attention(), rw.LoRAConfig(targets="up_proj", trainable="self_attn")),
+        lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="q_proj"), name="b"),
+        ValueError,
+        "target 'self_attn.q_proj' is inside trainable 'self_attn'",
+    ),
+    Case(
+        "added adapter's target holds the model's trainable module",
+        lambda: rw.adapt(_attention(), rw.LoRAConfig(targets="q_proj", trainable="scale")),
+        lambda m, f: rw.adapt(m, rw.LoRAConfig(targets="up_proj"), name="b"),
+        ValueError,
+        "target 'up_proj' contains trainable 'up_proj.scale'",
+    ),
+    Case(
+        "loaded adapter added beside others on the model's trainable head",
+        _headed,
+        lambda m, f: rw.load_adapter(m, f, name="b"),
+        rw.CheckpointError,
+        r"modules are both targets and trainable \(target 'head' is trainable 'head'\)",
+    ),
+    Case(
+        "loaded adapter whose layer is its own trainable module",
+        _fresh,
+        lambda m, f: rw.load_adapter(m, f),
+        rw.CheckpointError,
+        r"modules are both targets and trainable \(target 'head' is trainable 'head'\)",
+        corrupt=_edit_json(lambda meta: meta["config"].update(trainable=["head"])),
+    ),
+    Case(
+        "loaded adapter on a layer registered at two paths",
+        _proj_twice,
+        lambda m, f: rw.load_adapter(m, f),
+        rw.CheckpointError,
+        r"'proj' is the same module as \['alias'\]; replacing it at one path would leave the others unchanged",
+    ),
+    Case(
+        "loaded adapter on a layer inside an adapted layer",
+        lambda: rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets="proj")),
+        lambda m, f: rw.load_adapter(m, f, name="b"),
+        rw.CheckpointError,
+        r"\['proj.base'\] name no module of the model outside its adapted layers",
+        corrupt=_edit_json(lambda meta: meta["modules"].update({"proj.base": meta["modules"].pop("proj")})),
+    ),
+    Case(
+        "several adapters saved over a one-adapter checkpoint",
+        _two_named,
+        lambda m, f: rw.save_adapter(m, f),
+        rw.CheckpointError,
+        r"holds a one-adapter checkpoint \(adapter_config.json, adapter.safetensors\); the adapters \['a', 'b'\]"
+        r".*Save to another folder, or remove adapter_config.json, adapter.safetensors from it first",
     ),
     Case(
         "one layer at two paths, both targeted",

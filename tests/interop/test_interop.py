@@ -477,3 +477,18 @@ def test_each_named_adapter_exports_the_models_trainable_head(tmp_path) -> None:
     with pytest.raises(rw.CheckpointError, match=r"tensors \['base_model.model.4.bias'\] that differ"):
         rw.interop.from_peft(alone, tmp_path / "peft" / "default", name="again")
     assert rw.adapter_names(alone) == ["default"]
+
+
+def test_from_peft_refuses_to_add_an_adapter_on_the_models_trainable_head(tmp_path) -> None:
+    # Added beside others, an adapter once wrapped the head given with the first adapter and froze it.
+    rw.interop.to_peft(rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("2", "4"))), tmp_path)
+    model = rw.adapt(_mlp(), rw.LoRAConfig(rank=2, targets=("0",), trainable=("4",)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    both = r"modules are both targets and trainable \(target '4' is trainable '4'\)"
+    with pytest.raises(rw.CheckpointError, match=both):
+        rw.interop.from_peft(model, tmp_path, name="b")
+    assert rw.adapter_names(model) == ["default"] and isinstance(model[4], nn.Linear)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

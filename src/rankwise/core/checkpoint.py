@@ -53,6 +53,7 @@ from .inject import (
     module_overrides,
     trainable_paths,
 )
+from .targets import check_paths
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -124,20 +125,39 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None =
     save that fails leaves the previous checkpoint in ``folder`` as it was. The paths recorded are
     the model's own, also for a model wrapped by ``torch.compile``.
 
+    A folder holds one layout: a save of either layout into a folder holding the other's files is
+    refused, since those would stay beside the new ones and :func:`load_adapter` could not tell
+    which save is current.
+
     Args:
         name: the adapter to write in ``folder``. ``None`` writes a model's only adapter in
             ``folder``, and each adapter of a model with several in ``folder/<its name>/``.
 
     Raises:
         ValueError: the model has no adapters, or none named ``name``.
+        CheckpointError: ``folder`` holds the other layout's checkpoint (one adapter's files, or
+            adapter subfolders). Nothing is written.
     """
     model = uncompiled(model)
     folder = Path(folder)
     names = adapter_names(model)
+    files, subfolders = _layouts(folder)
     if name is None and len(names) > 1:
+        if files:
+            raise CheckpointError(
+                f"{folder} holds a one-adapter checkpoint ({', '.join(files)}); the adapters {names} would be "
+                "written beside it, one per subfolder, and loading the folder could not tell which save is "
+                f"current. Save to another folder, or remove {', '.join(files)} from it first"
+            )
         for each in names:
             save_adapter(model, folder / each, each)
         return folder
+    if subfolders:
+        raise CheckpointError(
+            f"{folder} holds adapters in the subfolders {list(subfolders)}; one adapter's files would be written "
+            "beside them, and loading the folder could not tell which save is current. Save to another folder, "
+            "or remove those subfolders from it first"
+        )
     layers = adapter_layers(model, name)
     state = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in adapter_state_dict(model, name).items()}
     config = _saved_config(model, layers)
@@ -168,13 +188,33 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None =
 
 def saved_adapters(folder: str | os.PathLike) -> dict[str, Path]:
     """The adapter checkpoints in ``folder``: ``{"": folder}`` for one written there, else each
-    subfolder holding one, by name (the layout :func:`save_adapter` writes for several adapters)."""
+    subfolder holding one, by name (the layout :func:`save_adapter` writes for several adapters).
+
+    Raises:
+        CheckpointError: ``folder`` holds both layouts (left by saves from before they were refused):
+            which one is current cannot be told.
+    """
     folder = Path(folder)
-    if (folder / CONFIG_FILE).is_file():
+    files, subfolders = _layouts(folder)
+    if files and subfolders:
+        raise CheckpointError(
+            f"{folder} holds both a one-adapter checkpoint ({', '.join(files)}) and adapters in the subfolders "
+            f"{list(subfolders)}, from two saves; which is current cannot be told. Load a subfolder by its path, "
+            f"or move the older save's files out of {folder}"
+        )
+    if CONFIG_FILE in files:
         return {"": folder}
+    return subfolders
+
+
+def _layouts(folder: Path) -> tuple[list[str], dict[str, Path]]:
+    """The one-adapter checkpoint files in ``folder`` (either file counts: a save interrupted by a
+    crash may leave one) and its subfolders holding an adapter checkpoint, by name."""
     if not folder.is_dir():
-        return {}
-    return {sub.name: sub for sub in sorted(folder.iterdir()) if (sub / CONFIG_FILE).is_file()}
+        return [], {}
+    files = [name for name in (CONFIG_FILE, TENSORS_FILE) if (folder / name).is_file()]
+    subfolders = {sub.name: sub for sub in sorted(folder.iterdir()) if (sub / CONFIG_FILE).is_file()}
+    return files, subfolders
 
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[dict[str, Any], AdapterConfig]:
@@ -215,9 +255,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
 
     Raises:
         CheckpointError: a missing, truncated or corrupted file; an unknown method or config key;
-            layers the model lacks or whose shapes differ; missing, unexpected or mis-shaped
-            tensors (all of them listed); a folder holding several adapters (one per subfolder:
-            load each by its folder).
+            layers the model lacks or whose shapes differ; layers ``rankwise.adapt`` would refuse
+            (one registered at two paths, one that is, holds or lies in a trainable module: the
+            model's own when adding); missing, unexpected or mis-shaped tensors (all of them
+            listed); a folder holding several adapters (one per subfolder: load each by its
+            folder), or both a one-adapter checkpoint and adapter subfolders.
         ValueError: the model holds an adapter ``name`` already, is merged, or the checkpoint has
             trainable modules and the model has adapters (those modules are the model's).
     """
@@ -251,6 +293,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
             wrappers[path] = build(model, path, config, layer_config, name)
         except (ValueError, TypeError) as error:
             problems.append(f"'{path}': {error}")
+    if not problems:
+        # What rw.adapt refuses for these layers: one registered at two paths (the other use would
+        # run bare), one that is or holds or lies in a module trained in full (the model's, when adding).
+        try:
+            in_full = (*config.trainable, *model_trainable(model))  # as find_targets selects
+            check_paths(model, meta["modules"], trainable=in_full, adapted=adding)
+        except (ValueError, TypeError) as error:
+            problems.append(str(error))
     if problems:
         raise CheckpointError(f"{folder} does not fit this model:\n  " + "\n  ".join(problems))
 

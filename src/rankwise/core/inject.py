@@ -28,16 +28,23 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, Adapted]]:
 def find_targets(model: nn.Module, config: AdapterConfig, adapted: bool = False) -> list[str]:
     """Paths of the layers ``config.targets`` selects (:func:`.targets.select`), in module order.
 
+    The trainable modules are ``config.trainable`` and, on an adapted model, the model's own
+    (:func:`model_trainable`): ``"all-linear"`` leaves them out and an explicit target overlapping
+    them is refused, for an added adapter as for the first.
+
     Args:
         adapted: whether adapted layers may be selected (an adapter added beside others).
 
     Raises:
         ValueError: a target matches no module, or a selected layer is already adapted, shared
-            with another path, or overlaps a ``trainable`` module.
+            with another path, or overlaps a trainable module.
         TypeError: a selected module is not a layer the method supports.
     """
     method = registry.for_config(config)
-    paths = targets.select(model, config.targets, trainable=config.trainable, embedding=True, adapted=adapted)
+    # An added adapter names no trainable modules (check_can_add), but the model's stay trained in
+    # full: wrapping one would freeze it under every adapter.
+    trainable = (*config.trainable, *model_trainable(model))
+    paths = targets.select(model, config.targets, trainable=trainable, embedding=True, adapted=adapted)
     for path in paths:
         module = base_of(model.get_submodule(path))
         kind = geometry.base_kind(module)

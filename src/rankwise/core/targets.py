@@ -71,6 +71,49 @@ def select(
     if not selected:
         raise ValueError(f"{prefix}targets {targets} select no layer; some module names: {examples(modules)}")
     paths = [path for path in modules if path in selected]
+    _check_layers(model, modules, paths, trained, prefix, owner=owner, embedding=embedding, adapted=adapted)
+    return paths
+
+
+def check_paths(
+    model: nn.Module, paths: Iterable[str], *, trainable: Iterable[str] = (), adapted: bool = False
+) -> None:
+    """Refuse the layers at ``paths`` (given by path, as a checkpoint records them) where
+    :func:`select` would refuse them for an adapter: the same checks and messages, so a loaded
+    adapter cannot wrap what ``rw.adapt`` refuses. Embeddings are accepted, as adapters take them.
+
+    Args:
+        trainable: entries of the modules trained in full, which no layer may be, hold or lie in.
+        adapted: whether an adapted layer may be given (an adapter added beside others).
+
+    Raises:
+        ValueError: a path names no module outside the adapted layers; a layer is adapted, is the
+            same module as another path, or overlaps a trainable module.
+        TypeError: a module is not a layer adapters support (see :func:`select`).
+    """
+    paths = list(paths)
+    modules = dict(outer_modules(model))
+    absent = [path for path in paths if path not in modules]
+    if absent:
+        # A path inside an adapted layer ('x.base') would nest one wrapper in another.
+        raise ValueError(f"{absent} name no module of the model outside its adapted layers")
+    trained = outermost_matches(modules, trainable)
+    _check_layers(model, modules, paths, trained, "", owner="", embedding=True, adapted=adapted)
+
+
+def _check_layers(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    paths: list[str],
+    trained: list[str],
+    prefix: str,
+    *,
+    owner: str,
+    embedding: bool,
+    adapted: bool,
+) -> None:
+    """The refusals of :func:`select` for the layers it (or a checkpoint) gives, ``trained`` the
+    outermost trainable paths among ``modules``."""
     for path in paths:
         module = modules[path]
         if isinstance(module, Adapted):
@@ -87,7 +130,6 @@ def select(
             )
     _check_overlap(paths, trained, prefix)
     _check_shared(model, paths, prefix)
-    return paths
 
 
 def outer_modules(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> Iterator[tuple[str, nn.Module]]:

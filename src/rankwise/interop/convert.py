@@ -127,9 +127,11 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
 
     Raises:
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
-            model, tensors that do not fit the model (all listed), or a module to save whose
-            tensor this model shares with another module (PEFT loads into a copy of it); when
-            adding an adapter, an embedding base weight that differs from the model's.
+            model, targets ``rankwise.adapt`` would refuse (when adding, also a target that is,
+            holds or lies in one of the model's trainable modules), tensors that do not fit the
+            model (all listed), or a module to save whose tensor this model shares with another
+            module (PEFT loads into a copy of it); when adding an adapter, an embedding base weight
+            that differs from the model's.
         ValueError: as ``rankwise.adapt`` adding an adapter: a taken name, a merged model, or
             ``modules_to_save`` (they are the model's: give them with its first adapter).
     """
