@@ -168,7 +168,8 @@ class Adapted(nn.Module, Generic[AdapterT]):
     def view(self, name: str) -> Adapted[Any]:
         """A wrapper around the same base and the same adapter module ``name``, that adapter alone
         active, not installed anywhere: what code that reads one adapter per layer (checkpoints,
-        PEFT export) reads. Nothing is copied or changed."""
+        PEFT export) reads. Nothing is copied or changed. The view is unmerged even where this
+        layer is merged: read the base weight as it was (:meth:`restored_weight`) from this layer."""
         return Adapted(self.base, self.adapter(name), self.kind, self.configs[name], name)
 
     def forward(self, x: Tensor) -> Tensor:
