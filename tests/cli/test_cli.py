@@ -258,3 +258,13 @@ def test_inspect_reads_a_layer_entry_without_its_own_config_as_load_adapter_does
     assert loaded[0].delta.A.shape == (2, 4)
     assert cli.main(["inspect", str(folder)]) == 0
     assert "  0       linear  4 -> 4     16" in capsys.readouterr().out
+
+
+def test_inspect_reads_checkpoints_with_and_without_weight_shapes_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["inspect", str(_adapter(tmp_path / "new"))]) == 0
+    new = capsys.readouterr().out
+    old = _edit_config(_adapter(tmp_path / "old"), lambda meta: meta["modules"]["0"].pop("weight_shape"))
+    assert cli.main(["inspect", str(old)]) == 0  # as written before weight shapes were recorded
+    assert capsys.readouterr().out == new and "  0       linear  4 -> 4     16" in new

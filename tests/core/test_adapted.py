@@ -260,6 +260,24 @@ def test_per_example_with_a_list_of_the_wrong_length_names_both_numbers_and_chan
     assert all(m.rows is None for m in model.modules() if isinstance(m, Adapted))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_per_example_leaves_the_base_layers_output_as_the_base_returned_it(grad: bool) -> None:
+    """A forward hook on a base layer (or a cache of activations) keeps ``base(x)``: the adapters'
+    rows are added into a new tensor, with or without autograd."""
+    model = _two()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model[2].base.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    names = ["b", None, "a", "b", "a"]  # layer 2 holds both: two groups added, one row left as the base's
+    with torch.set_grad_enabled(grad), rw.per_example(model, names):
+        mixed = model(X)
+    [(x, kept)] = seen
+    with torch.no_grad():
+        assert torch.equal(kept, model[2].base(x))
+        for row, name in enumerate(names):
+            rw.set_active(model, [name] if name else [])
+            torch.testing.assert_close(mixed[row], model(X)[row], rtol=0, atol=1e-6)
+
+
 def test_summary_has_one_row_per_adapter_of_each_layer() -> None:
     model = _two()
     rows = [(r.path, r.adapter, r.params, r.active) for r in rw.summary(model).layers]

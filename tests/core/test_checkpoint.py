@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,13 @@ def test_files_hold_the_documented_keys(tmp_path) -> None:
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["method"] == "dora" and meta["rankwise_version"] == rw.__version__
     assert meta["config"]["rank"] == 3 and meta["config"]["targets"] == ["0", "2"]
-    assert meta["modules"]["2"] == {"base": "linear", "in_features": 5, "out_features": 4, "config": {}}
+    assert meta["modules"]["2"] == {
+        "base": "linear",
+        "in_features": 5,
+        "out_features": 4,
+        "weight_shape": [4, 5],
+        "config": {},
+    }
     tensors = safetensors.torch.load_file(tmp_path / "adapter.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "0.delta.A": (3, 6),
@@ -354,3 +361,51 @@ def test_a_folder_holds_one_layout_saves_refuse_the_other_and_loads_refuse_both(
     rw.set_active(two, "default")
     loaded = rw.load_adapter(_model(), tmp_path / "two" / "default")  # each subfolder still loads
     assert torch.equal(loaded(x), two(x))
+
+
+def _conv(*shape: int | tuple[int, int]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(*shape))
+
+
+def _conv_checkpoint(folder: Path) -> nn.Module:
+    """LoRA on a 3 × 3 Conv2d(4 -> 8), saved in ``folder``: a (8, 36) matrix, like a 1 × 1 on 36 channels."""
+    model = rw.adapt(_conv(4, 8, 3), rw.LoRAConfig(rank=2, targets="0"))
+    nn.init.normal_(model[0].delta.B)
+    rw.save_adapter(model, folder)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("shape", "found"), [((36, 8, 1), "(8, 36, 1, 1)"), ((4, 8, (1, 9)), "(8, 4, 1, 9)")], ids=["1x1", "1x9"]
+)
+def test_a_conv_checkpoint_refuses_another_kernel_with_the_same_flattened_size(shape, found, tmp_path) -> None:
+    _conv_checkpoint(tmp_path)
+    entry = json.loads((tmp_path / "adapter_config.json").read_text())["modules"]["0"]
+    assert entry == {"base": "conv2d", "in_features": 36, "out_features": 8, "weight_shape": [8, 4, 3, 3], "config": {}}
+    files, model = _files(tmp_path), _conv(*shape)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (
+        rf"layer '0' has a weight of shape {re.escape(found)}, the checkpoint expects \(8, 4, 3, 3\): "
+        "the same 36 -> 8 flattened, but another kernel"
+    )
+    with pytest.raises(rw.CheckpointError, match=message):
+        rw.load_adapter(model, tmp_path)
+    assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Conv2d]
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert _files(tmp_path) == files
+
+
+def test_a_checkpoint_written_before_weight_shapes_were_recorded_still_loads(tmp_path) -> None:
+    source = _conv_checkpoint(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    del meta["modules"]["0"]["weight_shape"]  # the JSON is not in the checksum, which covers the tensors
+    path.write_text(json.dumps(meta))
+    loaded = rw.load_adapter(_conv(4, 8, 3), tmp_path)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(x), source(x))
+    with pytest.raises(rw.CheckpointError, match=r"layer '0' is 36 -> 4, the checkpoint expects 36 -> 8"):
+        rw.load_adapter(_conv(36, 4, 1), tmp_path)  # in and out still checked

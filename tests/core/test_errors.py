@@ -600,6 +600,22 @@ CASES = [
         corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(in_features="8")),
     ),
     Case(
+        "a weight shape a number in JSON",
+        _fresh,
+        lambda m, f: rw.load_adapter(m, f),
+        rw.CheckpointError,
+        r"modules\['proj'\]\['weight_shape'\] must be a list, not 16",
+        corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(weight_shape=16)),
+    ),
+    Case(
+        "a weight shape of strings in JSON",
+        _fresh,
+        lambda m, f: rw.load_adapter(m, f),
+        rw.CheckpointError,
+        r"modules\['proj'\]\['weight_shape'\]\[0\] must be an integer, not \"16\"",
+        corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(weight_shape=["16", 8])),
+    ),
+    Case(
         "trainable modules a string in JSON",
         _fresh,
         lambda m, f: rw.load_adapter(m, f),

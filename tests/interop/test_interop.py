@@ -492,3 +492,49 @@ def test_from_peft_refuses_to_add_an_adapter_on_the_models_trainable_head(tmp_pa
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("merged", [["b"], ["a"], ["a", "b"]], ids=["b", "other", "both"])
+def test_to_peft_of_a_merged_model_writes_the_embeddings_unmerged_weight(merged, tmp_path) -> None:
+    # PEFT adds ΔW to the base_layer.weight it loads: the merged weight there would add it twice.
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4)).eval()
+
+    ours = rw.adapt(build(), rw.LoRAConfig(rank=2, targets=("0", "1")), name="a")
+    rw.adapt(ours, rw.LoRAConfig(rank=3, targets=("0",)), name="b")
+    with torch.no_grad():
+        for _, layer in adapted_modules(ours):
+            for adapter in layer.adapters.values():
+                for p in adapter.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+    x = torch.tensor([[1, 2, 3, 9]])
+
+    def run(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    rw.set_active(ours, "b")
+    want = run(ours)
+    key = "base_model.model.0.base_layer.weight"
+
+    def export(folder: str) -> dict[str, torch.Tensor]:
+        rw.interop.to_peft(ours, tmp_path / folder, name="b")
+        return safetensors.torch.load_file(tmp_path / folder / "adapter_model.safetensors")
+
+    unmerged = export("unmerged")
+    assert torch.equal(unmerged[key], build()[0].weight)
+    rw.set_active(ours, merged)
+    rw.merge(ours)
+    written = export("merged")
+    rw.unmerge(ours)
+    assert written.keys() == unmerged.keys()
+    assert all(torch.equal(written[k], unmerged[k]) for k in written if k != key)  # the adapter's own tensors
+    # W0 as unmerge restores it: bit for bit what an export after unmerge writes; the original within
+    # float32 rounding where one adapter is merged (W0 + ΔW − ΔW), bit for bit where several (a copy).
+    assert torch.equal(written[key], export("after unmerge")[key])
+    torch.testing.assert_close(written[key], unmerged[key], rtol=0, atol=0 if len(merged) > 1 else 1e-6)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "merged")
+    _assert_equal_and_adapted(run(theirs), want, run(build()))
+    back = rw.interop.from_peft(build(), tmp_path / "merged").eval()
+    torch.testing.assert_close(run(back), want, rtol=0, atol=1e-6)

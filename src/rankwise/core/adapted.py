@@ -168,7 +168,8 @@ class Adapted(nn.Module, Generic[AdapterT]):
     def view(self, name: str) -> Adapted[Any]:
         """A wrapper around the same base and the same adapter module ``name``, that adapter alone
         active, not installed anywhere: what code that reads one adapter per layer (checkpoints,
-        PEFT export) reads. Nothing is copied or changed."""
+        PEFT export) reads. Nothing is copied or changed. The view is unmerged even where this
+        layer is merged: read the base weight as it was (:meth:`restored_weight`) from this layer."""
         return Adapted(self.base, self.adapter(name), self.kind, self.configs[name], name)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -259,11 +260,13 @@ class Adapted(nn.Module, Generic[AdapterT]):
                 f"{x.shape[0]} rows in dim 0 (the batch); give one name (or None) per example"
             )
         h = self.base(x)
-        # The groups' rows are disjoint, so adding into h in place leaves the rows a later group
-        # reads as they were; under autograd the sum goes to a copy (a base layer may keep its output).
-        y = h.clone() if torch.is_grad_enabled() else h
+        # h stays as the base layer returned it, for a forward hook on the base or an activation
+        # cache that holds it: the first group's rows are added out of place (one new tensor, as
+        # `h + difference` makes on the other paths), the later groups' into that new tensor.
+        y = h
         for name, index in rows.items():
-            y.index_add_(0, index, self._difference(self.adapter(name), x[index], h[index]))
+            difference = self._difference(self.adapter(name), x[index], h[index])
+            y = h.index_add(0, index, difference) if y is h else y.index_add_(0, index, difference)
         return y
 
     @property

@@ -6,6 +6,7 @@ Format (``format_version`` 1)::
       "format": "rankwise-adapter", "format_version": 1, "rankwise_version": "0.1.0",
       "method": "lora", "config": {...the config's fields...},
       "modules": {"<path>": {"base": "linear", "in_features": 64, "out_features": 64,
+                             "weight_shape": [64, 64],
                              "config": {...fields that differ for this layer, e.g. its rank...}}},
       "trainable_modules": ["<path>", ...],
       "tensors_sha256": "<hex digest of adapter.safetensors>"
@@ -13,6 +14,12 @@ Format (``format_version`` 1)::
     adapter.safetensors = {"<path>.delta.<name>": tensor, "<trainable path>.<name>": tensor}
 
 No pickle: tensors are safetensors, everything else JSON.
+
+``weight_shape`` is the base weight's shape in its layer's layout (``[out, in, kh, kw]`` for a
+``Conv2d``, whose ``in_features`` is ``in·kh·kw``): a load compares it, so that an update saved on
+one kernel is not applied to another with the same flattened size. Checkpoints written before
+it was recorded lack it; they load as before, checked on ``base``, ``in_features`` and
+``out_features`` only.
 
 A model with several named adapters saves each in this format: ``save_adapter(model, folder,
 name="b")`` writes adapter ``b`` in ``folder`` (its keys ``<path>.delta.<name>`` as a one-adapter
@@ -173,6 +180,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None =
                 "base": layer.kind,
                 "in_features": layer.delta.in_features,
                 "out_features": layer.delta.out_features,
+                "weight_shape": list(geometry.weight_shape(layer.base)),
                 "config": _jsonable(module_overrides(layer)),
             }
             for path, layer in layers
@@ -255,11 +263,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
 
     Raises:
         CheckpointError: a missing, truncated or corrupted file; an unknown method or config key;
-            layers the model lacks or whose shapes differ; layers ``rankwise.adapt`` would refuse
-            (one registered at two paths, one that is, holds or lies in a trainable module: the
-            model's own when adding); missing, unexpected or mis-shaped tensors (all of them
-            listed); a folder holding several adapters (one per subfolder: load each by its
-            folder), or both a one-adapter checkpoint and adapter subfolders.
+            layers the model lacks or whose shapes differ (a convolution's kernel size too); layers
+            ``rankwise.adapt`` would refuse (one registered at two paths, one that is, holds or lies
+            in a trainable module: the model's own when adding); missing, unexpected or mis-shaped
+            tensors (all of them listed); a folder holding several adapters (one per subfolder:
+            load each by its folder), or both a one-adapter checkpoint and adapter subfolders.
         ValueError: the model holds an adapter ``name`` already, is merged, or the checkpoint has
             trainable modules and the model has adapters (those modules are the model's).
     """
@@ -379,6 +387,10 @@ def _check_types(meta: dict[str, Any], path: Path) -> None:
             if field not in entry:
                 raise CheckpointError(f"{path}: modules['{layer}'] lacks '{field}'")
             check(entry[field], kind, f"modules['{layer}']['{field}']")
+        if "weight_shape" in entry:  # optional: checkpoints written before it was recorded lack it
+            check(entry["weight_shape"], list, f"modules['{layer}']['weight_shape']")
+            for index, size in enumerate(entry["weight_shape"]):
+                check(size, int, f"modules['{layer}']['weight_shape'][{index}]")
 
 
 def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str | None:
@@ -394,6 +406,13 @@ def _layer_mismatch(model: nn.Module, path: str, entry: dict[str, Any]) -> str |
         return (
             f"layer '{path}' is {in_features} -> {out_features}, the checkpoint expects "
             f"{entry['in_features']} -> {entry['out_features']}"
+        )
+    shape = geometry.weight_shape(module)
+    if "weight_shape" in entry and shape != tuple(entry["weight_shape"]):  # a list of ints (_check_types)
+        return (
+            f"layer '{path}' has a weight of shape {shape}, the checkpoint expects {tuple(entry['weight_shape'])}: "
+            f"the same {in_features} -> {out_features} flattened, but another kernel, whose inputs the saved "
+            "update was not trained on"
         )
     return None
 

@@ -139,6 +139,16 @@ def matrix_shape(base: nn.Module, kind: BaseKind) -> tuple[int, int]:
     return out_features, in_features
 
 
+def weight_shape(base: nn.Module) -> tuple[int, ...]:
+    """The shape of the layer's weight in its own layout: what :func:`matrix_shape` says and what it
+    flattens, a convolution's kernel ((out, in, kh, kw): a 3 × 3 kernel on 4 channels and a 1 × 1
+    on 36 have the same (out, 36) matrix, whose columns mean other inputs). A quantized weight,
+    stored packed, gives the (out, in) of the ``nn.Linear`` it was quantized from."""
+    if quantized.is_quantized(base):
+        return quantized.shape(base)
+    return tuple(layer_weight(base).shape)
+
+
 def as_matrix(weight: Tensor, kind: BaseKind) -> Tensor:
     """A tensor in a layer's weight layout (the weight, its gradient) as an (out, in) view."""
     if kind in ("conv1d", "embedding"):

@@ -53,10 +53,11 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, name: str | None = None
             adapter_name=name)``).
 
     An adapted embedding's base weight is written too, as PEFT's ``save_pretrained`` writes it
-    (``save_embedding_layers``), unmerged. PEFT keeps its own copy of each module in
-    ``modules_to_save``; where a trainable module shares
-    a tensor with another module (an LM head tied to the embedding), that module is saved too, so
-    that PEFT's copies hold what both hold here.
+    (``save_embedding_layers``). On a merged model it is the weight ``rankwise.unmerge`` would
+    restore (bit for bit what an export after ``unmerge`` writes), never the merged one, which
+    PEFT would add ``ΔW`` to a second time. PEFT keeps its own copy of each module in
+    ``modules_to_save``; where a trainable module shares a tensor with another module (an LM head
+    tied to the embedding), that module is saved too, so that PEFT's copies hold what both hold here.
 
     Raises:
         ValueError: the model has no adapters, its method has no PEFT form, PEFT does not support
@@ -97,9 +98,14 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, name: str | None = None
     for path in [*trainable, *tied]:
         for name, tensor in model.get_submodule(path).state_dict().items():
             tensors[f"{_PREFIX}{path}.{name}"] = tensor.detach()
+    installed = dict(adapted_modules(model))
     for path, layer in layers:  # as PEFT's save_pretrained does by default for an adapted embedding
         if layer.kind == "embedding":
-            weight = geometry.as_weight(layer.restored_weight(), layer.kind, tuple(layer.weight.shape))
+            # The base weight W0, read from the model's layer: while merged it holds W0 + ΔW of the
+            # merged adapters (any of them, not only this one), which that layer alone knows how to
+            # undo; the view is built unmerged, so its restored weight would be the merged one.
+            restored = installed[path].restored_weight()
+            weight = geometry.as_weight(restored, layer.kind, tuple(layer.weight.shape))
             tensors[f"{_PREFIX}{path}.base_layer.weight"] = weight
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
