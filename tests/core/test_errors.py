@@ -329,6 +329,14 @@ CASES = [
         r"'proj' is the same module as \['alias'\]; replacing it at one path would leave the others unchanged",
     ),
     Case(
+        "loaded adapter naming a layer by its second path",
+        _proj_twice,
+        lambda m, f: rw.load_adapter(m, f),
+        rw.CheckpointError,
+        r"'alias' is the same module as \['proj'\]; replacing it at one path would leave the others unchanged",
+        corrupt=_edit_json(lambda meta: meta["modules"].update({"alias": meta["modules"].pop("proj")})),
+    ),
+    Case(
         "loaded adapter on a layer inside an adapted layer",
         lambda: rw.adapt(_fresh(), rw.LoRAConfig(rank=2, targets="proj")),
         lambda m, f: rw.load_adapter(m, f, name="b"),

@@ -11,13 +11,16 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.checkpoint import CheckpointError, write_files
+from ..core.checkpoint import CheckpointError, check_sha256, file_sha256, write_files
 from ..core.geometry import check_supported
 from ..core.inject import replace_module
+from ..core.targets import check_paths
+from ..core.ties import shared_tensors
 from ..version import __version__
 from .layers import LowRankLayer, empty_like_layer
 
@@ -30,10 +33,11 @@ _WEIGHTS, COMPRESSION_LAYOUT = "model.safetensors", "compression.json"
 
 def save_compressed(model: nn.Module, folder: str | Path) -> None:
     """Write a compressed model: ``model.safetensors`` (the whole state dict) and ``compression.json``
-    (format, version, and each low-rank layer's path and layout), so a reload needs no report.
+    (format, version, each low-rank layer's path and layout, and ``tensors_sha256``, the SHA-256 of
+    ``model.safetensors``, so that a corrupted file refuses to load), so a reload needs no report.
 
-    Tied tensors (an LM head sharing the embedding) are written under each of their keys; loading
-    copies both into the one shared parameter, so the tie survives.
+    Tied tensors (an LM head sharing the embedding) are written under each of their keys, with
+    equal values; loading copies them into the one shared parameter, so the tie survives.
 
     Both files are written in full before either replaces an old one, so a save that fails leaves
     the previous files as they were; both carry one random ``save_id``, so a pair from two saves
@@ -56,30 +60,42 @@ def save_compressed(model: nn.Module, folder: str | Path) -> None:
         storage = value.untyped_storage().data_ptr()
         tensors[key] = value.detach().clone() if storage in seen else value.detach().contiguous()
         seen.add(storage)
-    # The weights through a file, not bytes in memory: a whole model's state dict is large. The
-    # layout last: it is the commit.
-    write_files(
-        {
-            folder / _WEIGHTS: lambda temporary: save_file(tensors, str(temporary), metadata={"save_id": save_id}),
-            folder / COMPRESSION_LAYOUT: json.dumps(layout, indent=2).encode(),
-        }
-    )
+
+    # The weights through a file, not bytes in memory: a whole model's state dict is large, so its
+    # digest is read back from the written file. write_files writes in the order given: the layout,
+    # holding that digest, after the weights; it is renamed last too, so it is the commit.
+    def write_weights(temporary: Path) -> None:
+        save_file(tensors, str(temporary), metadata={"save_id": save_id})
+        layout["tensors_sha256"] = file_sha256(temporary)
+
+    def write_layout(temporary: Path) -> None:
+        temporary.write_bytes(json.dumps(layout, indent=2).encode())
+
+    write_files({folder / _WEIGHTS: write_weights, folder / COMPRESSION_LAYOUT: write_layout})
 
 
 def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
     """Load :func:`save_compressed`'s files into an uncompressed model of the same architecture.
 
-    Every recorded layer is checked against the model (present, same type and shape) and every
-    tensor against the rebuilt model (missing, unexpected and mis-shaped keys listed together)
-    before the model is changed. Returns the same model object, compressed.
+    ``model.safetensors`` is checked against the SHA-256 in ``compression.json``; files saved before
+    the digest was recorded have none and load unchecked. Every recorded layer is checked against
+    the model (present, same type and shape, registered at one path only, as :func:`lord` requires)
+    and every tensor against the rebuilt model (missing, unexpected and mis-shaped keys listed
+    together; one value for the tensors the model shares) before the model is changed. Returns the
+    same model object, compressed.
 
     Raises:
-        CheckpointError: the files do not fit the model.
+        CheckpointError: a missing, unreadable, truncated or corrupted file, or files from two
+            saves; the files do not fit the model: a recorded layer it lacks, of another type or
+            shape, or registered at two paths of it (replacing one would leave the other, or
+            load one path's factors into both); missing, unexpected or mis-shaped tensors; different
+            values in the file for tensors the model ties into one (the last would silently win).
     """
     folder = Path(folder)
     layout = read_layout(folder)
+    weights = folder / _WEIGHTS
     try:
-        with safe_open(folder / _WEIGHTS, framework="pt") as file:
+        with safe_open(weights, framework="pt") as file:
             weights_id = (file.metadata() or {}).get("save_id")
     except (OSError, SafetensorError) as error:  # missing, not safetensors
         raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
@@ -88,13 +104,21 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
             f"{folder}: {_WEIGHTS} and {COMPRESSION_LAYOUT} come from two different saves "
             "(a save interrupted between its two renames); save the model again"
         )
+    if "tensors_sha256" in layout:  # absent in files from before the digest was recorded
+        check_sha256(weights, layout["tensors_sha256"], COMPRESSION_LAYOUT)
+    try:
+        # What lord refuses for these layers, before any is rebuilt: one registered at two paths
+        # would get one path's factors for both, or be replaced at one path and left at the other.
+        check_paths(model, layout["layers"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{folder} does not fit the model: {error}") from None
     built = {path: _rebuild(model, path, entry) for path, entry in layout["layers"].items()}
     expected = {
         k: v.shape for k, v in model.state_dict().items() if not any(k.startswith(path + ".") for path in built)
     }
     for path, layer in built.items():
         expected |= {f"{path}.{k}": v.shape for k, v in layer.state_dict().items()}
-    tensors = load_file(str(folder / _WEIGHTS))
+    tensors = load_file(str(weights))
     problems = [f"missing {sorted(set(expected) - set(tensors))}"] if set(expected) - set(tensors) else []
     if set(tensors) - set(expected):
         problems.append(f"unexpected {sorted(set(tensors) - set(expected))}")
@@ -107,6 +131,9 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         problems.append(f"mis-shaped {shapes}")
     if problems:
         raise CheckpointError(f"{folder} does not fit the model: " + "; ".join(problems))
+    _check_ties(model, tensors, weights)
+    # The keys and shapes load_state_dict checks were checked above, and no layer is shared, so
+    # the rebuilt model's keys are those expected: from here nothing is refused part-way.
     for path, layer in built.items():
         replace_module(model, path, layer)
     model.load_state_dict(tensors, strict=True)
@@ -126,6 +153,9 @@ def read_layout(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} holds no readable compressed model: {error}") from None
     if not isinstance(layout, dict) or layout.get("format") != _FORMAT or layout.get("format_version") != 1:
         raise CheckpointError(f"{path} is not a {_FORMAT} v1 file")
+    digest = layout.get("tensors_sha256", "")  # optional: files saved before it was recorded lack it
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{path}: 'tensors_sha256' must be a string, not {json.dumps(digest)[:80]}")
     return layout
 
 
@@ -171,6 +201,37 @@ def transformers_class(folder: str | Path) -> tuple[type[PreTrainedModel], Pretr
     if model_class is None:
         raise ValueError(f"{folder}: architecture {config.architectures[0]!r} is not a transformers class")
     return model_class, config
+
+
+def _check_ties(model: nn.Module, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """Refuse a file holding different values for tensors that share memory in ``model`` (a head
+    tied to the embedding, a module registered at two paths): loading copies each key into that
+    memory in turn, so the last would silently win. A tie saved from a tied model writes the same
+    bytes under each key, so the criterion is bit equality."""
+    shared = shared_tensors(model)
+    differ = sorted(
+        f"'{key}' and '{partner}'"
+        for key in shared.keys() & tensors.keys()
+        for partner in shared[key]
+        if key < partner and partner in tensors and not _same_bits(tensors[key], tensors[partner])
+    )
+    if differ:
+        raise CheckpointError(
+            f"{weights} holds different values for {', '.join(differ)}, which this model ties to one tensor: "
+            "loading would keep one of them. Load it into a model that holds them apart, as the saved model "
+            "did: untie a tied parameter (module.weight = nn.Parameter(module.weight.detach().clone()); in a "
+            "transformers model also config.tie_word_embeddings = False), give a module used at two paths a "
+            "copy of its own at each"
+        )
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bytes, not values: torch.equal calls NaN unequal to itself and -0.0 equal to 0.0.
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def _rebuild(model: nn.Module, path: str, entry: dict[str, Any]) -> LowRankLayer:

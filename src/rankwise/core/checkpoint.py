@@ -343,14 +343,33 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = DEFAUL
     return compiled if installed is model else installed
 
 
-def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in blocks: a whole model's tensor file
+    need not fit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, sha256: str, record: str) -> None:
+    """Refuse the tensor file at ``path`` unless its SHA-256 is ``sha256``, the digest its
+    checkpoint's ``record`` file holds (written from the same save, after the tensors).
+
+    Raises:
+        CheckpointError: ``path`` does not exist, or is truncated or corrupted (its digest differs).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(f"{path} is truncated or corrupted: its checksum differs from the one in {CONFIG_FILE}")
+    if file_sha256(path) != sha256:
+        raise CheckpointError(f"{path} is truncated or corrupted: its checksum differs from the one in {record}")
+
+
+def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
+    check_sha256(path, sha256, CONFIG_FILE)
     try:
-        return safetensors.torch.load(data)
+        return safetensors.torch.load_file(path)
     except Exception as error:  # safetensors raises its own error type for any malformed header
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 

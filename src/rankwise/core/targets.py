@@ -92,7 +92,9 @@ def check_paths(
         TypeError: a module is not a layer adapters support (see :func:`select`).
     """
     paths = list(paths)
-    modules = dict(outer_modules(model))
+    # Every path a module is registered at: a checkpoint may name a shared layer by any of them,
+    # and it is refused as shared (below), not as absent.
+    modules = dict(outer_modules(model, every_path=True))
     absent = [path for path in paths if path not in modules]
     if absent:
         # A path inside an adapted layer ('x.base') would nest one wrapper in another.
@@ -132,11 +134,14 @@ def _check_layers(
     _check_shared(model, paths, prefix)
 
 
-def outer_modules(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+def outer_modules(
+    model: nn.Module, skip: tuple[type[nn.Module], ...] = (), *, every_path: bool = False
+) -> Iterator[tuple[str, nn.Module]]:
     """Named modules, not descending into ``Adapted`` wrappers (their base is not a target) and
-    leaving out modules of the ``skip`` types with everything inside them."""
+    leaving out modules of the ``skip`` types with everything inside them; a module registered at
+    several paths under its first only, or under each with ``every_path``."""
     closed: list[str] = []
-    for path, module in model.named_modules():
+    for path, module in model.named_modules(remove_duplicate=not every_path):
         if any(path.startswith(prefix) for prefix in closed):
             continue
         if isinstance(module, (Adapted, *skip)):
