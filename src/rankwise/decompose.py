@@ -13,6 +13,11 @@ https://arxiv.org/abs/2408.05883:
 
 Every ``error`` is relative in the Frobenius norm, ``‖A − Â‖_F / ‖A‖_F`` (weighted by ``√w`` for
 the weighted fits). Computations run in the input's dtype; pass float64 for tight tolerances.
+
+Every function refuses an input holding an inf or a NaN with ``ValueError``: such an entry runs
+through every solve and comes back as NaN factors and ``error=nan``. The one exception is an entry
+of ``weighted_als``'s ``A`` whose weight is 0: it is unobserved, so it may hold anything (NaN is the
+usual marker of missing data) and is read as 0.
 """
 
 from __future__ import annotations
@@ -101,8 +106,9 @@ def rank_for_energy(values: Tensor, energy: float) -> int:
     descending (squared singular values, or covariance eigenvalues).
 
     Raises:
-        ValueError: ``energy`` outside (0, 1].
+        ValueError: ``values`` not 1-D or holding an inf or a NaN; ``energy`` outside (0, 1].
     """
+    _check_input("rank_for_energy", "values", values, dims=1, floating=False)
     check_number("rank_for_energy", "energy", energy, 0, 1, low_open=True)
     total = values.sum()
     if total <= 0:  # a zero matrix: any rank is exact, and a layer needs at least one
@@ -123,9 +129,10 @@ def truncated_svd(
     value is always kept.
 
     Raises:
-        ValueError: not exactly one rule, or its value out of range.
+        ValueError: ``A`` not a 2-D floating-point matrix of finite numbers; not exactly one rule,
+            or its value out of range.
     """
-    _check_matrix(A)
+    _check_input("truncated_svd", "A", A)
     rules = {"rank": rank, "energy": energy, "threshold": threshold}
     given = [name for name, value in rules.items() if value is not None]
     if len(given) != 1:
@@ -158,8 +165,11 @@ def als(
         iterations: cap on the number of W/Z sweeps; >= 1.
         tol: stop when the relative error changes by less than this between sweeps.
         seed: seeds the random start, so a fit is reproducible.
+
+    Raises:
+        ValueError: ``A`` not a 2-D floating-point matrix of finite numbers, or a bad argument.
     """
-    return weighted_als(A, torch.ones_like(A), rank, ridge=ridge, iterations=iterations, tol=tol, seed=seed)
+    return _weighted_als("als", A, None, rank, ridge, iterations, tol, seed)
 
 
 def weighted_als(
@@ -176,22 +186,40 @@ def weighted_als(
 
     Each row of W and each column of Z is its own weighted ridge regression (survey §(a), missing
     data): ``w_i = (Σ_j w_ij z_j z_jᵀ + λI)⁻¹ Σ_j w_ij a_ij z_j``. Weights of 0 and 1 mark missing
-    and observed entries; all ones is plain ALS.
+    and observed entries; all ones is plain ALS. An entry of weight 0 is never read: it may hold
+    anything, NaN included, and the fit is the one with 0 stored there.
 
     Args:
-        weights: non-negative, same shape as ``A``.
+        weights: finite and non-negative, same shape as ``A``.
         rank, ridge, iterations, tol, seed: as in :func:`als`.
 
     Raises:
-        ValueError: a bad argument, or a singular solve (a row or column with fewer observed
-            entries than the rank): set ``ridge > 0``.
+        ValueError: ``A`` not a 2-D floating-point matrix, or an inf or NaN in ``A`` where the
+            weight is not 0; a weight that is negative, inf or NaN; a bad argument; or a singular
+            solve (a row or column with fewer observed entries than the rank): set ``ridge > 0``.
     """
-    _check_matrix(A)
-    if weights.shape != A.shape:
-        raise ValueError(f"weighted_als: weights shape {tuple(weights.shape)} must equal A's {tuple(A.shape)}")
-    if (weights < 0).any():
-        raise ValueError("weighted_als: weights must be >= 0")
-    _check_fit_args("weighted_als", A, rank, ridge, iterations)
+    return _weighted_als("weighted_als", A, weights, rank, ridge, iterations, tol, seed)
+
+
+def _weighted_als(
+    owner: str, A: Tensor, weights: Tensor | None, rank: int, ridge: float, iterations: int, tol: float, seed: int
+) -> ALSResult:
+    """:func:`weighted_als` (``weights=None``: every entry observed, plain ALS), its errors naming
+    ``owner``, the public function called."""
+    if weights is None:
+        _check_input(owner, "A", A)
+        weights = torch.ones_like(A)
+    else:
+        if weights.shape != A.shape:
+            raise ValueError(f"{owner}: weights shape {tuple(weights.shape)} must equal A's {tuple(A.shape)}")
+        _check_input(owner, "weights", weights, floating=False, fix="weights must be finite and >= 0")
+        if (weights < 0).any():
+            raise ValueError(f"{owner}: weights must be >= 0")
+        # A weight-0 entry is unobserved and may hold NaN (the usual marker of missing data); left in,
+        # it would poison the fit through 0 · NaN = NaN. Zeroing it changes nothing else: it is never read.
+        A = A.masked_fill(weights == 0, 0)
+        _check_input(owner, "A", A, fix="give missing entries weight 0, or replace them before fitting")
+    _check_fit_args(owner, A, rank, ridge, iterations)
     W, Z = _random_factors(A, rank, seed)
     target = weights * A
     previous = float("inf")
@@ -219,8 +247,12 @@ def hadamard(
         ranks: (r1, r2), the inner dimensions of the two products.
         ridge: λ >= 0; the survey advises λ > 0 where the fixed product is near zero.
         iterations, tol, seed: as in :func:`als`.
+
+    Raises:
+        ValueError: ``A`` not a 2-D floating-point matrix of finite numbers, a bad argument, or a
+            singular solve: set ``ridge > 0``.
     """
-    _check_matrix(A)
+    _check_input("hadamard", "A", A)
     for r in ranks:
         _check_fit_args("hadamard", A, r, ridge, iterations)
     generator = torch.Generator().manual_seed(seed)
@@ -252,8 +284,11 @@ def nearest_kronecker(A: Tensor, b_shape: tuple[int, int], *, terms: int = 1) ->
     Args:
         b_shape: (m1, n1); each must divide the matching dimension of A.
         terms: K, 1 <= K <= min(m1·n1, m2·n2).
+
+    Raises:
+        ValueError: ``A`` not a 2-D floating-point matrix of finite numbers, or a bad argument.
     """
-    _check_matrix(A)
+    _check_input("nearest_kronecker", "A", A)
     (m, n), (m1, n1) = A.shape, b_shape
     if m1 < 1 or n1 < 1 or m % m1 or n % n1:
         raise ValueError(f"nearest_kronecker: b_shape={b_shape} must divide A's shape {(m, n)}")
@@ -274,8 +309,12 @@ def khatri_rao(A: Tensor, m1: int) -> KhatriRaoResult:
 
     Args:
         m1: rows of B; must divide A's row count.
+
+    Raises:
+        ValueError: ``A`` not a 2-D floating-point matrix of finite numbers, or ``m1`` not dividing
+            its row count.
     """
-    _check_matrix(A)
+    _check_input("khatri_rao", "A", A)
     m, n = A.shape
     if m1 < 1 or m % m1:
         raise ValueError(f"khatri_rao: m1={m1} must divide A's {m} rows")
@@ -320,11 +359,30 @@ def _relative_error(A: Tensor, approx: Tensor, weights: Tensor | None = None) ->
     return float(torch.linalg.matrix_norm(residual) / norm) if norm > 0 else float(torch.linalg.matrix_norm(residual))
 
 
-def _check_matrix(A: Tensor) -> None:
-    if A.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {tuple(A.shape)}")
-    if not A.is_floating_point():
-        raise ValueError(f"expected a floating-point matrix, got {A.dtype}")
+def _check_input(
+    owner: str,
+    name: str,
+    tensor: Tensor,
+    *,
+    dims: int = 2,
+    floating: bool = True,
+    fix: str = "replace them (torch.nan_to_num) before decomposing",
+) -> None:
+    """Raise ``ValueError`` naming ``owner`` and the argument ``name`` unless ``tensor`` has ``dims``
+    dimensions, a floating dtype (if ``floating``) and only finite entries: an inf or a NaN passes
+    through every SVD and solve and comes back as NaN factors and ``error=nan``."""
+    kind = "a 2-D matrix" if dims == 2 else f"a {dims}-D tensor"
+    if tensor.dim() != dims:
+        raise ValueError(f"{owner}: expected {name} to be {kind}, got shape {tuple(tensor.shape)}")
+    if floating and not tensor.is_floating_point():
+        raise ValueError(f"{owner}: expected {name} to be a floating-point matrix, got {tensor.dtype}")
+    non_finite = ~torch.isfinite(tensor)
+    if non_finite.any():
+        first = tuple(non_finite.nonzero()[0].tolist())
+        raise ValueError(
+            f"{owner}: {name} has non-finite entries (inf or NaN): {int(non_finite.sum())}, the first at "
+            f"index {first}; {fix}"
+        )
 
 
 def _check_fit_args(owner: str, A: Tensor, rank: int, ridge: float, iterations: int) -> None:

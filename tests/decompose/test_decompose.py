@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
+from typing import Any
 
 import pytest
 import torch
@@ -155,5 +157,70 @@ def test_hadamard_error_never_rises() -> None:
 
 
 def test_decompositions_reject_non_matrices() -> None:
-    with pytest.raises(ValueError, match="expected a 2-D matrix"):
+    with pytest.raises(ValueError, match=r"truncated_svd: expected A to be a 2-D matrix, got shape \(2, 3, 4\)"):
         decompose.truncated_svd(torch.randn(2, 3, 4), rank=1)
+
+
+# Each public function on a tensor with two bad entries, at (1, 2) and (3, 0) of a 6×4 matrix.
+_REFUSING: dict[str, Callable[[torch.Tensor], Any]] = {
+    "truncated_svd": lambda A: decompose.truncated_svd(A, rank=2),
+    "als": lambda A: decompose.als(A, 2),
+    "weighted_als": lambda A: decompose.weighted_als(A, torch.ones_like(A), 2),
+    "hadamard": lambda A: decompose.hadamard(A, (1, 1), iterations=5),
+    "nearest_kronecker": lambda A: decompose.nearest_kronecker(A, (2, 2)),
+    "khatri_rao": lambda A: decompose.khatri_rao(A, 2),
+}
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("name", list(_REFUSING))
+def test_decompositions_refuse_a_non_finite_matrix(name: str, bad: float) -> None:
+    # An inf or NaN would come back as NaN factors and error=nan; the call must refuse instead.
+    A = torch.randn(6, 4, dtype=DOUBLE)
+    A[1, 2], A[3, 0] = bad, -bad
+    before = A.clone()
+    fix = "give missing entries weight 0" if name == "weighted_als" else r"replace them \(torch.nan_to_num\)"
+    message = rf"{name}: A has non-finite entries \(inf or NaN\): 2, the first at index \(1, 2\); {fix}"
+    with pytest.raises(ValueError, match=message):
+        _REFUSING[name](A)
+    torch.testing.assert_close(A, before, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_rank_for_energy_refuses_non_finite_values(bad: float) -> None:
+    values = torch.tensor([4.0, bad, 1.0, bad], dtype=DOUBLE)
+    message = r"rank_for_energy: values has non-finite entries \(inf or NaN\): 2, the first at index \(1,\)"
+    with pytest.raises(ValueError, match=message):
+        decompose.rank_for_energy(values, 0.9)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_weighted_als_refuses_a_non_finite_weight(bad: float) -> None:
+    A = torch.randn(6, 4, dtype=DOUBLE)
+    weights = torch.ones_like(A)
+    weights[2, 1] = bad
+    before = weights.clone()
+    message = (
+        r"weighted_als: weights has non-finite entries \(inf or NaN\): 1, the first at index \(2, 1\); "
+        r"weights must be finite and >= 0"
+    )
+    with pytest.raises(ValueError, match=message):
+        decompose.weighted_als(A, weights, 2)
+    torch.testing.assert_close(weights, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_weighted_als_reads_nan_at_a_zero_weight_as_missing() -> None:
+    # NaN marks missing data; with weight 0 the entry is unobserved, so the fit is the one with 0 there.
+    A = torch.randn(8, 6, dtype=DOUBLE)
+    weights = torch.ones_like(A)
+    weights[[0, 3, 5], [1, 4, 2]] = 0
+    zeros, nans = A.clone(), A.clone()
+    zeros[weights == 0], nans[weights == 0] = 0.0, float("nan")
+    with_zeros = decompose.weighted_als(zeros, weights, 2, seed=4)
+    with_nans = decompose.weighted_als(nans, weights, 2, seed=4)
+    assert torch.equal(with_nans.W, with_zeros.W)
+    assert torch.equal(with_nans.Z, with_zeros.Z)
+    assert with_nans.error == with_zeros.error
+    assert with_nans.iterations == with_zeros.iterations
+    assert 0 < with_nans.error < 1  # a real fit, not NaN
+    assert torch.isnan(nans[weights == 0]).all()  # the caller's matrix is not modified
