@@ -353,23 +353,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_sha256(path: Path, sha256: str, record: str) -> None:
+def check_sha256(path: Path, sha256: str, record: str, data: bytes | None = None) -> None:
     """Refuse the tensor file at ``path`` unless its SHA-256 is ``sha256``, the digest its
     checkpoint's ``record`` file holds (written from the same save, after the tensors).
+
+    Args:
+        data: the file's bytes when the caller has read them whole: those are hashed, so what is
+            checked is what gets loaded (a large file is hashed from disk in blocks instead).
 
     Raises:
         CheckpointError: ``path`` does not exist, or is truncated or corrupted (its digest differs).
     """
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    if file_sha256(path) != sha256:
+    digest = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
+    if digest != sha256:
         raise CheckpointError(f"{path} is truncated or corrupted: its checksum differs from the one in {record}")
 
 
 def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
-    check_sha256(path, sha256, CONFIG_FILE)
+    # An adapter's file is small: read once, hashed and loaded from the same bytes.
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    data = path.read_bytes()
+    check_sha256(path, sha256, CONFIG_FILE, data)
     try:
-        return safetensors.torch.load_file(path)
+        return safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error type for any malformed header
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
