@@ -195,6 +195,14 @@ def test_tsv_and_jsonl_tables_are_read_with_their_columns(tmp_path: Path) -> Non
     )
 
 
+def test_a_json_number_is_one_label_whether_written_as_an_integer_or_a_float(bert: Path, tmp_path: Path) -> None:
+    path = tmp_path / "numbers.jsonl"
+    rows = [{"text": f"t{i}", "label": value} for i, value in enumerate([1, 0, 1.0, 0.0, "1", 2.5])]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    task = task_from_files(bert, path, "classification")
+    assert task.labels == ("1", "0", "1", "0", "1", "2.5")
+
+
 def test_the_python_api_registers_a_task_type_and_runs_it(
     bert: Path, reviews: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,6 +310,11 @@ BAD = [  # (case, args from (tmp_path, bert, llama, reviews) as (t, b, m, d), th
         "longer than the model",
         lambda t, b, m, d: _own(b, d, "classification", "--length", 65),
         "reviews: sequences of 65 tokens are longer than the model's 64 positions",
+    ),
+    (
+        "a NaN label",  # Python's json writes NaN for a missing float: a missing label, not a class
+        lambda t, b, m, d: _own(b, _write(t / "nan.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')),
+        r"nan.jsonl, row 2: no label \('label' is nan\)",
     ),
     ("model without data", lambda t, b, m, d: ["--model", b, "--task", "lm"], "go together; add --data"),
     ("column without data", lambda t, b, m, d: ["--text-column", "body"], "--text-column apply to your own data"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -363,8 +364,10 @@ def _read(data: Path, kind: str, columns: dict[str, str]) -> tuple[list[str], li
         texts.append(text)
         if kind == "classification":
             label = row.get(columns["label"])
-            if label is None or label == "":
-                raise ValueError(f"{data}, row {number}: no label ({columns['label']!r})")
+            if label is None or label == "" or (isinstance(label, float) and not math.isfinite(label)):
+                raise ValueError(f"{data}, row {number}: no label ({columns['label']!r} is {label!r})")
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)  # JSON has one number type: 1.0 and 1 are one class
             # Labels are compared as text: a JSON file's 1, true or [1, 2] are labels too.
             labels.append(label if isinstance(label, str) else json.dumps(label, sort_keys=True))
     if SPLIT_COLUMN not in found:
