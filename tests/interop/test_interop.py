@@ -5,7 +5,9 @@ does not map is refused before anything is written or changed."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 from collections.abc import Callable
 
 import peft
@@ -160,6 +162,81 @@ def test_round_trip_with_head_convolution_and_a_rank_pattern(tmp_path) -> None:
     rw.interop.to_peft(ours, tmp_path / "back")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
     torch.testing.assert_close(again(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def _conv(**options) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, **options), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kernel_size": 3, "stride": 2, "padding": 2},
+        {"kernel_size": (3, 2), "stride": (1, 3), "padding": (0, 1)},
+        # dilation along an axis whose kernel is 1 wide changes nothing; PEFT computes the same
+        {"kernel_size": (1, 3), "stride": 2, "padding": 1, "dilation": (3, 1)},
+        {"kernel_size": 1, "dilation": 2},
+    ],
+    ids=["stride-padding", "rectangular", "dilated-1-wide-axis", "dilated-1x1"],
+)
+def test_lora_on_a_strided_padded_conv2d_equals_peft_both_ways(options, tmp_path) -> None:
+    build = functools.partial(_conv, **options)
+    image = torch.randn(2, 3, 9, 9)
+    ours = rw.adapt(build(), rw.LoRAConfig(rank=2, targets="0")).eval()
+    _randomize(ours)
+    rw.interop.to_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
+    _assert_equal_and_adapted(_run(theirs, image), _run(ours, image), _run(build(), image))
+
+    reference = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "peft")
+    loaded = rw.interop.from_peft(build(), tmp_path / "peft").eval()
+    _assert_equal_and_adapted(_run(reference.eval(), image), _run(loaded, image), _run(build(), image))
+
+
+@pytest.mark.parametrize(
+    ("options", "dilation"),
+    [
+        ({"kernel_size": 3, "stride": 4, "padding": 2, "dilation": 2}, "(2, 2)"),
+        ({"kernel_size": (1, 3), "dilation": (1, 2)}, "(1, 2)"),
+    ],
+    ids=["dilated", "dilated-along-the-kernel"],
+)
+def test_lora_on_a_dilated_conv2d_is_refused_both_ways(options, dilation, tmp_path) -> None:
+    # PEFT's LoRA conv layer builds lora_A without the base's dilation: it would compute another output.
+    message = (
+        rf"'0': PEFT's LORA layer for Conv2d does not apply the base layer's dilation={re.escape(dilation)}, "
+        "so PEFT would compute another output than rankwise; leave this layer out of the targets"
+    )
+    ours = rw.adapt(_conv(**options), rw.LoRAConfig(rank=2, targets="0"))
+    before = _snapshot(ours)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        rw.interop.to_peft(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    _assert_same(_snapshot(ours), before)
+
+    peft.get_peft_model(_conv(**options), peft.LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    base = _conv(**options)
+    before = _snapshot(base)
+    with pytest.raises(rw.CheckpointError, match=f"^{re.escape(str(tmp_path))}: {message}$"):
+        rw.interop.from_peft(base, tmp_path)
+    _assert_same(_snapshot(base), before)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, type]]:
+    """A model's tensors, which of its parameters train, and its module types."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = {k: p.requires_grad for k, p in model.named_parameters()}
+    return state, trained, {k: type(m) for k, m in model.named_modules()}
+
+
+def _assert_same(after: tuple, before: tuple) -> None:
+    (state, trained, types), (state0, trained0, types0) = after, before
+    assert state.keys() == state0.keys() and all(torch.equal(state[k], state0[k]) for k in state)
+    assert (trained, types) == (trained0, types0)
 
 
 def _nested() -> nn.Module:

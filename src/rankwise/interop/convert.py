@@ -26,6 +26,7 @@ from ..core.inject import (
     adapted_modules,
     adapter_names,
     add_wrappers,
+    base_of,
     build,
     check_can_add,
     check_name,
@@ -61,8 +62,9 @@ def to_peft(model: nn.Module, folder: str | os.PathLike, name: str | None = None
 
     Raises:
         ValueError: the model has no adapters, its method has no PEFT form, PEFT does not support
-            one of its layers, its layers differ in a way PEFT cannot express, or a trainable
-            module shares a tensor with an adapted layer. Nothing is written.
+            one of its layers or would compute one differently (LoRA on a dilated ``nn.Conv2d``:
+            PEFT's conv layer leaves out the dilation), its layers differ in a way PEFT cannot
+            express, or a trainable module shares a tensor with an adapted layer. Nothing is written.
     """
     model = uncompiled(model)
     names = adapter_names(model)
@@ -135,8 +137,9 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
         CheckpointError: missing or unreadable files, a PEFT type or option rankwise does not
             model, targets ``rankwise.adapt`` would refuse (when adding, also a target that is,
             holds or lies in one of the model's trainable modules), tensors that do not fit the
-            model (all listed), or a module to save whose tensor this model shares with another
-            module (PEFT loads into a copy of it); when adding an adapter, an embedding base weight
+            model (all listed), a target PEFT's layer computes differently from rankwise's (LoRA
+            on a dilated ``nn.Conv2d``), or a module to save whose tensor this model shares with
+            another module (PEFT loads into a copy of it); when adding an adapter, an embedding base weight
             that differs from the model's.
         ValueError: as ``rankwise.adapt`` adding an adapter: a taken name, a merged model, or
             ``modules_to_save`` (they are the model's: give them with its first adapter).
@@ -163,6 +166,8 @@ def from_peft(model: nn.Module, folder: str | os.PathLike, name: str = DEFAULT) 
         check_can_add(model, config, name)
     try:
         paths = find_targets(model, config, adapted=adding)
+        for path in paths:  # before any wrapper is built: PEFT's model would differ from the one we build
+            _check_applied(fmt, path, base_of(model.get_submodule(path)))
         wrappers = {path: build(model, path, config, _layer_config(fmt, config, meta, path), name) for path in paths}
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{folder}: {error}") from None
@@ -214,7 +219,8 @@ def _peft_format(model: nn.Module, layers: list[tuple[str, Adapted]]) -> PeftFor
     """The PEFT format of the adapter these layers (views, one adapter each) hold.
 
     Raises:
-        ValueError: its method has no PEFT form, or PEFT does not support one of its layers.
+        ValueError: its method has no PEFT form, or PEFT does not support one of its layers or
+            would compute one differently.
     """
     config = layers[0][1].config
     fmt = FORMATS.get(type(config))
@@ -227,7 +233,23 @@ def _peft_format(model: nn.Module, layers: list[tuple[str, Adapted]]) -> PeftFor
                 f"PEFT's {fmt.peft_type} does not support {type(layer.base).__name__} ('{path}'); "
                 f"it supports {sorted(fmt.bases)}"
             )
+        _check_applied(fmt, path, layer.base)
     return fmt
+
+
+def _check_applied(fmt: PeftFormat, path: str, base: nn.Module) -> None:
+    """Both directions: a layer PEFT's layer for ``fmt`` would compute differently is refused.
+
+    Raises:
+        ValueError: ``base`` has an attribute PEFT's layer leaves out (``PeftFormat.unapplied``).
+    """
+    unapplied = fmt.unapplied(base)
+    if unapplied:
+        found = ", ".join(f"{key}={value}" for key, value in unapplied.items())
+        raise ValueError(
+            f"'{path}': PEFT's {fmt.peft_type} layer for {type(base).__name__} does not apply the base layer's "
+            f"{found}, so PEFT would compute another output than rankwise; leave this layer out of the targets"
+        )
 
 
 def _tied_modules(model: nn.Module, trainable: list[str], adapted: list[str]) -> list[str]:

@@ -2,9 +2,10 @@
 
 Every method PEFT and rankwise share with one-to-one parameters is one :class:`PeftFormat` entry;
 :mod:`.convert` reads the table and names no method. To add a method: its PEFT type, the fields
-that select it within that type, the layer kinds PEFT supports for it, its config fields both
-ways, its tensors (PEFT's name, our parameter, PEFT's shape) and the per-layer fields PEFT writes as
-``*_pattern`` dicts. Field by field, and what is refused and why: ``docs/interop.md``.
+that select it within that type, the layer kinds PEFT supports for it (and the attributes of
+theirs its layer leaves out), its config fields both ways, its tensors (PEFT's name, our
+parameter, PEFT's shape) and the per-layer fields PEFT writes as ``*_pattern`` dicts. Field by
+field, and what is refused and why: ``docs/interop.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..adapters import BatConfig, BoneConfig, C3AConfig, DoRAConfig, GraLoRAConfig, LoRAConfig
 from ..core.adapted import Adapted
@@ -60,6 +61,9 @@ class PeftFormat:
     tensors: Callable[[Adapted], Tensors]
     patterns: tuple[Pattern, ...] = ()
     refused: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # as _ANY_TYPE, for this type
+    # The base layer's attributes PEFT's layer for this method does not apply, {name: value}: a
+    # layer of a supported kind that PEFT would still compute differently. Empty where they agree.
+    unapplied: Callable[[nn.Module], dict[str, Any]] = lambda base: {}
 
 
 def _as_is(**tensors: Tensor) -> Tensors:
@@ -91,6 +95,20 @@ def _gralora_tensors(layer: Adapted) -> Tensors:
             }
         )
     return tensors
+
+
+def _lora_unapplied(base: nn.Module) -> dict[str, Any]:
+    """PEFT's LoRA conv layer builds ``lora_A`` as ``Conv2d(in, r, kernel_size, stride, padding)``, so
+    it leaves out the base's dilation, which rankwise's patches (``geometry.to_features``) take.
+    Dilation changes nothing along an axis whose kernel is 1 wide. ``lora_A`` leaves out groups and
+    padding_mode too, but rankwise adapts only ``groups=1``, ``padding_mode="zeros"`` convolutions
+    (``geometry.check_supported``), which are PEFT's defaults; ``lora_B`` is 1 x 1, stride 1, as ours.
+    """
+    if not isinstance(base, nn.Conv2d):
+        return {}
+    if any(k > 1 and d != 1 for k, d in zip(base.kernel_size, base.dilation, strict=True)):
+        return {"dilation": base.dilation}
+    return {}
 
 
 def _lora_write(config: LoRAConfig, conv1d: bool) -> dict[str, Any]:
@@ -146,6 +164,7 @@ FORMATS: dict[type[AdapterConfig], PeftFormat] = {
             tensors=_lora_tensors,
             patterns=_LORA_PATTERNS,
             refused=_LORA_REFUSED,
+            unapplied=_lora_unapplied,
         ),
         PeftFormat(
             DoRAConfig,
