@@ -6,7 +6,9 @@ import csv
 import dataclasses
 import json
 import math
+import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -442,3 +444,76 @@ def test_the_standard_preset_trains_hundreds_of_steps_over_a_wide_learning_rate_
         assert sizes.train >= sizes.steps * sizes.batch_size  # each run sees its training subset once
     # The quick preset stays a few minutes: one task, one seed, one rate, two dozen steps.
     assert (quick.tasks, quick.seeds, quick.lr_factors, quick.sizes["tweets"].steps) == (("tweets",), (0,), (1.0,), 24)
+
+
+def test_the_budget_flag_is_judged_on_the_count_that_trained(tmp_path: Path, make_preset: MakePreset) -> None:
+    # At a budget of 256 the search gives GoRA rank 2 (256 parameters, matched), and its allocation
+    # from gradients then lays out ranks 2 and 1: 192 parameters, 25% under the budget.
+    runner.run_bench(tmp_path, make_preset(seeds=(0, 1)), methods=("gora", "lora"), budget=256, progress=False)
+    rows = _rows(tmp_path)
+    assert [(r["method"], r["seed"], r["size"], r["adapter_params"], r["budget_matched"]) for r in rows] == [
+        ("gora", "0", "rank=2", "192", "no"),
+        ("gora", "1", "rank=2", "192", "no"),
+        ("lora", "0", "rank=2", "256", "yes"),
+        ("lora", "1", "rank=2", "256", "yes"),
+    ]
+    assert "| gora | rank=2 | 192 † |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("proxy", [None, 0.5])
+def test_no_earlier_run_s_model_is_alive_when_a_run_s_memory_is_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset, proxy: float | None
+) -> None:
+    """The peak is reset to the memory in use when a run starts: an earlier model still referenced
+    then (the previous seed's, a sweep's best) would count in this run's peak."""
+    models: list[weakref.ref[torch.nn.Module]] = []
+    alive: list[int] = []
+    train, peak_memory = runner.train, runner.peak_memory
+
+    def tracked(*args, **kwargs):
+        trained = train(*args, **kwargs)
+        models.append(weakref.ref(trained.model))
+        return trained
+
+    @contextmanager
+    def measured(device: torch.device):
+        with peak_memory(device) as result:
+            alive.append(sum(ref() is not None for ref in models))  # right after the reset
+            yield result
+
+    monkeypatch.setattr(runner, "train", tracked)
+    monkeypatch.setattr(runner, "peak_memory", measured)
+    preset = make_preset(seeds=(0, 1, 2), lr_factors=(0.01, 1.0, 10.0), lr_proxy=proxy)
+    runner.run_bench(tmp_path, preset, methods=("lora", "full"), progress=False)
+    assert len(alive) == 2 * (3 + 3 - (proxy is None)) and len(models) == len(alive)
+    assert alive == [0] * len(alive)
+    (chosen,) = [r for r in _rows(tmp_path) if r["method"] == "lora" and r["seed"] == "0" and r["selected"] == "yes"]
+    assert chosen["test_accuracy"]  # the chosen sweep run of the full-length sweep keeps its test metrics
+    if proxy is None:  # ... and the sweep's other runs record none, though they were evaluated
+        assert not any(r["test_accuracy"] for r in _rows(tmp_path) if r["selected"] == "no")
+
+
+@pytest.mark.parametrize("proxy", [None, 0.5])
+def test_later_calls_with_other_seeds_reuse_the_sweep_and_run_each_seed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_preset: MakePreset, proxy: float | None
+) -> None:
+    preset = make_preset(seeds=(0,), lr_factors=(0.01, 1.0, 10.0), lr_proxy=proxy)
+    runner.run_bench(tmp_path, preset, methods=("full",), progress=False)
+    (first,) = [row for row in _rows(tmp_path) if row["selected"] == "yes"]
+    calls: list[tuple[int, float]] = []
+    train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *a, **k: calls.append((a[3], a[4])) or train(*a, **k))
+
+    # Another seed alone: it runs at the factor seed 0's sweep chose; no sweep on seed 3.
+    runner.run_bench(tmp_path, preset, methods=("full",), seeds=(3,), progress=False)
+    assert calls == [(3, float(first["lr"]))]
+    # Then the full list: only the seeds without a selected run.
+    calls.clear()
+    runner.run_bench(tmp_path, preset, methods=("full",), seeds=(0, 1, 2, 3), progress=False)
+    assert calls == [(1, float(first["lr"])), (2, float(first["lr"]))]
+    rows = _rows(tmp_path)
+    swept = [row["seed"] for row in rows if row["selected"] in ("proxy", "no")]
+    assert set(swept) == {"0"} and len(swept) == (3 if proxy else 2)
+    selected = [(row["seed"], row["lr_factor"]) for row in rows if row["selected"] == "yes"]
+    assert selected == [(seed, first["lr_factor"]) for seed in ("0", "3", "1", "2")]
+    assert "| full | - |" in (report := (tmp_path / "results.md").read_text()) and "| 4 |" in report

@@ -26,6 +26,11 @@ TOLERANCE = 0.1  # a count within 10% of the budget counts as matched
 DEFAULT_BUDGET = ("lora", 8)  # the default budget: LoRA at rank 8 on the task's target layers
 
 
+def within_budget(params: int, budget: int, tolerance: float = TOLERANCE) -> bool:
+    """Whether ``params`` is within ``tolerance`` of ``budget``: the count is *matched*."""
+    return abs(params - budget) <= tolerance * budget
+
+
 @dataclass(frozen=True)
 class Sizing:
     """A method's config at the budget.
@@ -36,7 +41,9 @@ class Sizing:
         params: adapter parameters over the target layers (``num_params`` summed).
         budget: the parameters asked for.
         matched: ``params`` is within ``TOLERANCE`` of ``budget``; otherwise the method runs at
-            its nearest setting.
+            its nearest setting. A method that lays its layers out again when it starts (GoRA's
+            allocation from gradients) can train another count: the runner judges each run by the
+            count it measured.
     """
 
     config: AdapterConfig
@@ -135,5 +142,5 @@ def size_to_budget(
             error = refused
             continue
         params = count(config, shapes, model)
-        return Sizing(config, value, params, budget, abs(params - budget) <= tolerance * budget)
+        return Sizing(config, value, params, budget, within_budget(params, budget, tolerance))
     raise ValueError(f"{method}: no {knob or 'default'} setting fits the target layers ({error})")

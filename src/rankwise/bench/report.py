@@ -18,6 +18,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .budget import within_budget
 from .tasks import Task
 
 RESULTS = "results.csv"  # every run, one row each; written by the runner
@@ -45,44 +46,100 @@ class Row:
 
     method: str
     size: str
-    adapter_params: int
-    trainable_params: int
-    matched: str
+    adapter_params: tuple[int, int]  # (smallest, largest) over the seeds: a start from data varies it
+    trainable_params: tuple[int, int]
+    trainable_mean: float  # where the row is plotted
+    matched: str  # "yes": every seed's adapter count within the budget's tolerance; "n/a": a reference
     lr: str
     seeds: int
     diverged: int
     metrics: dict[str, tuple[float, float]]  # name -> (mean, std over seeds; 0 for one seed)
     train_time_s: float
-    peak_memory_mb: float
+    peak_memory_mb: float  # the smallest over the seeds (see aggregate)
 
 
-def aggregate(rows: Sequence[Mapping[str, str]], task: type[Task]) -> tuple[list[Row], dict[str, str]]:
-    """The selected runs of ``task`` per method, and ``{method: reason}`` for those that could not run."""
-    unsupported = {r["method"]: r["note"] for r in rows if r["task"] == task.name and r["status"] == "unsupported"}
+def _matched(runs: Sequence[Mapping[str, str]]) -> str:
+    """``"n/a"`` for a reference (the runner writes ``budget_matched`` ``n/a`` for a recipe without
+    a method: it has no budget to match); else whether every run's measured adapter count is within
+    the budget's tolerance, recomputed from the counts, so that rows written when the flag came from
+    the budget search (before a start from data such as GoRA's moved the count) are judged right."""
+    if any(run["budget_matched"] == "n/a" for run in runs):
+        return "n/a"
+    counts = all(within_budget(int(run["adapter_params"]), int(run["budget"])) for run in runs)
+    return "yes" if counts else "no"
+
+
+def _selected_runs(rows: Sequence[Mapping[str, str]], task: type[Task]) -> dict[str, list[Mapping[str, str]]]:
+    """``{method: its selected runs on task}``, one per seed, all at one learning rate.
+
+    Raises:
+        ValueError: two selected runs of one method and seed, or selected runs at several
+            learning-rate factors (a results file edited, or joined from two folders).
+    """
     by_method: dict[str, list[Mapping[str, str]]] = {}
     for row in rows:
         if row["task"] == task.name and row["selected"] == "yes":
             by_method.setdefault(row["method"], []).append(row)
-    result = []
     for method, runs in by_method.items():
+        seeds = [run["seed"] for run in runs]
+        twice = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=int)
+        if twice:
+            raise ValueError(
+                f"task {task.name!r}, method {method!r}: more than one selected run for seed {', '.join(twice)} "
+                f"(lr_factor {', '.join(run['lr_factor'] for run in runs if run['seed'] in twice)}); the runner "
+                "writes one per seed: delete the extra rows from results.csv"
+            )
+        factors: dict[str, list[str]] = {}
+        for run in runs:
+            factors.setdefault(run["lr_factor"], []).append(run["seed"])
+        if len(factors) > 1:
+            found = "; ".join(f"lr_factor {factor} for seed {', '.join(of)}" for factor, of in factors.items())
+            raise ValueError(
+                f"task {task.name!r}, method {method!r}: the selected runs are at several learning rates "
+                f"({found}); a row averages the seeds of one rate: delete the rows of the other rates from "
+                "results.csv and run those seeds again"
+            )
+    return by_method
+
+
+def aggregate(rows: Sequence[Mapping[str, str]], task: type[Task]) -> tuple[list[Row], dict[str, str]]:
+    """The selected runs of ``task`` per method, and ``{method: reason}`` for those that could not run.
+
+    Everything a row shows is derived from its runs' recorded values. Parameter counts are given as
+    their range over the seeds (GoRA's allocation differs by seed); the budget is matched only if
+    every seed's count is. Peak memory is the smallest over the seeds: runs written before the
+    runner released each run's model before the next one carry earlier models in the later seeds'
+    peaks, and the smallest is the least inflated (the one that started clean, in a proxy sweep's
+    folder); runs that all started clean differ by noise only.
+
+    Raises:
+        ValueError: two selected runs of one method and seed, or selected runs of one method at
+            several learning rates.
+    """
+    unsupported = {r["method"]: r["note"] for r in rows if r["task"] == task.name and r["status"] == "unsupported"}
+    result = []
+    for method, runs in _selected_runs(rows, task).items():
         metrics = {}
         for name in task.metrics:
             values = [float(run[f"test_{name}"]) for run in runs]
             metrics[name] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        adapter = [int(run["adapter_params"]) for run in runs]
+        trainable = [int(run["trainable_params"]) for run in runs]
         first = runs[0]
         result.append(
             Row(
                 method=method,
                 size=first["size"],
-                adapter_params=int(first["adapter_params"]),
-                trainable_params=int(first["trainable_params"]),
-                matched=first["budget_matched"],
+                adapter_params=(min(adapter), max(adapter)),
+                trainable_params=(min(trainable), max(trainable)),
+                trainable_mean=statistics.fmean(trainable),
+                matched=_matched(runs),
                 lr=first["lr"],
                 seeds=len(runs),
                 diverged=sum(run["status"] == "diverged" for run in runs),
                 metrics=metrics,
                 train_time_s=statistics.fmean(float(run["train_time_s"]) for run in runs),
-                peak_memory_mb=statistics.fmean(float(run["peak_memory_mb"]) for run in runs),
+                peak_memory_mb=min(float(run["peak_memory_mb"]) for run in runs),
             )
         )
     # Methods first in the order they ran, then the references.
@@ -95,6 +152,12 @@ def _value(name: str, mean: float, std: float, seeds: int) -> str:
     digits = 1 if name in PERCENT else 2
     text = f"{mean * scale:.{digits}f}"
     return f"{text} ± {std * scale:.{digits}f}" if seeds > 1 else text
+
+
+def _count(span: tuple[int, int]) -> str:
+    """A parameter count, or its range over the seeds where they differ: ``123,720–130,512``."""
+    low, high = span
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
 
 
 def _best(rows: list[Row], name: str, higher_is_better: bool) -> float | None:
@@ -127,9 +190,9 @@ def task_table(rows: Sequence[Mapping[str, str]], task: type[Task]) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {name: _best(aggregated, name, name not in LOWER_IS_BETTER) for name in task.metrics}
     for row in aggregated:
-        params = f"{row.adapter_params:,}" + (" †" if row.matched == "no" else "")
+        params = _count(row.adapter_params) + (" †" if row.matched == "no" else "")
         seeds = f"{row.seeds}" + (f" ({row.diverged} diverged)" if row.diverged else "")
-        cells = [row.method, row.size, params, f"{row.trainable_params:,}", row.lr, seeds]
+        cells = [row.method, row.size, params, _count(row.trainable_params), row.lr, seeds]
         for name in task.metrics:
             mean, std = row.metrics[name]
             text = _value(name, mean, std, row.seeds)
@@ -217,6 +280,7 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
     compared = {s.task for s in standings}
     left_out = [name for name in tasks if name not in compared and any(row["task"] == name for row in rows)]
     methods = list(dict.fromkeys(row.method for s in standings for row in [*s.adapters, *s.references]))
+    gainless = [s.task for s in standings if s.share(s.best) is None]
     table: dict[str, list[str]] = {}
     means: dict[str, float] = {}
     for method in methods:
@@ -224,20 +288,21 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
         for s in standings:
             rows_of_task = [s.frozen, *s.adapters, *s.references]
             row = next((r for r in rows_of_task if r.method == method), None)
-            share = s.share(row) if row is not None else None
-            if row is None or share is None:
+            if row is None:
                 cells.append("–")
                 continue
             ran += 1
-            shares.append(share)
+            share = s.share(row)
+            if share is not None:  # None: no adapter beats the frozen model, there is no gain to share
+                shares.append(share)
             leading = method not in REFERENCES and s.in_top_group(row)
             top += leading
             most = max(r.seeds for r in rows_of_task)
             marks = [" ★" if leading else "", " †" if row.matched == "no" else ""]
             marks.append(f" ({row.seeds} of {most} seeds)" if row.seeds < most else "")
-            cells.append(f"{share:.0f}" + "".join(marks))
+            cells.append(("n/a" if share is None else f"{share:.0f}") + "".join(marks))
         means[method] = statistics.fmean(shares) if shares else -math.inf
-        average = f"{means[method]:.0f}" if shares else "–"
+        average = f"{means[method]:.0f}" if shares else "n/a"  # it ran only where nothing gains
         table[method] = [method, *cells, average, f"{top} of {ran}" if method not in REFERENCES else "–"]
     order = sorted(methods, key=lambda m: (m in REFERENCES, -means[m]))
     header = ["method", *(s.task for s in standings), "mean share", "top group"]
@@ -249,6 +314,15 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
         "deviation of the two). † off the budget. – not run on that task; a row still running gives its",
         "seeds so far. Sorted by the mean share over the tasks a method ran.",
         "",
+        *(
+            [
+                f"n/a: no adapter beats the frozen model on {', '.join(gainless)}, so there is no gain to share;",
+                "the mean share leaves the task out, the top group counts it.",
+                "",
+            ]
+            if gainless
+            else []
+        ),
         *([f"Left out, no frozen reference or no adapter yet: {', '.join(left_out)}.", ""] if left_out else []),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -311,9 +385,10 @@ def write_markdown(path: Path, rows: Sequence[Mapping[str, str]], tasks: Mapping
             "# Benchmark results",
             "",
             "Written by `rankwise bench`. Test metrics, mean ± standard deviation over seeds, each recipe at the",
-            "learning rate its validation split chose. Best mean per column in bold. † the method's size could",
-            "not match the budget (within 10%); it ran at its nearest setting. `trainable` includes the task",
-            "head. Method: docs/benchmarks.md.",
+            "learning rate its validation split chose. Best mean per column in bold. † the adapter parameters",
+            "of some seed are off the budget by more than 10% (the method's nearest size, or a start from data",
+            "that laid the layers out again); a range gives the counts where the seeds differ. `trainable`",
+            "includes the task head. `peak MB` is the smallest over the seeds. Method: docs/benchmarks.md.",
             "",
             *[section for section in sections if section],
         ]
@@ -335,7 +410,7 @@ def read_curves(path: Path) -> dict[tuple[str, str, str, str], list[float]]:
     return curves
 
 
-def spread(counts: Sequence[int], step: float) -> list[float]:
+def spread(counts: Sequence[float], step: float) -> list[float]:
     """x positions on a log axis for positive ``counts``, so that no two points are closer than
     ``step`` decades: a count with no other that close stays where it is; a run of closer counts is
     spaced ``step`` apart around its middle, in the order of the counts (ties in the given order).
@@ -370,15 +445,15 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
     figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
     scale = 100 if task.primary in PERCENT else 1
-    trained = [row for row in aggregated if row.trainable_params > 0]
-    counts = [row.trainable_params for row in trained]
+    trained = [row for row in aggregated if row.trainable_mean > 0]
+    counts = [row.trainable_mean for row in trained]
     # A log axis shows at least about one decade, however close the counts.
     decades = max(1.0, math.log10(max(counts) / min(counts))) if counts else 1.0
     positions = dict(zip((row.method for row in trained), spread(counts, SPREAD * decades), strict=True))
     methods = 0
     for row in aggregated:
         mean, std = (v * scale for v in row.metrics[task.primary])
-        if row.trainable_params == 0:  # nothing trained: a line at the untrained model's value
+        if row.trainable_mean == 0:  # nothing trained: a line at the untrained model's value
             axes.axhline(mean, color="grey", linestyle="--", linewidth=1)
             axes.annotate(row.method, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=8, color="grey")
             continue
@@ -399,7 +474,7 @@ def plot_metric_vs_params(path: Path, rows: Sequence[Mapping[str, str]], task: t
             marker=marker,
         )
     axes.set_xscale("log")
-    axes.set_xlabel("trainable parameters (incl. head); points of near-equal counts spread sideways")
+    axes.set_xlabel("trainable parameters (incl. head; mean over seeds); points of near-equal counts spread sideways")
     axes.set_ylabel(f"test {LABELS[task.primary]}")
     axes.set_title(task.description, fontsize=9)
     axes.grid(alpha=0.3)

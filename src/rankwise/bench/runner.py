@@ -9,8 +9,9 @@ trains) and ``full`` (every parameter trains).
 
 Learning rates: each recipe starts from its config's ``recommended_lr`` (the references from
 ``HEAD_LR`` and the task's ``full_lr``). With more than one ``lr_factors`` the first seed runs once
-per factor, the validation split picks the factor, and the remaining seeds run at it; the test
-split is evaluated on chosen runs only, so it never informs a choice.
+per factor, the validation split picks the factor, and the remaining seeds run at it (a later call
+with other seeds reuses that sweep, whatever seed it ran on); test metrics are kept for chosen runs
+only, so the test split never informs a choice.
 
 Every finished run is appended to ``results.csv`` at once (a learning-rate sweep when the whole
 sweep is done), so a run that is interrupted resumes where it stopped when called again with the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import math
 import platform
@@ -44,7 +46,7 @@ from ..core.capabilities import AllocatorFactory, Initializer
 from ..core.config import AdapterConfig
 from ..core.inject import adapted_modules, module_overrides
 from . import report
-from .budget import Sizing, default_budget, size_to_budget
+from .budget import Sizing, default_budget, size_to_budget, within_budget
 from .cache import FrozenLayersCache
 from .tasks import METRICS, TASKS, AssetMissing, Sizes, Task
 
@@ -149,7 +151,11 @@ def _lora_plus(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def _from_data(initializer: Initializer, model: nn.Module, task: Task, seed: int, device: torch.device) -> None:
     """Run a method's start from data on ``INIT_BATCHES`` training batches, with the initializer's
-    defaults: they keep the parameter count of the config, the budget it was sized to."""
+    defaults. The count it lays out can differ from the config's, the budget it was sized to: GoRA
+    caps each layer's rank (``r_max``, and a layer's in_features) and does not hand what the caps
+    drop to other layers, so it can train well under the budget (about 30% under on ``fashion``'s
+    narrow convolutions), by an amount that varies with the seed's batches. Each row records the
+    count measured after this start and whether it is within the budget."""
     generator = torch.Generator().manual_seed(seed)
     indices = _batch_indices(task.num_examples("train"), task.sizes.batch_size, INIT_BATCHES, generator)
     initializer(model, [task.batch("train", index, device) for index in indices], loss_fn=task.loss, seed=seed)
@@ -365,9 +371,12 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
     ``rss-hwm``, the process's resident-set high-water mark reset at the start
     (``/proc/self/clear_refs``); elsewhere ``rss-process-peak``, the peak since the process
     started (``resource.getrusage``), an upper bound. CPU figures are the whole process, so they
-    include the pretrained model kept for the next run, the same for every row of a task.
+    include the pretrained model kept for the next run, the same for every row of a task. Garbage
+    is collected before the reset, so that an earlier run's model whose last reference was dropped
+    (the caller's job) but which sits in a reference cycle is not part of this peak.
     """
     result: dict[str, Any] = {}
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif platform.system() == "Linux":
@@ -487,7 +496,8 @@ def _row(
         budget=budget,
         adapter_params=run.adapter,
         trainable_params=run.trainable,
-        budget_matched=("yes" if sizing.matched else "no") if sizing else "n/a",
+        # The count that trained, not the search's: a start from data (GoRA) lays the layers out again.
+        budget_matched=("yes" if within_budget(run.adapter, budget) else "no") if sizing else "n/a",
         steps=len(run.losses),
         final_train_loss=f"{sum(tail) / len(tail):.4f}" if tail else "",
         train_time_s=f"{run.seconds:.2f}",
@@ -760,7 +770,9 @@ def _run_recipe(
 
     def run(
         seed: int, factor: float, splits: tuple[str, ...], steps: int | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any], Trained]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One run, evaluated on ``splits``: its row and its loss curve. Its model is released on
+        return, so that it is not in memory while the next run is measured."""
         lr = base_lr * factor
         config = recipe.configured(sizing.config, task, steps) if sizing else None
         trained = train(task, recipe, config, seed, lr, device, steps, cache)
@@ -774,64 +786,77 @@ def _run_recipe(
             "lr_factor": row["lr_factor"],
             "losses": trained.losses,
         }
-        return row, curve, trained
+        return row, curve
 
     chosen = factors[0]
-    remaining = list(seeds)
-    if len(factors) > 1 and recipe.trains(task) and proxy is not None:
-        # The sweep is a set of shortened runs on the first seed; every seed then runs in full.
-        done = [row for row in results.find(task.name, recipe.name, seeds[0]) if row["selected"] == PROXY]
-        if not done:
+    swept_now = None  # the seed whose chosen full-length sweep run this call ran: its seed's run
+    if len(factors) > 1 and not recipe.trains(task):
+        # Nothing trains, so there is no learning rate to choose: one run per seed.
+        chosen = 1.0
+        bar.update(planned - len(seeds))
+    elif len(factors) > 1:
+        done = _sweep_rows(results, task, recipe)
+        if done:
+            bar.update(planned - len(seeds))
+        elif proxy is not None:
+            # Shortened runs on the first seed; every seed then runs in full.
             steps = max(1, round(proxy * task.sizes.steps))
-            rows, curves = [], []
+            curves: list[dict[str, Any]] = []
 
             def sweep(factor: float) -> None:
-                row, curve, _ = run(seeds[0], factor, ("val",), steps)
+                row, curve = run(seeds[0], factor, ("val",), steps)
                 row["selected"] = PROXY
-                rows.append(row)
+                done.append(row)
                 curves.append({**curve, "proxy": True})
                 bar.update(1)
 
             for factor in factors:
                 sweep(factor)
-            for factor in _extensions(task, rows, _extended(factors, preset.lr_extend)):
+            for factor in _extensions(task, done, _extended(factors, preset.lr_extend)):
                 bar.total += 1  # a run the plan did not count
                 sweep(factor)
-            results.add(rows, curves)  # the whole sweep at once, so a resumed run sees all or none
-            done = rows
+            results.add(done, curves)  # the whole sweep at once, so a resumed run sees all or none
         else:
-            bar.update(len(factors))
-        grid = _extended(factors, preset.lr_extend)
-        # In the order of the rates, so that a tie goes to the smaller one wherever it was swept.
-        chosen = _factor(grid, _choice(task, sorted(done, key=lambda row: _factor(grid, row))))
-    elif len(factors) > 1 and recipe.trains(task):
-        first = remaining.pop(0)
-        done = results.find(task.name, recipe.name, first)
-        if done:
-            chosen = _factor(factors, next(row for row in done if row["selected"] == "yes"))
-            bar.update(len(factors))
-        else:
-            rows, curves, best_model = [], [], None
+            # Every factor runs in full on the first seed, and the chosen run is that seed's.
+            curves, tests = [], []
             for factor in factors:
-                row, curve, trained = run(first, factor, ("val",))
-                rows.append(row)
+                # Test is evaluated now, so that this run's model is gone before the next run
+                # starts; only the chosen run keeps its test metrics (the choice reads validation).
+                row, curve = run(seeds[0], factor, ("val", "test"))
+                tests.append({key: row[key] for key in row if key.startswith("test_")})
+                row.update(dict.fromkeys(tests[-1], ""))
+                done.append(row)
                 curves.append(curve)
-                if _choice(task, rows) is row:
-                    best_model = trained.model  # only the best model is kept: the LM's are 0.5 GB each
                 bar.update(1)
-            best_row = _choice(task, rows)
-            assert best_model is not None  # _choice returns one of the rows, whose model was kept
-            best_row["selected"] = "yes"
-            _add_metrics(best_row, "test", task.evaluate(best_model, "test", device))
-            chosen = _factor(factors, best_row)
-            results.add(rows, curves)
-    elif len(factors) > 1:
-        # Nothing trains, so there is no learning rate to choose: one run per seed.
-        chosen = 1.0
-        bar.update(planned - len(seeds))
-    for seed in remaining:
-        if not [row for row in results.find(task.name, recipe.name, seed, chosen) if row["selected"] == "yes"]:
-            row, curve, _ = run(seed, chosen, ("test",))
+            best = _choice(task, done)
+            best.update(selected="yes", **tests[done.index(best)])
+            results.add(done, curves)
+            swept_now = seeds[0]
+        if proxy is not None:
+            grid = _extended(factors, preset.lr_extend)
+            # In the order of the rates, so that a tie goes to the smaller one wherever it was swept.
+            chosen = _factor(grid, _choice(task, sorted(done, key=lambda row: _factor(grid, row))))
+        else:
+            chosen = _factor(factors, next(row for row in done if row["selected"] == "yes"))
+    for seed in seeds:
+        if seed == swept_now:
+            continue  # counted with the sweep
+        # A seed with a selected run is done, whatever its rate: run again, it would count twice.
+        if not [row for row in results.find(task.name, recipe.name, seed) if row["selected"] == "yes"]:
+            row, curve = run(seed, chosen, ("test",))
             row["selected"] = "yes"
             results.add([row], [curve])
         bar.update(1)
+
+
+def _sweep_rows(results: Results, task: Task, recipe: Recipe) -> list[dict[str, str]]:
+    """The learning-rate sweep of ``recipe`` on ``task`` already in ``results``, whatever seed it ran
+    on (a later call may start from another seed): its proxy rows, or the full-length rows of the
+    seed that ran every factor (its ``no`` rows and its ``yes`` row); ``[]`` when there is none. A
+    folder written before sweeps were looked up this way can hold a second sweep, on a later call's
+    first seed: the first one written is the sweep."""
+    swept = [row for row in results.find(task.name, recipe.name) if row["selected"] in (PROXY, "no")]
+    if not swept:
+        return []
+    kinds = (PROXY,) if swept[0]["selected"] == PROXY else ("yes", "no")
+    return [row for row in results.find(task.name, recipe.name, int(swept[0]["seed"])) if row["selected"] in kinds]
