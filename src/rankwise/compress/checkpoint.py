@@ -105,7 +105,7 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
             "(a save interrupted between its two renames); save the model again"
         )
     if "tensors_sha256" in layout:  # absent in files from before the digest was recorded
-        check_sha256(weights, layout["tensors_sha256"], COMPRESSION_LAYOUT)
+        check_sha256(weights, file_sha256(weights), layout["tensors_sha256"], COMPRESSION_LAYOUT)
     try:
         # What lord refuses for these layers, before any is rebuilt: one registered at two paths
         # would get one path's factors for both, or be replaced at one path and left at the other.

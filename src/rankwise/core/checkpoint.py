@@ -353,21 +353,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_sha256(path: Path, sha256: str, record: str, data: bytes | None = None) -> None:
-    """Refuse the tensor file at ``path`` unless its SHA-256 is ``sha256``, the digest its
-    checkpoint's ``record`` file holds (written from the same save, after the tensors).
-
-    Args:
-        data: the file's bytes when the caller has read them whole: those are hashed, so what is
-            checked is what gets loaded (a large file is hashed from disk in blocks instead).
+def check_sha256(path: Path, digest: str, recorded: str, record: str) -> None:
+    """Refuse the tensor file at ``path``, whose SHA-256 is ``digest``, unless it is ``recorded``,
+    the digest its checkpoint's ``record`` file holds (written from the same save, after the tensors).
 
     Raises:
-        CheckpointError: ``path`` does not exist, or is truncated or corrupted (its digest differs).
+        CheckpointError: the file is truncated or corrupted (the digests differ).
     """
-    if data is None and not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    digest = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
-    if digest != sha256:
+    if digest != recorded:
         raise CheckpointError(f"{path} is truncated or corrupted: its checksum differs from the one in {record}")
 
 
@@ -376,7 +369,7 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     data = path.read_bytes()
-    check_sha256(path, sha256, CONFIG_FILE, data)
+    check_sha256(path, hashlib.sha256(data).hexdigest(), sha256, CONFIG_FILE)
     try:
         return safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error type for any malformed header

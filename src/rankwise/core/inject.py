@@ -266,14 +266,14 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             model = replace_module(model, path, layer.base)
         else:
             layer.remove(name)
-    if head and not model_trainable(model):
+    remaining = adapter_names(model)
+    if head and remaining and not model_trainable(model):
         # The trainable modules are the model's, recorded on the adapter that named them; when that
         # one goes, the next adapter records them, or a later save would leave the trained head out.
-        heir = adapter_names(model)[:1]
+        heir = remaining[0]
         for _, layer in adapted_modules(model):
-            for kept in heir:
-                if kept in layer.configs:
-                    layer.configs[kept] = dataclasses.replace(layer.configs[kept], trainable=head)
+            if heir in layer.configs:
+                layer.configs[heir] = dataclasses.replace(layer.configs[heir], trainable=head)
     return model
 
 
