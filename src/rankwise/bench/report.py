@@ -147,7 +147,8 @@ def aggregate(rows: Sequence[Mapping[str, str]], task: type[Task]) -> tuple[list
     return result, unsupported
 
 
-def _value(name: str, mean: float, std: float, seeds: int) -> str:
+def mean_sd(name: str, mean: float, std: float, seeds: int) -> str:
+    """Metric ``name``'s mean ± standard deviation over ``seeds``, as the tables print it."""
     scale = 100 if name in PERCENT else 1
     digits = 1 if name in PERCENT else 2
     text = f"{mean * scale:.{digits}f}"
@@ -195,7 +196,7 @@ def task_table(rows: Sequence[Mapping[str, str]], task: type[Task]) -> str:
         cells = [row.method, row.size, params, _count(row.trainable_params), row.lr, seeds]
         for name in task.metrics:
             mean, std = row.metrics[name]
-            text = _value(name, mean, std, row.seeds)
+            text = mean_sd(name, mean, std, row.seeds)
             cells.append(f"**{text}**" if best[name] is not None and mean == best[name] else text)
         cells += [f"{row.train_time_s:.1f}", f"{row.peak_memory_mb:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -335,7 +336,7 @@ def across_tasks(rows: Sequence[Mapping[str, str]], tasks: Mapping[str, type[Tas
         "|---|---|---|---|---|---|---|",
     ]
     for s in standings:
-        value = {row.method: _value(s.metric, *row.metrics[s.metric], row.seeds) for row in [s.frozen, *s.adapters]}
+        value = {row.method: mean_sd(s.metric, *row.metrics[s.metric], row.seeds) for row in [s.frozen, *s.adapters]}
         lines.append(
             f"| {s.task} | {s.metric} | {value['frozen']} | {s.best.method} {value[s.best.method]} | "
             f"{s.best_over_frozen():.1f} SD | {s.worst.method} {value[s.worst.method]} | {s.best_over_worst():.1f} SD |"
