@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import edit_json
 from torch import nn
 
 import rankwise as rw
@@ -83,16 +84,6 @@ def _flip_bit(folder: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _edit_layout(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def corrupt(folder: Path) -> None:
-        path = folder / "compression.json"
-        layout = json.loads(path.read_text())
-        change(layout)
-        path.write_text(json.dumps(layout))
-
-    return corrupt
-
-
 @dataclass
 class Case:
     id: str
@@ -115,7 +106,7 @@ CASES = [
         _blocks("a.lin"),
         TwoBlocks,
         r"compression.json: 'tensors_sha256' must be a string, not 5",
-        corrupt=_edit_layout(lambda layout: layout.update(tensors_sha256=5)),
+        corrupt=edit_json("compression.json", lambda layout: layout.update(tensors_sha256=5)),
     ),
     Case(
         "two values for a tied head and embedding",
@@ -188,7 +179,7 @@ def test_the_layout_records_the_digest_of_the_tensor_file(tmp_path: Path) -> Non
 def test_a_checkpoint_saved_before_the_digest_was_recorded_still_loads(tmp_path: Path) -> None:
     saved = _blocks("a.lin")()
     save_compressed(saved, tmp_path)
-    _edit_layout(lambda layout: layout.pop("tensors_sha256"))(tmp_path)
+    edit_json("compression.json", lambda layout: layout.pop("tensors_sha256"))(tmp_path)
     model = load_compressed(TwoBlocks(), tmp_path)
     assert isinstance(model.a.lin, LowRankLinear) and isinstance(model.b.lin, nn.Linear)
     x = torch.randn(3, 16)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from _checkpoints import edit_json
 from torch import nn
 
 import rankwise as rw
@@ -58,6 +59,9 @@ def _adapted() -> Net:
     return model
 
 
+_edit_config = partial(edit_json, "adapter_config.json")  # the adapter checkpoint's metadata
+
+
 @dataclass
 class Case:
     id: str
@@ -66,16 +70,6 @@ class Case:
     error: type[Exception]
     match: str
     corrupt: Callable[[Path], None] | None = None  # damage applied to the checkpoint first
-
-
-def _edit_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def corrupt(folder: Path) -> None:
-        path = folder / "adapter_config.json"
-        meta = json.loads(path.read_text())
-        change(meta)
-        path.write_text(json.dumps(meta))
-
-    return corrupt
 
 
 def _truncate(folder: Path) -> None:
@@ -96,7 +90,7 @@ def _rename_tensor(folder: Path) -> None:
     tensors["proj.delta.C"] = tensors.pop("proj.delta.B")
     data = safetensors.torch.save(tensors)
     (folder / "adapter.safetensors").write_bytes(data)
-    _edit_json(lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))(folder)
+    _edit_config(lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))(folder)
 
 
 def _poison(model: nn.Module) -> None:
@@ -319,7 +313,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"modules are both targets and trainable \(target 'head' is trainable 'head'\)",
-        corrupt=_edit_json(lambda meta: meta["config"].update(trainable=["head"])),
+        corrupt=_edit_config(lambda meta: meta["config"].update(trainable=["head"])),
     ),
     Case(
         "loaded adapter on a layer registered at two paths",
@@ -334,7 +328,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"'alias' is the same module as \['proj'\]; replacing it at one path would leave the others unchanged",
-        corrupt=_edit_json(lambda meta: meta["modules"].update({"alias": meta["modules"].pop("proj")})),
+        corrupt=_edit_config(lambda meta: meta["modules"].update({"alias": meta["modules"].pop("proj")})),
     ),
     Case(
         "loaded adapter on a layer inside an adapted layer",
@@ -342,7 +336,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f, name="b"),
         rw.CheckpointError,
         r"\['proj.base'\] name no module of the model outside its adapted layers",
-        corrupt=_edit_json(lambda meta: meta["modules"].update({"proj.base": meta["modules"].pop("proj")})),
+        corrupt=_edit_config(lambda meta: meta["modules"].update({"proj.base": meta["modules"].pop("proj")})),
     ),
     Case(
         "several adapters saved over a one-adapter checkpoint",
@@ -407,7 +401,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "alpha=nan must be a finite number",
-        corrupt=_edit_json(lambda meta: meta["config"].update(alpha=float("nan"))),
+        corrupt=_edit_config(lambda meta: meta["config"].update(alpha=float("nan"))),
     ),
     Case("unknown method name", _fresh, lambda m, f: rw.make_config("lorra"), ValueError, "unknown method 'lorra'"),
     Case(
@@ -495,7 +489,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "unknown config keys \\['ranks'\\]",
-        corrupt=_edit_json(lambda meta: meta["config"].update(ranks=4)),
+        corrupt=_edit_config(lambda meta: meta["config"].update(ranks=4)),
     ),
     Case(
         "unknown method in JSON",
@@ -503,7 +497,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "unknown method 'lorax'",
-        corrupt=_edit_json(lambda meta: meta.update(method="lorax")),
+        corrupt=_edit_config(lambda meta: meta.update(method="lorax")),
     ),
     Case(
         "bad value in JSON",
@@ -511,7 +505,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "rank=-3",
-        corrupt=_edit_json(lambda meta: meta["config"].update(rank=-3)),
+        corrupt=_edit_config(lambda meta: meta["config"].update(rank=-3)),
     ),
     Case(
         "shape mismatch on load",
@@ -519,7 +513,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "(?s)mis-shaped keys.*proj.delta.A: file \\(2, 8\\), model \\(4, 8\\)",
-        corrupt=_edit_json(lambda meta: meta["config"].update(rank=4)),
+        corrupt=_edit_config(lambda meta: meta["config"].update(rank=4)),
     ),
     Case(
         "another architecture",
@@ -581,7 +575,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"'config' must be an object, not \[8\]",
-        corrupt=_edit_json(lambda meta: meta.update(config=[8])),
+        corrupt=_edit_config(lambda meta: meta.update(config=[8])),
     ),
     Case(
         "modules a list in JSON",
@@ -589,7 +583,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"'modules' must be an object, not \[\"proj\"\]",
-        corrupt=_edit_json(lambda meta: meta.update(modules=["proj"])),
+        corrupt=_edit_config(lambda meta: meta.update(modules=["proj"])),
     ),
     Case(
         "a module entry a string in JSON",
@@ -597,7 +591,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"modules\['proj'\] must be an object, not \"linear\"",
-        corrupt=_edit_json(lambda meta: meta["modules"].update(proj="linear")),
+        corrupt=_edit_config(lambda meta: meta["modules"].update(proj="linear")),
     ),
     Case(
         "a width a string in JSON",
@@ -605,7 +599,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"modules\['proj'\]\['in_features'\] must be an integer, not \"8\"",
-        corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(in_features="8")),
+        corrupt=_edit_config(lambda meta: meta["modules"]["proj"].update(in_features="8")),
     ),
     Case(
         "a weight shape a number in JSON",
@@ -613,7 +607,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"modules\['proj'\]\['weight_shape'\] must be a list, not 16",
-        corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(weight_shape=16)),
+        corrupt=_edit_config(lambda meta: meta["modules"]["proj"].update(weight_shape=16)),
     ),
     Case(
         "a weight shape of strings in JSON",
@@ -621,7 +615,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         r"modules\['proj'\]\['weight_shape'\]\[0\] must be an integer, not \"16\"",
-        corrupt=_edit_json(lambda meta: meta["modules"]["proj"].update(weight_shape=["16", 8])),
+        corrupt=_edit_config(lambda meta: meta["modules"]["proj"].update(weight_shape=["16", 8])),
     ),
     Case(
         "trainable modules a string in JSON",
@@ -629,7 +623,7 @@ CASES = [
         lambda m, f: rw.load_adapter(m, f),
         rw.CheckpointError,
         "'trainable_modules' must be a list",
-        corrupt=_edit_json(lambda meta: meta.update(trainable_modules="head")),
+        corrupt=_edit_config(lambda meta: meta.update(trainable_modules="head")),
     ),
 ]
 
