@@ -83,11 +83,16 @@ def main() -> None:
     task = TASKS[task_name](preset.sizes_for(TASKS[task_name]))
     if not task.head:
         raise SystemExit(f"{task_name} has no head to train at its own rate")
-    head_lr, _ = _chosen(rows, "frozen")
+    head_lr, frozen_runs = _chosen(rows, "frozen")
     out = args.out or Path("benchmarks/results") / f"head-rate-{task_name}"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / RESULTS
     done = list(csv.DictReader(done_path.open(newline=""))) if done_path.exists() else []
+    # A resumed call must be the same experiment: rows of another task or head rate would be
+    # skipped as done and averaged with these.
+    foreign = {(row["task"], row["head_lr"]) for row in done} - {(task_name, f"{head_lr:.3g}")}
+    if foreign:
+        raise SystemExit(f"{done_path} holds runs of other tasks or head rates {sorted(foreign)}; give another --out")
 
     task.prepare()
     budget = settings["budget"] or default_budget(task.pretrained, task.targets, task.head)
@@ -101,7 +106,12 @@ def main() -> None:
         config = recipe.configured(sizing.config, task)
         separate = dataclasses.replace(recipe, optimizer=head_in_own_group(recipe.optimizer, task.head, head_lr))
         for seed in sorted(own):
-            if any(row["method"] == method and int(row["seed"]) == seed for row in done):
+            earlier = [row for row in done if row["method"] == method and int(row["seed"]) == seed]
+            if earlier and earlier[0]["lr"] != f"{lr:.3g}":
+                raise SystemExit(
+                    f"{done_path}: {method} seed {seed} ran at {earlier[0]['lr']}, the folder chose {lr:.3g}"
+                )
+            if earlier:
                 continue
             trained = train(task, separate, config, seed, lr, torch.device("cpu"))
             metrics = task.evaluate(trained.model, "test")
@@ -126,7 +136,7 @@ def main() -> None:
     print(f"\n{task_name}: the head at the row's rate (the folder) and at frozen's rate {head_lr:g} (this run)")
     print("| method | lr | accuracy, head at the row's rate | accuracy, head at frozen's rate |")
     print("|---|---|---|---|")
-    frozen = [float(row["test_accuracy"]) for row in _chosen(rows, "frozen")[1].values()]
+    frozen = [float(row["test_accuracy"]) for row in frozen_runs.values()]
     print(f"| frozen | {head_lr:g} | {_spread(frozen)} | {_spread(frozen)} |")
     for method in args.methods:
         lr, own = _chosen(rows, method)
